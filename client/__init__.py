@@ -1,0 +1,1 @@
+"""fedrec client side: ClientApp, local data, DP training and evaluation."""

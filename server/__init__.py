@@ -1,0 +1,1 @@
+"""fedrec server side: ServerApp, strategy, central item encoder, run directory."""

@@ -1,0 +1,1 @@
+"""Code shared by server and client: config, wire contract, models, metrics, privacy."""

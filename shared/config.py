@@ -1,0 +1,250 @@
+"""Typed run configuration, built from Flower's ``run_config`` (``[tool.flwr.app.config]``).
+
+Owns: the one place where configuration keys, defaults and checks live. Keys are kebab-case,
+grouped with dots (``dp.target-epsilon``), exactly as in ``pyproject.toml`` and ``--run-config``.
+Unknown keys are rejected and every problem is reported at once, with the bad value.
+
+Must not: import ``server/`` or ``client/``, or read files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+STRATEGIES = ("fedavg", "fedadam", "fedprox")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
+OPTIMIZERS = ("sgd", "adam")
+
+
+class ConfigError(ValueError):
+    """One or more configuration values are wrong; ``problems`` lists each of them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} configuration problem(s):\n{lines}")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64
+    max_history: int = 50
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 20
+    batch_size: int = 128
+    negatives: int = 100
+    lr: float = 1.0
+    optimizer: str = "sgd"
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """DP-SGD settings, named as Opacus names them.
+
+    ``noise_multiplier < 0`` means: derive it from ``target_epsilon`` for the whole planned run
+    (all rounds x local steps). A non-negative value is used as given, and ``target_epsilon``
+    stays the budget that training may not exceed.
+    """
+
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = -1.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "ghost"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_users: int = 2000
+    k: int = 10
+
+
+@dataclass(frozen=True)
+class FedrecConfig:
+    num_server_rounds: int = 5
+    channels: tuple[str, ...] = ("ecommerce", "finance", "social")
+    data_dir: str = ""
+    run_dir: str = ""
+    seed: int = 0
+    min_nodes: int = 3
+    round_timeout: float = 600.0
+    resume: bool = False
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def planned_steps(self) -> int:
+        """DP-SGD steps each channel plans for the whole run (sizes the noise)."""
+        return self.num_server_rounds * self.train.local_steps
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flatten back to Flower's run-config keys (inverse of :func:`from_run_config`)."""
+        out: dict[str, bool | int | float | str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for g in dataclasses.fields(value):
+                    key = f"{f.name}.{_kebab(g.name)}"
+                    if f.name == "strategy" and g.name == "name":
+                        key = "strategy"
+                    out[key] = getattr(value, g.name)
+            elif isinstance(value, tuple):
+                out[_kebab(f.name)] = ",".join(value)
+            else:
+                out[_kebab(f.name)] = value
+        return out
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _expected_keys() -> dict[str, tuple[str, str | None, type]]:
+    """run-config key -> (field, group or None, python type)."""
+    keys: dict[str, tuple[str, str | None, type]] = {}
+    for f in dataclasses.fields(FedrecConfig):
+        default = (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        )
+        if dataclasses.is_dataclass(default):
+            for g in dataclasses.fields(default):
+                key = f"{f.name}.{_kebab(g.name)}"
+                if f.name == "strategy" and g.name == "name":
+                    key = "strategy"
+                keys[key] = (g.name, f.name, type(getattr(default, g.name)))
+        else:
+            keys[_kebab(f.name)] = (f.name, None, type(default))
+    return keys
+
+
+def _coerce(key: str, value: Any, want: type, problems: list[str]) -> Any:
+    if want is tuple:
+        if not isinstance(value, str):
+            problems.append(f"{key} must be a comma-separated string. Found {value!r}.")
+            return ()
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{key} must be true or false. Found {value!r}.")
+        return False
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, want) or isinstance(value, bool) != (want is bool):
+        problems.append(f"{key} must be a {want.__name__}. Found {value!r}.")
+        return None
+    return value
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> FedrecConfig:
+    """Build and check a :class:`FedrecConfig`; missing keys take the defaults.
+
+    Raises:
+        ConfigError: listing every unknown key and every bad value at once.
+    """
+    expected = _expected_keys()
+    problems: list[str] = []
+    top: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in run_config.items():
+        if key not in expected:
+            close = [k for k in expected if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            problems.append(f"unknown key {key!r}.{hint}")
+            continue
+        name, group, want = expected[key]
+        coerced = _coerce(key, value, want, problems)
+        if coerced is None:
+            continue
+        if group is None:
+            top[name] = coerced
+        else:
+            groups.setdefault(group, {})[name] = coerced
+    built: dict[str, Any] = dict(top)
+    defaults = FedrecConfig()
+    for group, values in groups.items():
+        built[group] = dataclasses.replace(getattr(defaults, group), **values)
+    cfg = dataclasses.replace(defaults, **built) if not problems else defaults
+    if not problems:
+        problems.extend(check(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def check(cfg: FedrecConfig) -> list[str]:
+    """Value checks that do not need data (user counts are checked where data is loaded)."""
+    p: list[str] = []
+
+    def positive(name: str, value: float) -> None:
+        if not value > 0:
+            p.append(f"{name} must be > 0. Found {value}.")
+
+    positive("num-server-rounds", cfg.num_server_rounds)
+    positive("min-nodes", cfg.min_nodes)
+    positive("round-timeout", cfg.round_timeout)
+    if not cfg.channels:
+        p.append("channels must name at least one channel. Found ''.")
+    bad = [c for c in cfg.channels if not c.replace("-", "").replace("_", "").isalnum()]
+    if bad:
+        p.append(f"channels must be letters, digits, '-' or '_'. Found {bad}.")
+    if len(set(cfg.channels)) != len(cfg.channels):
+        p.append(f"channels must not repeat. Found {list(cfg.channels)}.")
+    if cfg.strategy.name not in STRATEGIES:
+        p.append(f"strategy must be one of {list(STRATEGIES)}. Found {cfg.strategy.name!r}.")
+    if cfg.strategy.proximal_mu < 0:
+        p.append(f"strategy.proximal-mu must be >= 0. Found {cfg.strategy.proximal_mu}.")
+    positive("strategy.server-lr", cfg.strategy.server_lr)
+    positive("model.dim", cfg.model.dim)
+    positive("model.max-history", cfg.model.max_history)
+    positive("train.local-steps", cfg.train.local_steps)
+    positive("train.batch-size", cfg.train.batch_size)
+    positive("train.negatives", cfg.train.negatives)
+    positive("train.lr", cfg.train.lr)
+    if cfg.train.optimizer not in OPTIMIZERS:
+        p.append(f"train.optimizer must be one of {list(OPTIMIZERS)}. Found {cfg.train.optimizer!r}.")
+    dp = cfg.dp
+    positive("dp.target-epsilon", dp.target_epsilon)
+    if not 0 < dp.target_delta < 1:
+        p.append(f"dp.target-delta must be in (0, 1). Found {dp.target_delta}.")
+    positive("dp.max-grad-norm", dp.max_grad_norm)
+    if dp.accountant not in ACCOUNTANTS:
+        p.append(f"dp.accountant must be one of {list(ACCOUNTANTS)}. Found {dp.accountant!r}.")
+    if dp.grad_sample_mode not in GRAD_SAMPLE_MODES:
+        p.append(
+            f"dp.grad-sample-mode must be one of {list(GRAD_SAMPLE_MODES)}. "
+            f"Found {dp.grad_sample_mode!r}."
+        )
+    positive("eval.max-users", cfg.eval.max_users)
+    positive("eval.k", cfg.eval.k)
+    return p
+
+
+def check_delta(target_delta: float, num_users: int, channel: str) -> str | None:
+    """δ must be below 1/users, or one user's data could leak outright with probability δ."""
+    if num_users > 0 and not target_delta < 1.0 / num_users:
+        return (
+            f"dp.target-delta must be < 1/users = {1.0 / num_users:.3g} for channel "
+            f"{channel!r} ({num_users} users). Found {target_delta}. Lower dp.target-delta."
+        )
+    return None

@@ -1,0 +1,102 @@
+"""Append-only, hash-chained JSON Lines logs (privacy ledgers, egress log).
+
+Each line is a JSON object with two extra fields: ``prev`` (the previous line's ``hash``, or
+:data:`GENESIS` for the first) and ``hash`` = sha256 of ``prev`` and the canonical JSON of the
+entry without ``hash``. Editing, deleting or reordering any line breaks the chain from there
+on, and :func:`verify` says where. Truncation of the tail is caught by comparing the last hash
+with one kept elsewhere (results.json keeps the head of each log).
+
+Must not: import ``server/`` or ``client/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GENESIS = "0" * 64
+
+
+def _canonical(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def chain_hash(prev: str, entry: dict[str, Any]) -> str:
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    body["prev"] = prev
+    return hashlib.sha256(prev.encode() + _canonical(body)).hexdigest()
+
+
+def head(path: Path) -> str:
+    """The ``hash`` of the last line, or :data:`GENESIS` for a missing or empty log."""
+    if not path.exists():
+        return GENESIS
+    last = GENESIS
+    with path.open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                last = json.loads(line)["hash"]
+    return last
+
+
+def append(path: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Append one entry, chained to the current head; flushed and fsynced before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prev = head(path)
+    record = {**entry, "prev": prev}
+    record["hash"] = chain_hash(prev, record)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return record
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """All entries (with their chain fields); a missing file is an empty log."""
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    entries: int
+    head: str
+    problem: str = ""
+
+
+def verify(path: Path, expected_head: str | None = None) -> Verdict:
+    """Check the chain line by line; optionally that it ends at ``expected_head``."""
+    prev = GENESIS
+    n = 0
+    if not path.exists():
+        return Verdict(False, 0, GENESIS, f"{path}: missing")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return Verdict(False, n, prev, f"{path}:{lineno}: not JSON ({exc.msg})")
+            if rec.get("prev") != prev:
+                return Verdict(
+                    False, n, prev, f"{path}:{lineno}: chain broken (line removed or reordered)"
+                )
+            if chain_hash(prev, rec) != rec.get("hash"):
+                return Verdict(False, n, prev, f"{path}:{lineno}: entry modified (hash mismatch)")
+            prev = rec["hash"]
+            n += 1
+    if expected_head is not None and prev != expected_head:
+        return Verdict(
+            False, n, prev, f"{path}: ends at {prev[:12]}…, expected {expected_head[:12]}… "
+            "(log truncated or replaced)"
+        )
+    return Verdict(True, n, prev)

@@ -1,0 +1,1 @@
+"""The fedrec command line, scenarios, runners, baselines, benchmarks and audits."""
