@@ -47,8 +47,8 @@ class TrainConfig:
     local_steps: int = 20
     batch_size: int = 128
     negatives: int = 100
-    lr: float = 1.0
-    optimizer: str = "sgd"
+    lr: float = 0.003
+    optimizer: str = "adam"
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,6 @@ class DPConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     max_users: int = 2000
-    k: int = 10
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,7 @@ class FedrecConfig:
     channels: tuple[str, ...] = ("ecommerce", "finance", "social")
     data_dir: str = ""
     run_dir: str = ""
+    cache_dir: str = ""
     seed: int = 0
     min_nodes: int = 3
     round_timeout: float = 600.0
@@ -236,7 +236,6 @@ def check(cfg: FedrecConfig) -> list[str]:
             f"Found {dp.grad_sample_mode!r}."
         )
     positive("eval.max-users", cfg.eval.max_users)
-    positive("eval.k", cfg.eval.k)
     return p
 
 

@@ -20,6 +20,7 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "simulations.world",  # fedrec world
     "simulations.encode",  # fedrec encode
+    "simulations.simulate",  # fedrec simulate
 )
 
 for _name in COMMAND_MODULES:

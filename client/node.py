@@ -1,0 +1,155 @@
+"""What a client node knows about itself: its channel, its own data, its node-local disk.
+
+Owns: resolving the node (deployment: ``--node-config``; simulation: partition id -> channel
+through the run config), loading *only this channel's* interactions, the item-matrix cache
+on the node's disk (keyed by fingerprint), and the accountant kept in ``context.state`` and
+in the node's ledger.
+
+Must not: import ``server/``; read another channel's interactions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared import privacy
+from shared.config import FedrecConfig
+from shared.data import Sequences, to_sequences
+
+STATE_KEY = "privacy"  # context.state ConfigRecord holding the accountant
+LEDGER = "privacy-ledger.jsonl"
+
+
+class NodeConfigError(ValueError):
+    """The node cannot tell which channel it serves, or where its data is."""
+
+
+@dataclass(frozen=True)
+class Node:
+    channel: str
+    data_dir: Path
+    state_dir: Path
+    shard: int = 0
+    num_shards: int = 1
+
+    @property
+    def ledger(self) -> Path:
+        return self.state_dir / LEDGER
+
+
+def resolve_node(node_config: dict[str, Any], cfg: FedrecConfig) -> Node:
+    """Deployment: node-config ``channel``, ``data-dir``, ``state-dir``. Simulation: the
+    partition id picks ``channels[pid % n]`` and shard ``pid // n``; data comes from the
+    run's ``data-dir`` and node-local files go under ``<run-dir>/nodes/<channel>[-shard]``."""
+    if "channel" in node_config:
+        channel = str(node_config["channel"])
+        data_dir = str(node_config.get("data-dir", cfg.data_dir))
+        state_dir = str(node_config.get("state-dir", ""))
+        if not data_dir:
+            raise NodeConfigError(
+                f"node for channel {channel!r} has no data-dir: start the SuperNode with "
+                "--node-config 'channel=\"...\" data-dir=\"/path/to/dataset\" state-dir=\"...\"'"
+            )
+        if not state_dir:
+            state_dir = str(Path(data_dir) / ".fedrec-node" / channel)
+        return Node(channel, Path(data_dir), Path(state_dir))
+    if "partition-id" not in node_config:
+        raise NodeConfigError(
+            "node-config has neither 'channel' (deployment) nor 'partition-id' (simulation)"
+        )
+    pid, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    n = len(cfg.channels)
+    if total % n:
+        raise NodeConfigError(
+            f"{total} simulated nodes cannot be split evenly over {n} channels {list(cfg.channels)}"
+        )
+    channel, shard, shards = cfg.channels[pid % n], pid // n, total // n
+    suffix = f"-{shard}" if shards > 1 else ""
+    if not cfg.run_dir or not cfg.data_dir:
+        raise NodeConfigError("simulation needs run-dir and data-dir in the run config")
+    return Node(channel, Path(cfg.data_dir), Path(cfg.run_dir) / "nodes" / f"{channel}{suffix}", shard, shards)
+
+
+@lru_cache(maxsize=4)
+def _load_sequences(data_dir: str, channel: str, mtime: float) -> tuple[Sequences, int]:
+    from shared.datasets import load_catalogue, load_interactions
+
+    catalogue = load_catalogue(data_dir, channel)
+    return to_sequences(load_interactions(data_dir, channel, catalogue)), len(catalogue)
+
+
+def load_sequences(node: Node) -> tuple[Sequences, int]:
+    """This node's users' sequences (its shard of its channel) and the catalogue size."""
+    manifest = node.data_dir / "manifest.json"
+    mtime = manifest.stat().st_mtime if manifest.exists() else 0.0
+    seqs, n_items = _load_sequences(str(node.data_dir), node.channel, mtime)
+    if node.num_shards > 1:
+        keep = np.array([zlib.crc32(u.encode()) % node.num_shards == node.shard for u in seqs.users])
+        seqs = _subset(seqs, np.flatnonzero(keep))
+    return seqs, n_items
+
+
+def _subset(seqs: Sequences, rows: np.ndarray) -> Sequences:
+    lengths = seqs.lengths()[rows]
+    parts = [seqs.item_index[seqs.offsets[r] : seqs.offsets[r + 1]] for r in rows]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return Sequences(seqs.users[rows], offsets, items.astype(np.int64))
+
+
+def items_path(node: Node, fingerprint: str) -> Path:
+    return node.state_dir / "items" / f"{fingerprint}.npy"
+
+
+def save_items(node: Node, fingerprint: str, matrix: np.ndarray) -> Path:
+    """Cache the channel's item matrix on the node's disk (write, then rename)."""
+    path = items_path(node, fingerprint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(matrix, dtype=np.float32))
+    os.replace(tmp, path)
+    return path
+
+
+def cached_fingerprints(node: Node) -> list[str]:
+    folder = node.state_dir / "items"
+    return sorted(p.stem for p in folder.glob("*.npy")) if folder.exists() else []
+
+
+def load_items(node: Node, fingerprint: str) -> np.ndarray:
+    path = items_path(node, fingerprint)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"item matrix {fingerprint[:12]}… is not cached on this node ({path}); the server "
+            "sends it once at the start of a run (query.items)"
+        )
+    return np.load(path, mmap_mode="r")
+
+
+def restore_privacy(node: Node, state_record: dict[str, Any] | None, cfg: FedrecConfig) -> privacy.PrivacyState:
+    """The accountant from ``context.state`` or, after a restart, from the node's ledger.
+
+    If both exist, the one with more recorded steps wins: ε never resets because a process
+    restarted or a state was lost (fail closed).
+    """
+    from_disk = privacy.restore_from_ledger(node.ledger, cfg.dp.accountant, cfg.dp.target_delta)
+    if state_record is None:
+        return from_disk
+    from_state = privacy.PrivacyState.from_json(str(state_record["json"]))
+    from_state = dataclasses.replace(from_state, delta=cfg.dp.target_delta)
+    if from_state.accountant != cfg.dp.accountant:
+        raise privacy.PrivacyConfigError(
+            f"the accountant kept in this run's state is {from_state.accountant!r}, "
+            f"the config asks for {cfg.dp.accountant!r}"
+        )
+    return from_disk if from_disk.total_steps() > from_state.total_steps() else from_state

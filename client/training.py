@@ -1,0 +1,321 @@
+"""Local training and evaluation on one channel's private data (pure functions, no Flower).
+
+Owns: turning a channel's sequences into per-user training examples, DP-SGD with Opacus
+(one user = one example = the privacy unit, Poisson-sampled), and leave-last-out evaluation.
+
+Privacy notes:
+  * Each example is one user: a prefix of that user's training history and the next item,
+    re-drawn at every step from that user's own data. Poisson sampling over users makes
+    Opacus's per-sample guarantee a per-user guarantee.
+  * Negatives are drawn uniformly from the public catalogue, per example; never other users'
+    positives (in-batch) and never by a popularity computed from private data.
+  * The held-out last item of every user is never trained on.
+
+Must not: import ``server/``; send anything (replies are built in ``client/app.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared import privacy
+from shared.data import Sequences
+from shared.metrics import metrics_from_ranks, rank_of_target, sample_negatives, sampled_rank
+from shared.model import RecModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int = 20
+    batch_size: int = 128
+    negatives: int = 100
+    lr: float = 0.003
+    optimizer: str = "adam"
+    max_history: int = 50
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DPSpec:
+    noise_multiplier: float
+    max_grad_norm: float
+    target_epsilon: float
+    grad_sample_mode: str = "ghost"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    epsilon: float  # after this call; 0 without DP
+
+
+@dataclass(frozen=True)
+class Split:
+    """Leave-last-out: ``train`` holds every user's history but the last item; ``target`` is it.
+
+    Users with fewer than 2 interactions have nothing to evaluate and are dropped here.
+    """
+
+    train: Sequences
+    target: np.ndarray  # (U,) item index of the held-out item
+
+
+def leave_last_out(seqs: Sequences) -> Split:
+    lengths = seqs.lengths()
+    keep = np.flatnonzero(lengths >= 2)
+    starts, ends = seqs.offsets[keep], seqs.offsets[keep + 1]
+    target = seqs.item_index[ends - 1]
+    parts = [seqs.item_index[s : e - 1] for s, e in zip(starts, ends, strict=True)]
+    new_len = (ends - 1 - starts).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(new_len)]).astype(np.int64)
+    items = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return Split(Sequences(seqs.users[keep], offsets, items), target.astype(np.int64))
+
+
+def pad_histories(seqs: Sequences, rows: np.ndarray, ends: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded (most recent last) history windows ``items[end-max_len:end]`` per row."""
+    hist = np.zeros((len(rows), max_len), dtype=np.int64)
+    mask = np.zeros((len(rows), max_len), dtype=bool)
+    for i, (r, e) in enumerate(zip(rows, ends, strict=True)):
+        s = seqs.offsets[r]
+        window = seqs.item_index[max(s, s + e - max_len) : s + e]
+        if len(window):
+            hist[i, -len(window) :] = window
+            mask[i, -len(window) :] = True
+    return hist, mask
+
+
+class UserExamples(torch.utils.data.Dataset):
+    """One example per user: (history prefix, next item, negatives), redrawn on every access.
+
+    Works under Opacus's DPDataLoader (Poisson sampling) through ``__getitems__``.
+    """
+
+    def __init__(self, seqs: Sequences, n_items: int, spec: TrainSpec) -> None:
+        lengths = seqs.lengths()
+        self.rows = np.flatnonzero(lengths >= 2)  # need a prefix and a next item
+        self.seqs, self.n_items, self.spec = seqs, n_items, spec
+        self.rng = np.random.default_rng(spec.seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[0] for t in self.__getitems__([i]))
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+        rows = self.rows[np.asarray(idx, dtype=np.int64)]
+        lengths = self.seqs.lengths()[rows]
+        cut = (self.rng.random(len(rows)) * (lengths - 1)).astype(np.int64) + 1  # 1..len-1
+        hist, mask = pad_histories(self.seqs, rows, cut, self.spec.max_history)
+        target = self.seqs.item_index[self.seqs.offsets[rows] + cut]
+        negs = self.rng.integers(0, self.n_items, size=(len(rows), self.spec.negatives))
+        cands = np.concatenate([target[:, None], negs], axis=1)
+        return torch.from_numpy(hist), torch.from_numpy(mask), torch.from_numpy(cands)
+
+
+def _collate(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return batch
+
+
+def _loss_inputs(
+    model: nn.Module, items: torch.Tensor, batch: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    hist, mask, cands = batch
+    logits = model(items[hist], mask, items[cands])  # (B, 1+K)
+    collide = cands[:, 1:] == cands[:, :1]  # a negative that is the target is no negative
+    logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(collide, -1e4)], dim=1)
+    return logits, torch.zeros(len(cands), dtype=torch.long)
+
+
+def _optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=spec.lr)
+    return torch.optim.SGD(model.parameters(), lr=spec.lr)
+
+
+def _cycle(loader: torch.utils.data.DataLoader, steps: int):  # noqa: ANN202
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
+def train_local(
+    model: RecModel,
+    items: torch.Tensor,
+    seqs: Sequences,
+    spec: TrainSpec,
+    *,
+    dp: DPSpec | None = None,
+    state: privacy.PrivacyState | None = None,
+    global_params: dict[str, torch.Tensor] | None = None,
+    grad_hook: Callable[[torch.optim.Optimizer], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``spec.steps`` steps; with ``dp``, DP-SGD via Opacus.
+
+    With DP, the budget is checked first (raises :class:`privacy.BudgetExceeded`, nothing
+    trained), and ``state`` gains this call's steps. ``grad_hook`` runs after per-user clipping
+    and before noise (for white-box audits only).
+
+    FedProx's proximal term mu/2 ||w - w_global||^2 does not depend on any user's data, so it
+    is applied as a separate, data-independent step after each (noised) update: it costs no ε.
+    """
+    examples = UserExamples(seqs, len(items), spec)
+    if len(examples) == 0:
+        raise ValueError(
+            f"no user has 2 or more training interactions on this channel "
+            f"({len(seqs)} users): nothing to train on"
+        )
+    torch.manual_seed(spec.seed)
+    model.train()
+    loader = torch.utils.data.DataLoader(
+        examples, batch_size=min(spec.batch_size, len(examples)), shuffle=dp is None,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(spec.seed),
+    )
+    sample_rate = 1.0 / len(loader)
+    optimizer = _optimizer(model, spec)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    net: nn.Module = model
+    engine = None
+    if dp is not None:
+        if state is None:
+            raise privacy.PrivacyConfigError("DP training needs a PrivacyState (accountant)")
+        state.check_budget(
+            noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=spec.steps,
+            target_epsilon=dp.target_epsilon,
+        )
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant=state.accountant)
+        engine.accountant.history = list(state.history)
+        made = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode,
+        )
+        if dp.grad_sample_mode == "ghost":
+            net, optimizer, criterion, loader = made
+        else:
+            net, optimizer, loader = made
+        if abs(loader.sample_rate - sample_rate) > 1e-12:  # the rate ε was planned with
+            raise RuntimeError(f"Opacus samples at {loader.sample_rate}, planned {sample_rate}")
+        if grad_hook is not None:
+            _install_grad_hook(optimizer, grad_hook)
+    anchor = {k: v.detach().clone() for k, v in global_params.items()} if global_params else None
+    losses: list[float] = []
+    for batch in _cycle(loader, spec.steps):
+        optimizer.zero_grad(set_to_none=True)
+        logits, labels = _loss_inputs(net, items, batch)
+        loss = criterion(logits, labels)
+        loss.backward()
+        optimizer.step()
+        if anchor is not None and spec.proximal_mu > 0:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.sub_(spec.lr * spec.proximal_mu * (p - anchor[name]))
+        if len(batch[0]):
+            losses.append(float(loss.detach()))
+    epsilon = 0.0
+    if dp is not None and state is not None:
+        state.record(dp.noise_multiplier, sample_rate, spec.steps)
+        epsilon = state.epsilon()
+        _cleanup(net)
+    return TrainResult(
+        loss=float(np.mean(losses)) if losses else math.nan,
+        steps=spec.steps,
+        sample_rate=sample_rate,
+        noise_multiplier=dp.noise_multiplier if dp else 0.0,
+        epsilon=epsilon,
+    )
+
+
+def _install_grad_hook(optimizer: torch.optim.Optimizer, hook: Callable[[torch.optim.Optimizer], None]) -> None:
+    original = optimizer.add_noise
+
+    def add_noise() -> None:
+        hook(optimizer)  # p.summed_grad holds the sum of clipped per-user gradients here
+        original()
+
+    optimizer.add_noise = add_noise  # type: ignore[method-assign]
+
+
+def _cleanup(net: nn.Module) -> None:
+    for name in ("_close", "cleanup"):
+        fn = getattr(net, name, None)
+        if callable(fn):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - best effort; the model weights are already final
+                pass
+
+
+ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (hist, mask) -> (B, N) scores
+
+
+def model_scorer(model: RecModel, items: torch.Tensor) -> ScoreFn:
+    """Full-catalogue scores of the trained model for padded histories."""
+    model.eval()
+
+    @torch.inference_mode()
+    def score(hist: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        p = model.profile(items[torch.from_numpy(hist)], torch.from_numpy(mask))
+        return model.score_items(p, items).numpy()
+
+    return score
+
+
+def evaluate(
+    score: ScoreFn,
+    n_items: int,
+    split: Split,
+    *,
+    max_history: int = 50,
+    max_users: int | None = None,
+    sampled: int = 0,
+    seed: int = 0,
+    batch: int = 512,
+) -> tuple[dict[str, float], int]:
+    """Leave-last-out ranking metrics over the full catalogue (seen items excluded).
+
+    With ``sampled > 0`` (e.g. 99), the target is instead ranked against that many uniformly
+    sampled unseen items (the NCF protocol), for comparison with papers.
+
+    Returns:
+        (metrics, number of evaluated users).
+    """
+    rng = np.random.default_rng(seed)
+    users = np.arange(len(split.train))
+    if max_users is not None and len(users) > max_users:
+        users = np.sort(rng.choice(users, size=max_users, replace=False))
+    ranks = []
+    lengths = split.train.lengths()
+    for s in range(0, len(users), batch):
+        rows = users[s : s + batch]
+        hist, mask = pad_histories(split.train, rows, lengths[rows], max_history)
+        scores = score(hist, mask)
+        seen = [split.train.item_index[split.train.offsets[r] : split.train.offsets[r + 1]] for r in rows]
+        if sampled:
+            negs = sample_negatives(rng, n_items, split.target[rows], seen, sampled)
+            ranks.append(sampled_rank(scores, split.target[rows], negs))
+        else:
+            ranks.append(rank_of_target(scores, split.target[rows], seen))
+    r = np.concatenate(ranks) if ranks else np.zeros(0)
+    return metrics_from_ranks(r), len(r)

@@ -1,0 +1,109 @@
+"""The run directory: everything a run leaves behind, outside the app folder.
+
+Layout (the audit reads exactly this)::
+
+    config.json            run config, versions, channels, start time
+    model.json             parameter names and shapes (what a train reply may carry)
+    metrics.jsonl          one line per (round, channel, phase)
+    privacy-ledger.jsonl   hash-chained: ε per channel per round (trained / refused / missing)
+    egress.jsonl           hash-chained: every reply received (keys, shapes, dtypes, bytes, sha256)
+    checkpoints/round-NNNN.safetensors
+    results.json           final metrics per channel, log heads, wall time
+
+Must not: import ``client/``; read any channel's interactions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared import hashlog
+
+LEDGER = "privacy-ledger.jsonl"
+EGRESS = "egress.jsonl"
+METRICS = "metrics.jsonl"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("fedrec", "flwr", "torch", "opacus", "transformers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        if not str(path):
+            raise ValueError("run-dir is empty: set run-dir in the run config to an absolute path")
+        self.path = Path(path).expanduser().resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "checkpoints").mkdir(exist_ok=True)
+
+    def start(self, run_config: dict[str, Any], channels: list[str], shapes: dict[str, tuple[int, ...]]) -> None:
+        write_json(self.path / "config.json", {
+            "fedrec_version": versions().get("fedrec"), "run_config": run_config,
+            "channels": channels, "started": now(), "versions": versions(),
+        })
+        write_json(self.path / "model.json", {
+            "param_shapes": {k: list(v) for k, v in shapes.items()},
+            "num_parameters": int(sum(int(np.prod(v)) for v in shapes.values())),
+        })
+
+    def metrics(self, round_: int, channel: str, phase: str, values: dict[str, Any]) -> None:
+        with (self.path / METRICS).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"round": round_, "channel": channel, "phase": phase, "metrics": values}, default=str) + "\n")
+
+    def ledger(self, entry: dict[str, Any]) -> None:
+        hashlog.append(self.path / LEDGER, {"time": now(), **entry})
+
+    def egress(self, entry: dict[str, Any]) -> None:
+        hashlog.append(self.path / EGRESS, {"time": now(), **entry})
+
+    def checkpoint(self, round_: int, arrays: dict[str, np.ndarray]) -> Path:
+        from safetensors.numpy import save_file
+
+        path = self.path / "checkpoints" / f"round-{round_:04d}.safetensors"
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata={"round": str(round_)})
+        os.replace(tmp, path)
+        return path
+
+    def last_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        from safetensors.numpy import load_file
+
+        found = sorted((self.path / "checkpoints").glob("round-*.safetensors"))
+        if not found:
+            return None
+        return int(found[-1].stem.split("-")[1]), load_file(found[-1])
+
+    def results(self, obj: dict[str, Any]) -> None:
+        heads = {name: hashlog.head(self.path / name) for name in (LEDGER, EGRESS)}
+        write_json(self.path / "results.json", {**obj, "log_heads": heads})

@@ -1,0 +1,154 @@
+"""Strategies: Flower's FedAvg / FedAdam / FedProx, extended (not forked) to check every reply
+against the wire allowlist, log what crossed the boundary, keep the privacy ledger, record
+refusals and missing channels, and checkpoint every round.
+
+Must not: import ``client/``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from server.rundir import RunDir
+from shared import wire
+from shared.config import FedrecConfig
+
+REFUSED_CODE = 4030  # client.local.REFUSED_CODE; the number is the wire contract
+
+
+class RecordingMixin:
+    """Checks, records and checkpoints around the parent strategy's aggregation."""
+
+    def setup_recording(
+        self, run: RunDir, shapes: dict[str, tuple[int, ...]], node_channels: dict[int, str],
+        round_offset: int = 0,
+    ) -> None:
+        self.run = run
+        self.shapes = shapes
+        self.node_channels = node_channels
+        self.round_offset = round_offset
+        self.last_eval: dict[str, dict[str, float]] = {}
+        self.last_privacy: dict[str, dict[str, Any]] = {}
+        self.round_status: dict[int, dict[str, str]] = {}
+
+    # Flower counts rounds from 1 in every start(); a resumed run continues the numbering.
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+
+    def _screen(self, round_: int, kind: str, replies: Iterable[Message]) -> tuple[list[Message], dict[str, str]]:
+        """Egress-log every reply; keep only clean ones; return status per channel."""
+        kept: list[Message] = []
+        status: dict[str, str] = {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                channel = self.node_channels.get(node, f"node-{node}")
+                reason = msg.error.reason or ""
+                refused = msg.error.code == REFUSED_CODE
+                status[channel] = "refused" if refused else "failed"
+                self.run.egress({"round": round_, "channel": channel, "kind": kind, "node": node,
+                                 "error": {"code": msg.error.code, "reason": reason[:2000]},
+                                 "records": {}, "bytes": 0, "sha256": "", "violations": []})
+                if kind == "train":
+                    self.run.ledger({"round": round_, "channel": channel, "status": status[channel],
+                                     "reason": reason[:2000], "steps": 0})
+                log(WARNING, "round %d: %s %s: %s", round_, channel, status[channel], reason[:300])
+                continue
+            content = msg.content
+            info = content.get(wire.INFO)
+            channel = str(info[wire.CHANNEL]) if info is not None and wire.CHANNEL in info else self.node_channels.get(node, f"node-{node}")
+            self.node_channels.setdefault(node, channel)
+            violations = wire.check_reply(kind, content, self.shapes)
+            self.run.egress({"round": round_, "channel": channel, "kind": kind, "node": node,
+                             **wire.describe(content), "violations": violations})
+            if violations:
+                status[channel] = "rejected"
+                log(WARNING, "round %d: %s reply rejected: %s", round_, channel, "; ".join(violations))
+                continue
+            status[channel] = "ok"
+            kept.append(msg)
+        return kept, status
+
+    def _missing(self, status: dict[str, str]) -> list[str]:
+        expected = set(self.node_channels.values())
+        return sorted(expected - set(status))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        round_ = server_round + self.round_offset
+        kept, status = self._screen(round_, "train", replies)
+        for msg in kept:
+            channel = str(msg.content[wire.INFO][wire.CHANNEL])
+            report = dict(msg.content[wire.PRIVACY]) if wire.PRIVACY in msg.content else {}
+            self.last_privacy[channel] = report
+            self.run.ledger({"round": round_, "channel": channel, "status": "trained", **report})
+            self.run.metrics(round_, channel, "train", dict(msg.content[wire.METRICS]))
+        for channel in self._missing(status):
+            status[channel] = "missing"
+            self.run.ledger({"round": round_, "channel": channel, "status": "missing",
+                             "reason": "no reply this round (node down or timed out)", "steps": 0})
+        self.round_status[round_] = status
+        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        if arrays is not None:
+            self.run.checkpoint(round_, {k: arrays[k].numpy() for k in arrays.keys()})
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        round_ = server_round + self.round_offset
+        kept, _ = self._screen(round_, "evaluate", replies)
+        for msg in kept:
+            channel = str(msg.content[wire.INFO][wire.CHANNEL])
+            values = dict(msg.content[wire.METRICS])
+            self.last_eval[channel] = values
+            self.run.metrics(round_, channel, "evaluate", values)
+        line = " | ".join(
+            f"{ch}: ndcg@10={m[wire.NDCG10]:.4f} ε={_eps(self.last_privacy.get(ch))}"
+            for ch, m in sorted(self.last_eval.items())
+        )
+        status = self.round_status.get(round_, {})
+        odd = {ch: s for ch, s in status.items() if s != "ok"}
+        log(INFO, "[fedrec] round %d: %s%s", round_, line, f" | not trained: {odd}" if odd else "")
+        return super().aggregate_evaluate(server_round, kept)  # type: ignore[misc]
+
+
+def _eps(report: dict[str, Any] | None) -> str:
+    if not report or wire.EPSILON not in report:
+        return "-"
+    e = float(report[wire.EPSILON])
+    return "inf" if math.isinf(e) else f"{e:.3f}"
+
+
+class RecordingFedAvg(RecordingMixin, FedAvg):
+    pass
+
+
+class RecordingFedAdam(RecordingMixin, FedAdam):
+    pass
+
+
+class RecordingFedProx(RecordingMixin, FedProx):
+    pass
+
+
+def make_strategy(cfg: FedrecConfig) -> RecordingMixin:
+    """The configured strategy; it waits for ``min-nodes`` platforms and needs them all to reply
+    only as far as ``min-nodes`` says (a missing platform is recorded, the others go on)."""
+    common: dict[str, Any] = dict(
+        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=cfg.min_nodes,
+        min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes,
+    )
+    if cfg.strategy.name == "fedadam":
+        return RecordingFedAdam(**common, eta=cfg.strategy.server_lr, eta_l=cfg.train.lr)
+    if cfg.strategy.name == "fedprox":
+        return RecordingFedProx(**common, proximal_mu=cfg.strategy.proximal_mu)
+    return RecordingFedAvg(**common)
