@@ -86,11 +86,18 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
     server_round = int(config[wire.SERVER_ROUND])
     mu = float(config.get(wire.PROXIMAL_MU, 0.0))
     spec = TrainSpec(
-        steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, negatives=cfg.train.negatives,
-        lr=cfg.train.lr, optimizer=cfg.train.optimizer, max_history=cfg.model.max_history,
-        proximal_mu=mu, seed=cfg.seed * 100_003 + server_round * 101 + node.shard,
+        steps=cfg.train.local_steps,
+        batch_size=cfg.train.batch_size,
+        negatives=cfg.train.negatives,
+        lr=cfg.train.lr,
+        optimizer=cfg.train.optimizer,
+        max_history=cfg.model.max_history,
+        proximal_mu=mu,
+        seed=cfg.seed * 100_003 + server_round * 101 + node.shard,
     )
-    global_params = {k: v.detach().clone() for k, v in model.state_dict().items()} if mu > 0 else None
+    global_params = (
+        {k: v.detach().clone() for k, v in model.state_dict().items()} if mu > 0 else None
+    )
     report: dict[str, float | int | str | bool] = {wire.DP_ENABLED: cfg.dp.enabled}
     if cfg.dp.enabled:
         state_record = context.state.config_records.get(nodes.STATE_KEY)
@@ -103,29 +110,53 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         sigma = cfg.dp.noise_multiplier
         if sigma < 0:
             sigma = privacy.plan_noise_multiplier(
-                target_epsilon=cfg.dp.target_epsilon, target_delta=cfg.dp.target_delta,
-                sample_rate=q, steps=cfg.planned_steps(), accountant=cfg.dp.accountant,
+                target_epsilon=cfg.dp.target_epsilon,
+                target_delta=cfg.dp.target_delta,
+                sample_rate=q,
+                steps=cfg.planned_steps(),
+                accountant=cfg.dp.accountant,
             )
         dp = DPSpec(sigma, cfg.dp.max_grad_norm, cfg.dp.target_epsilon, cfg.dp.grad_sample_mode)
         try:
-            result = train_local(model, items, split.train, spec, dp=dp, state=state, global_params=global_params)
+            result = train_local(
+                model, items, split.train, spec, dp=dp, state=state, global_params=global_params
+            )
         except privacy.BudgetExceeded as exc:
             privacy.append_ledger(
-                node.ledger, state=state, round_=server_round, steps=0, noise_multiplier=sigma,
-                sample_rate=q, status="refused", channel=node.channel,
+                node.ledger,
+                state=state,
+                round_=server_round,
+                steps=0,
+                noise_multiplier=sigma,
+                sample_rate=q,
+                status="refused",
+                channel=node.channel,
             )
             raise Refused(f"{BUDGET_REFUSED}: {exc}") from exc
         privacy.append_ledger(
-            node.ledger, state=state, round_=server_round, steps=result.steps,
-            noise_multiplier=sigma, sample_rate=q, status="trained", channel=node.channel,
+            node.ledger,
+            state=state,
+            round_=server_round,
+            steps=result.steps,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            status="trained",
+            channel=node.channel,
         )
         context.state[nodes.STATE_KEY] = ConfigRecord({"json": state.to_json()})
-        report.update({
-            wire.EPSILON: result.epsilon, wire.DELTA: cfg.dp.target_delta,
-            wire.NOISE_MULTIPLIER: sigma, wire.MAX_GRAD_NORM: cfg.dp.max_grad_norm,
-            wire.SAMPLE_RATE: q, wire.STEPS: result.steps, wire.TOTAL_STEPS: state.total_steps(),
-            wire.ACCOUNTANT: cfg.dp.accountant, wire.GRAD_SAMPLE_MODE: cfg.dp.grad_sample_mode,
-        })
+        report.update(
+            {
+                wire.EPSILON: result.epsilon,
+                wire.DELTA: cfg.dp.target_delta,
+                wire.NOISE_MULTIPLIER: sigma,
+                wire.MAX_GRAD_NORM: cfg.dp.max_grad_norm,
+                wire.SAMPLE_RATE: q,
+                wire.STEPS: result.steps,
+                wire.TOTAL_STEPS: state.total_steps(),
+                wire.ACCOUNTANT: cfg.dp.accountant,
+                wire.GRAD_SAMPLE_MODE: cfg.dp.grad_sample_mode,
+            }
+        )
     else:
         result = train_local(model, items, split.train, spec, global_params=global_params)
         report.update({wire.EPSILON: math.inf, wire.STEPS: result.steps})
@@ -135,7 +166,10 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         "train",
         param_shapes=param_shapes(model),
         arrays=weights,
-        metrics={wire.TRAIN_LOSS: result.loss, wire.NUM_EXAMPLES: wire.bucket_count(len(split.train))},
+        metrics={
+            wire.TRAIN_LOSS: result.loss,
+            wire.NUM_EXAMPLES: wire.bucket_count(len(split.train)),
+        },
         privacy=report,
         info={wire.CHANNEL: node.channel},
     )
@@ -148,8 +182,12 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
     split = leave_last_out(seqs)
     model = _model(cfg, content, items.shape[1])
     metrics, n = evaluate(
-        model_scorer(model, items), len(items), split, max_history=cfg.model.max_history,
-        max_users=cfg.eval.max_users, seed=cfg.seed,
+        model_scorer(model, items),
+        len(items),
+        split,
+        max_history=cfg.model.max_history,
+        max_users=cfg.eval.max_users,
+        seed=cfg.seed,
     )
     return wire.build_reply(
         "evaluate",

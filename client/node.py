@@ -57,7 +57,7 @@ def resolve_node(node_config: dict[str, Any], cfg: FedrecConfig) -> Node:
         if not data_dir:
             raise NodeConfigError(
                 f"node for channel {channel!r} has no data-dir: start the SuperNode with "
-                "--node-config 'channel=\"...\" data-dir=\"/path/to/dataset\" state-dir=\"...\"'"
+                '--node-config \'channel="..." data-dir="/path/to/dataset" state-dir="..."\''
             )
         if not state_dir:
             state_dir = str(Path(data_dir) / ".fedrec-node" / channel)
@@ -76,7 +76,13 @@ def resolve_node(node_config: dict[str, Any], cfg: FedrecConfig) -> Node:
     suffix = f"-{shard}" if shards > 1 else ""
     if not cfg.run_dir or not cfg.data_dir:
         raise NodeConfigError("simulation needs run-dir and data-dir in the run config")
-    return Node(channel, Path(cfg.data_dir), Path(cfg.run_dir) / "nodes" / f"{channel}{suffix}", shard, shards)
+    return Node(
+        channel,
+        Path(cfg.data_dir),
+        Path(cfg.run_dir) / "nodes" / f"{channel}{suffix}",
+        shard,
+        shards,
+    )
 
 
 @lru_cache(maxsize=4)
@@ -93,7 +99,9 @@ def load_sequences(node: Node) -> tuple[Sequences, int]:
     mtime = manifest.stat().st_mtime if manifest.exists() else 0.0
     seqs, n_items = _load_sequences(str(node.data_dir), node.channel, mtime)
     if node.num_shards > 1:
-        keep = np.array([zlib.crc32(u.encode()) % node.num_shards == node.shard for u in seqs.users])
+        keep = np.array(
+            [zlib.crc32(u.encode()) % node.num_shards == node.shard for u in seqs.users]
+        )
         seqs = _subset(seqs, np.flatnonzero(keep))
     return seqs, n_items
 
@@ -136,7 +144,9 @@ def load_items(node: Node, fingerprint: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def restore_privacy(node: Node, state_record: dict[str, Any] | None, cfg: FedrecConfig) -> privacy.PrivacyState:
+def restore_privacy(
+    node: Node, state_record: dict[str, Any] | None, cfg: FedrecConfig
+) -> privacy.PrivacyState:
     """The accountant from ``context.state`` or, after a restart, from the node's ledger.
 
     If both exist, the one with more recorded steps wins: ε never resets because a process

@@ -85,7 +85,9 @@ def leave_last_out(seqs: Sequences) -> Split:
     return Split(Sequences(seqs.users[keep], offsets, items), target.astype(np.int64))
 
 
-def pad_histories(seqs: Sequences, rows: np.ndarray, ends: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_histories(
+    seqs: Sequences, rows: np.ndarray, ends: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded (most recent last) history windows ``items[end-max_len:end]`` per row."""
     hist = np.zeros((len(rows), max_len), dtype=np.int64)
     mask = np.zeros((len(rows), max_len), dtype=bool)
@@ -131,11 +133,25 @@ def _collate(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return batch
 
 
+def candidate_logits(users: torch.Tensor, items: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """Scores of each user's own candidates: (B, E) x (N, E), (B, C) -> (B, C).
+
+    For catalogues up to :data:`FULL_SCORE_MAX` items, scoring the whole catalogue and picking
+    the candidates is cheaper than gathering (B, C, E) candidate vectors.
+    """
+    if len(items) <= FULL_SCORE_MAX:
+        return (users @ items.T).gather(1, cands)
+    return (items[cands] @ users.unsqueeze(-1)).squeeze(-1)
+
+
+FULL_SCORE_MAX = 20_000
+
+
 def _loss_inputs(
     model: nn.Module, items: torch.Tensor, batch: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hist, mask, cands = batch
-    logits = model(items[hist], mask, items[cands])  # (B, 1+K)
+    logits = candidate_logits(model(items[hist], mask), items, cands)  # (B, 1+K)
     collide = cands[:, 1:] == cands[:, :1]  # a negative that is the target is no negative
     logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(collide, -1e4)], dim=1)
     return logits, torch.zeros(len(cands), dtype=torch.long)
@@ -186,7 +202,9 @@ def train_local(
     torch.manual_seed(spec.seed)
     model.train()
     loader = torch.utils.data.DataLoader(
-        examples, batch_size=min(spec.batch_size, len(examples)), shuffle=dp is None,
+        examples,
+        batch_size=min(spec.batch_size, len(examples)),
+        shuffle=dp is None,
         collate_fn=_collate,
         generator=torch.Generator().manual_seed(spec.seed),
     )
@@ -199,7 +217,9 @@ def train_local(
         if state is None:
             raise privacy.PrivacyConfigError("DP training needs a PrivacyState (accountant)")
         state.check_budget(
-            noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=spec.steps,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=sample_rate,
+            steps=spec.steps,
             target_epsilon=dp.target_epsilon,
         )
         from opacus import PrivacyEngine
@@ -207,9 +227,14 @@ def train_local(
         engine = PrivacyEngine(accountant=state.accountant)
         engine.accountant.history = list(state.history)
         made = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=criterion,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=dp.grad_sample_mode,
         )
         if dp.grad_sample_mode == "ghost":
             net, optimizer, criterion, loader = made
@@ -247,7 +272,9 @@ def train_local(
     )
 
 
-def _install_grad_hook(optimizer: torch.optim.Optimizer, hook: Callable[[torch.optim.Optimizer], None]) -> None:
+def _install_grad_hook(
+    optimizer: torch.optim.Optimizer, hook: Callable[[torch.optim.Optimizer], None]
+) -> None:
     original = optimizer.add_noise
 
     def add_noise() -> None:
@@ -311,7 +338,10 @@ def evaluate(
         rows = users[s : s + batch]
         hist, mask = pad_histories(split.train, rows, lengths[rows], max_history)
         scores = score(hist, mask)
-        seen = [split.train.item_index[split.train.offsets[r] : split.train.offsets[r + 1]] for r in rows]
+        seen = [
+            split.train.item_index[split.train.offsets[r] : split.train.offsets[r + 1]]
+            for r in rows
+        ]
         if sampled:
             negs = sample_negatives(rng, n_items, split.target[rows], seen, sampled)
             ranks.append(sampled_rank(scores, split.target[rows], negs))

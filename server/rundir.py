@@ -66,19 +66,36 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "checkpoints").mkdir(exist_ok=True)
 
-    def start(self, run_config: dict[str, Any], channels: list[str], shapes: dict[str, tuple[int, ...]]) -> None:
-        write_json(self.path / "config.json", {
-            "fedrec_version": versions().get("fedrec"), "run_config": run_config,
-            "channels": channels, "started": now(), "versions": versions(),
-        })
-        write_json(self.path / "model.json", {
-            "param_shapes": {k: list(v) for k, v in shapes.items()},
-            "num_parameters": int(sum(int(np.prod(v)) for v in shapes.values())),
-        })
+    def start(
+        self, run_config: dict[str, Any], channels: list[str], shapes: dict[str, tuple[int, ...]]
+    ) -> None:
+        write_json(
+            self.path / "config.json",
+            {
+                "fedrec_version": versions().get("fedrec"),
+                "run_config": run_config,
+                "channels": channels,
+                "started": now(),
+                "versions": versions(),
+            },
+        )
+        write_json(
+            self.path / "model.json",
+            {
+                "param_shapes": {k: list(v) for k, v in shapes.items()},
+                "num_parameters": int(sum(int(np.prod(v)) for v in shapes.values())),
+            },
+        )
 
     def metrics(self, round_: int, channel: str, phase: str, values: dict[str, Any]) -> None:
         with (self.path / METRICS).open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"round": round_, "channel": channel, "phase": phase, "metrics": values}, default=str) + "\n")
+            fh.write(
+                json.dumps(
+                    {"round": round_, "channel": channel, "phase": phase, "metrics": values},
+                    default=str,
+                )
+                + "\n"
+            )
 
     def ledger(self, entry: dict[str, Any]) -> None:
         hashlog.append(self.path / LEDGER, {"time": now(), **entry})
@@ -92,7 +109,11 @@ class RunDir:
         path = self.path / "checkpoints" / f"round-{round_:04d}.safetensors"
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata={"round": str(round_)})
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in arrays.items()},
+            tmp,
+            metadata={"round": str(round_)},
+        )
         os.replace(tmp, path)
         return path
 

@@ -28,7 +28,10 @@ class RecordingMixin:
     """Checks, records and checkpoints around the parent strategy's aggregation."""
 
     def setup_recording(
-        self, run: RunDir, shapes: dict[str, tuple[int, ...]], node_channels: dict[int, str],
+        self,
+        run: RunDir,
+        shapes: dict[str, tuple[int, ...]],
+        node_channels: dict[int, str],
         round_offset: int = 0,
     ) -> None:
         self.run = run
@@ -40,13 +43,19 @@ class RecordingMixin:
         self.round_status: dict[int, dict[str, str]] = {}
 
     # Flower counts rounds from 1 in every start(); a resumed run continues the numbering.
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return super().configure_train(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
 
-    def _screen(self, round_: int, kind: str, replies: Iterable[Message]) -> tuple[list[Message], dict[str, str]]:
+    def _screen(
+        self, round_: int, kind: str, replies: Iterable[Message]
+    ) -> tuple[list[Message], dict[str, str]]:
         """Egress-log every reply; keep only clean ones; return status per channel."""
         kept: list[Message] = []
         status: dict[str, str] = {}
@@ -57,24 +66,59 @@ class RecordingMixin:
                 reason = msg.error.reason or ""
                 refused = msg.error.code == REFUSED_CODE
                 status[channel] = "refused" if refused else "failed"
-                self.run.egress({"round": round_, "channel": channel, "kind": kind, "node": node,
-                                 "error": {"code": msg.error.code, "reason": reason[:2000]},
-                                 "records": {}, "bytes": 0, "sha256": "", "violations": []})
+                self.run.egress(
+                    {
+                        "round": round_,
+                        "channel": channel,
+                        "kind": kind,
+                        "node": node,
+                        "error": {"code": msg.error.code, "reason": reason[:2000]},
+                        "records": {},
+                        "bytes": 0,
+                        "sha256": "",
+                        "violations": [],
+                    }
+                )
                 if kind == "train":
-                    self.run.ledger({"round": round_, "channel": channel, "status": status[channel],
-                                     "reason": reason[:2000], "steps": 0})
+                    self.run.ledger(
+                        {
+                            "round": round_,
+                            "channel": channel,
+                            "status": status[channel],
+                            "reason": reason[:2000],
+                            "steps": 0,
+                        }
+                    )
                 log(WARNING, "round %d: %s %s: %s", round_, channel, status[channel], reason[:300])
                 continue
             content = msg.content
             info = content.get(wire.INFO)
-            channel = str(info[wire.CHANNEL]) if info is not None and wire.CHANNEL in info else self.node_channels.get(node, f"node-{node}")
+            channel = (
+                str(info[wire.CHANNEL])
+                if info is not None and wire.CHANNEL in info
+                else self.node_channels.get(node, f"node-{node}")
+            )
             self.node_channels.setdefault(node, channel)
             violations = wire.check_reply(kind, content, self.shapes)
-            self.run.egress({"round": round_, "channel": channel, "kind": kind, "node": node,
-                             **wire.describe(content), "violations": violations})
+            self.run.egress(
+                {
+                    "round": round_,
+                    "channel": channel,
+                    "kind": kind,
+                    "node": node,
+                    **wire.describe(content),
+                    "violations": violations,
+                }
+            )
             if violations:
                 status[channel] = "rejected"
-                log(WARNING, "round %d: %s reply rejected: %s", round_, channel, "; ".join(violations))
+                log(
+                    WARNING,
+                    "round %d: %s reply rejected: %s",
+                    round_,
+                    channel,
+                    "; ".join(violations),
+                )
                 continue
             status[channel] = "ok"
             kept.append(msg)
@@ -84,7 +128,9 @@ class RecordingMixin:
         expected = set(self.node_channels.values())
         return sorted(expected - set(status))
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_ = server_round + self.round_offset
         kept, status = self._screen(round_, "train", replies)
         for msg in kept:
@@ -95,15 +141,24 @@ class RecordingMixin:
             self.run.metrics(round_, channel, "train", dict(msg.content[wire.METRICS]))
         for channel in self._missing(status):
             status[channel] = "missing"
-            self.run.ledger({"round": round_, "channel": channel, "status": "missing",
-                             "reason": "no reply this round (node down or timed out)", "steps": 0})
+            self.run.ledger(
+                {
+                    "round": round_,
+                    "channel": channel,
+                    "status": "missing",
+                    "reason": "no reply this round (node down or timed out)",
+                    "steps": 0,
+                }
+            )
         self.round_status[round_] = status
         arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
         if arrays is not None:
             self.run.checkpoint(round_, {k: arrays[k].numpy() for k in arrays.keys()})
         return arrays, metrics
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         round_ = server_round + self.round_offset
         kept, _ = self._screen(round_, "evaluate", replies)
         for msg in kept:
@@ -143,10 +198,13 @@ class RecordingFedProx(RecordingMixin, FedProx):
 def make_strategy(cfg: FedrecConfig) -> RecordingMixin:
     """The configured strategy; it waits for ``min-nodes`` platforms and needs them all to reply
     only as far as ``min-nodes`` says (a missing platform is recorded, the others go on)."""
-    common: dict[str, Any] = dict(
-        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=cfg.min_nodes,
-        min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes,
-    )
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": cfg.min_nodes,
+        "min_evaluate_nodes": cfg.min_nodes,
+        "min_available_nodes": cfg.min_nodes,
+    }
     if cfg.strategy.name == "fedadam":
         return RecordingFedAdam(**common, eta=cfg.strategy.server_lr, eta_l=cfg.train.lr)
     if cfg.strategy.name == "fedprox":

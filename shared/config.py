@@ -81,6 +81,7 @@ class FedrecConfig:
     data_dir: str = ""
     run_dir: str = ""
     cache_dir: str = ""
+    encoder_dir: str = ""
     seed: int = 0
     min_nodes: int = 3
     round_timeout: float = 600.0
@@ -121,9 +122,7 @@ def _expected_keys() -> dict[str, tuple[str, str | None, type]]:
     """run-config key -> (field, group or None, python type)."""
     keys: dict[str, tuple[str, str | None, type]] = {}
     for f in dataclasses.fields(FedrecConfig):
-        default = (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        )
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             for g in dataclasses.fields(default):
                 key = f"{f.name}.{_kebab(g.name)}"
@@ -222,7 +221,9 @@ def check(cfg: FedrecConfig) -> list[str]:
     positive("train.negatives", cfg.train.negatives)
     positive("train.lr", cfg.train.lr)
     if cfg.train.optimizer not in OPTIMIZERS:
-        p.append(f"train.optimizer must be one of {list(OPTIMIZERS)}. Found {cfg.train.optimizer!r}.")
+        p.append(
+            f"train.optimizer must be one of {list(OPTIMIZERS)}. Found {cfg.train.optimizer!r}."
+        )
     dp = cfg.dp
     positive("dp.target-epsilon", dp.target_epsilon)
     if not 0 < dp.target_delta < 1:

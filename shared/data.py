@@ -74,7 +74,9 @@ def to_sequences(interactions: Interactions) -> Sequences:
     """Group interactions (already sorted by user, then time) into per-user sequences."""
     users = interactions.user_ids
     if len(users) == 0:
-        return Sequences(np.array([], dtype=str), np.zeros(1, dtype=np.int64), np.array([], np.int64))
+        return Sequences(
+            np.array([], dtype=str), np.zeros(1, dtype=np.int64), np.array([], np.int64)
+        )
     change = np.flatnonzero(users[1:] != users[:-1]) + 1
     starts = np.concatenate([[0], change]).astype(np.int64)
     offsets = np.concatenate([starts, [len(users)]]).astype(np.int64)

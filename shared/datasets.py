@@ -304,6 +304,55 @@ def load_manifest(dataset_dir: Path | str) -> Manifest:
     """
     given = Path(dataset_dir)
     file = str(given / MANIFEST_NAME)
+    text, doc = _read_manifest_json(given, file)
+    problems = _ManifestProblems(file, text)
+    for key in doc:
+        if key not in _MANIFEST_KEYS:
+            close = difflib.get_close_matches(key, _MANIFEST_KEYS, n=1)
+            problems.add(
+                key,
+                key,
+                f"unknown key {_show(key)}",
+                f"did you mean '{close[0]}'?"
+                if close
+                else f"use only: {', '.join(_MANIFEST_KEYS)}.",
+            )
+    for key in ("format", "name", "channels"):
+        if key not in doc:
+            problems.add(key, None, f"missing required key '{key}'", _manifest_key_hint(key))
+    name = doc.get("name")
+    if "name" in doc and (not isinstance(name, str) or not name.strip()):
+        problems.add("name", name, f"name must be a non-empty string, found {name!r}", "name it.")
+    created = doc.get("created")
+    if "created" in doc and not isinstance(created, str):
+        problems.add(
+            "created",
+            created,
+            f"created must be an ISO-8601 string, found {created!r}",
+            'write it like "2024-03-01T12:34:56Z".',
+        )
+    source = doc.get("source", {})
+    if not isinstance(source, dict):
+        problems.add(
+            "source",
+            source,
+            f"source must be a JSON object, found {type(source).__name__}",
+            'describe the origin as an object, e.g. {"generator": "...", "seed": 0}.',
+        )
+    root = given.absolute()
+    channels = _check_channels(doc.get("channels"), root, problems) if "channels" in doc else {}
+    problems.raise_if_any()
+    return Manifest(
+        path=root / MANIFEST_NAME,
+        name=str(name),
+        channels=channels,
+        source=dict(source),
+        created=created,
+    )
+
+
+def _read_manifest_json(given: Path, file: str) -> tuple[str, dict[str, Any]]:
+    """The manifest's text and JSON object; problems that stop the reading raise at once."""
     if not given.is_dir():
         raise DataError(
             file=str(given),
@@ -355,133 +404,98 @@ def load_manifest(dataset_dir: Path | str) -> Manifest:
             problem=f"unsupported format {_show(str(doc['format']))}",
             hint=f"this version of fedrec reads '{FORMAT}'; convert the dataset or upgrade.",
         )
+    return text, doc
 
-    problems = _Problems()
 
-    def problem(key: str, value: Any, what: str, hint: str, *path: str) -> None:
-        problems.add(
+class _ManifestProblems:
+    """Problems in manifest.json, keyed by dotted JSON path, each with a best-effort line."""
+
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        self.text = text
+        self.problems = _Problems()
+
+    def raise_if_any(self) -> None:
+        self.problems.raise_if_any()
+
+    def add(self, key: str, value: Any, problem: str, hint: str, *path: str) -> None:
+        self.problems.add(
             DataError(
-                file=file,
-                line=_json_line(text, *(path or (key,))),
+                file=self.file,
+                line=_json_line(self.text, *(path or key.split("."))),
                 column=key,
                 value=None if value is None else str(value),
-                problem=what,
+                problem=problem,
                 hint=hint,
             )
         )
 
-    for key in doc:
-        if key not in _MANIFEST_KEYS:
-            close = difflib.get_close_matches(key, _MANIFEST_KEYS, n=1)
-            problem(
-                key,
-                key,
-                f"unknown key {_show(key)}",
-                f"did you mean '{close[0]}'?"
-                if close
-                else f"use only: {', '.join(_MANIFEST_KEYS)}.",
-            )
-    for key in ("format", "name", "channels"):
-        if key not in doc:
-            problem(key, None, f"missing required key '{key}'", _manifest_key_hint(key))
-    name = doc.get("name")
-    if "name" in doc and (not isinstance(name, str) or not name.strip()):
-        problem(
-            "name", name, f"name must be a non-empty string, found {name!r}", "name the dataset."
-        )
-    created = doc.get("created")
-    if "created" in doc and not isinstance(created, str):
-        problem(
-            "created",
-            created,
-            f"created must be an ISO-8601 string, found {created!r}",
-            'write it like "2024-03-01T12:34:56Z".',
-        )
-    source = doc.get("source", {})
-    if not isinstance(source, dict):
-        problem(
-            "source",
-            source,
-            f"source must be a JSON object, found {type(source).__name__}",
-            'describe the origin as an object, e.g. {"generator": "...", "seed": 0}.',
-        )
 
-    channels: dict[str, ChannelFiles] = {}
-    raw_channels = doc.get("channels")
-    root = given.absolute()
-    if "channels" in doc and (not isinstance(raw_channels, dict) or not raw_channels):
-        problem(
-            "channels",
-            raw_channels,
-            "channels must be a non-empty object",
-            _manifest_key_hint("channels"),
+def _check_channels(raw: Any, root: Path, problems: _ManifestProblems) -> dict[str, ChannelFiles]:
+    if not isinstance(raw, dict) or not raw:
+        problems.add(
+            "channels", raw, "channels must be a non-empty object", _manifest_key_hint("channels")
         )
-    elif isinstance(raw_channels, dict):
-        for channel, entry in raw_channels.items():
-            where = f"channels.{channel}"
-            if not _CHANNEL_RE.fullmatch(channel):
-                problem(
-                    where,
-                    channel,
-                    f"bad channel name {_show(channel)}",
-                    "use only letters, digits, '-' and '_'.",
+        return {}
+    channels = {}
+    for channel, entry in raw.items():
+        where = f"channels.{channel}"
+        if not _CHANNEL_RE.fullmatch(channel):
+            problems.add(
+                where,
+                channel,
+                f"bad channel name {_show(channel)}",
+                "use only letters, digits, '-' and '_'.",
+                "channels",
+                channel,
+            )
+        if not isinstance(entry, dict):
+            problems.add(
+                where,
+                entry,
+                "a channel entry must be an object",
+                _manifest_key_hint("channels"),
+                "channels",
+                channel,
+            )
+            continue
+        for key in entry:
+            if key not in _CHANNEL_KEYS:
+                problems.add(
+                    f"{where}.{key}",
+                    key,
+                    f"unknown key {_show(key)}",
+                    f"a channel entry has exactly: {', '.join(_CHANNEL_KEYS)}.",
                     "channels",
                     channel,
+                    key,
                 )
-            if not isinstance(entry, dict):
-                problem(
-                    where,
-                    entry,
-                    "a channel entry must be an object",
+        paths = {}
+        for key in _CHANNEL_KEYS:
+            if key not in entry:
+                problems.add(
+                    f"{where}.{key}",
+                    None,
+                    f"missing required key '{key}'",
                     _manifest_key_hint("channels"),
                     "channels",
                     channel,
                 )
-                continue
-            for key in entry:
-                if key not in _CHANNEL_KEYS:
-                    problem(
-                        f"{where}.{key}",
-                        key,
-                        f"unknown key {_show(key)}",
-                        f"a channel entry has exactly: {', '.join(_CHANNEL_KEYS)}.",
-                        "channels",
-                        channel,
-                        key,
-                    )
-            paths = {}
-            for key in _CHANNEL_KEYS:
-                if key not in entry:
-                    problem(
-                        f"{where}.{key}",
-                        None,
-                        f"missing required key '{key}'",
-                        _manifest_key_hint("channels"),
-                        "channels",
-                        channel,
-                    )
-                elif not _safe_relative(entry[key]):
-                    problem(
-                        f"{where}.{key}",
-                        entry[key],
-                        f"bad path {entry[key]!r}",
-                        "give a relative path with '/' inside the dataset folder (no '..').",
-                        "channels",
-                        channel,
-                        key,
-                    )
-                else:
-                    paths[key] = root / entry[key]
-            if len(paths) == 2:
-                channels[channel] = ChannelFiles(paths["catalogue"], paths["interactions"])
-    problems.raise_if_any()
-    return Manifest(
-        path=root / MANIFEST_NAME,
-        name=str(name),
-        channels=channels,
-        source=dict(source),
-        created=created,
-    )
+            elif not _safe_relative(entry[key]):
+                problems.add(
+                    f"{where}.{key}",
+                    entry[key],
+                    f"bad path {entry[key]!r}",
+                    "give a relative path with '/' inside the dataset folder (no '..').",
+                    "channels",
+                    channel,
+                    key,
+                )
+            else:
+                paths[key] = root / entry[key]
+        if len(paths) == 2:
+            channels[channel] = ChannelFiles(paths["catalogue"], paths["interactions"])
+    return channels
 
 
 def _manifest_key_hint(key: str) -> str:
@@ -566,6 +580,7 @@ def _structure_problems(csv_file: str, text: str, width: int) -> _Problems:
     try:
         for record in reader:
             if record and start > 1 and len(record) != width:
+                fields = f"{len(record)} field" + "s" * (len(record) != 1)
                 problems.total += 1
                 if len(problems.errors) < MAX_REPORTED:
                     problems.errors.append(
@@ -574,8 +589,7 @@ def _structure_problems(csv_file: str, text: str, width: int) -> _Problems:
                             line=start,
                             value=at(start),
                             problem=(
-                                f"row {_show(at(start))} has {len(record)} fields "
-                                f"but the header has {width}"
+                                f"row {_show(at(start))} has {fields} but the header has {width}"
                             ),
                             hint=_CSV_QUOTING_HINT,
                         )
@@ -1269,23 +1283,42 @@ def _check_interactions_for_write(channel: str, inter: Interactions, n_items: in
         )
 
 
-def _has_cr(values: Any) -> bool:
-    array = pa.array(np.asarray(values, dtype=object), pa.string())
-    return bool(pc.any(pc.match_substring(array, "\r")).as_py())
-
-
 def _csv_bytes(header: tuple[str, ...], columns: list[Any]) -> bytes:
-    # csv.writer does not quote a lone "\r" when the line ends in "\n"; quote everything then.
-    text_has_cr = any(_has_cr(col) for col in columns)
+    text = _csv_text(header, columns, quote_all=False)
+    if "\r" in text:  # csv.writer leaves a lone "\r" unquoted when lines end in "\n"
+        text = _csv_text(header, columns, quote_all=True)
+    return text.encode("utf-8")
+
+
+def _csv_text(header: tuple[str, ...], columns: list[Any], *, quote_all: bool) -> str:
     buf = io.StringIO()
-    writer = csv.writer(
-        buf,
-        lineterminator="\n",
-        quoting=csv.QUOTE_ALL if text_has_cr else csv.QUOTE_MINIMAL,
-    )
+    if quote_all:
+        writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    else:
+        writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
     writer.writerow(header)
     writer.writerows(zip(*columns, strict=True))
-    return buf.getvalue().encode("utf-8")
+    return buf.getvalue()
+
+
+def _catalogue_csv(cat: Catalogue) -> bytes:
+    columns = [cat.item_ids, cat.titles, cat.descriptions, cat.categories, cat.attributes]
+    return _csv_bytes(ITEM_COLUMNS, columns)
+
+
+def _interactions_csv(inter: Interactions, cat: Catalogue) -> bytes:
+    """Rows per user in time order (ties in input order), timestamps as ISO-8601 UTC."""
+    users = pa.array(np.asarray(inter.user_ids, dtype=object), pa.string())
+    seconds = np.asarray(inter.timestamps, dtype=np.int64)
+    order, user_ids = _sort_order(users, seconds)
+    columns = [
+        user_ids[order],
+        np.asarray(cat.item_ids)[np.asarray(inter.item_index)[order]],
+        _iso_utc(seconds[order]),
+        np.asarray(inter.events)[order],
+        np.asarray(inter.queries)[order],
+    ]
+    return _csv_bytes(INTERACTION_COLUMNS, columns)
 
 
 def _iso_utc(seconds: np.ndarray) -> np.ndarray:
@@ -1327,43 +1360,28 @@ def write_dataset(
     except (TypeError, ValueError) as exc:
         raise ValueError(f"source must be JSON-serialisable ({exc}).") from None
 
-    files: dict[str, bytes] = {}
     channel_paths: dict[str, dict[str, str]] = {}
     for channel, cat in catalogues.items():
         if not _CHANNEL_RE.fullmatch(channel):
             raise ValueError(
                 f"bad channel name {channel!r}: use only letters, digits, '-' and '_'."
             )
-        inter = interactions[channel]
         _check_catalogue_for_write(channel, cat)
-        _check_interactions_for_write(channel, inter, len(cat))
-        item_path, inter_path = f"{channel}/items.csv", f"{channel}/interactions.csv"
-        channel_paths[channel] = {"catalogue": item_path, "interactions": inter_path}
-        files[item_path] = _csv_bytes(
-            ITEM_COLUMNS,
-            [cat.item_ids, cat.titles, cat.descriptions, cat.categories, cat.attributes],
-        )
-        users = pa.array(np.asarray(inter.user_ids, dtype=object), pa.string())
-        ts = np.asarray(inter.timestamps, dtype=np.int64)
-        order, _ = _sort_order(users, ts)
-        item_ids = np.asarray(cat.item_ids)[np.asarray(inter.item_index)[order]]
-        files[inter_path] = _csv_bytes(
-            INTERACTION_COLUMNS,
-            [
-                np.asarray(inter.user_ids)[order],
-                item_ids,
-                _iso_utc(ts[order]),
-                np.asarray(inter.events)[order],
-                np.asarray(inter.queries)[order],
-            ],
-        )
+        _check_interactions_for_write(channel, interactions[channel], len(cat))
+        channel_paths[channel] = {
+            "catalogue": f"{channel}/items.csv",
+            "interactions": f"{channel}/interactions.csv",
+        }
+    taken = [MANIFEST_NAME] + [p for paths in channel_paths.values() for p in paths.values()]
+    extras: dict[str, bytes] = {}
     for rel, data in (extra_files or {}).items():
         if not _safe_relative(rel):
             raise ValueError(f"extra file path {rel!r} must be relative, with '/' and no '..'.")
         key = PurePosixPath(rel).as_posix()
-        if key in files or key == MANIFEST_NAME:
+        if any(key == t or t.startswith(key + "/") or key.startswith(t + "/") for t in taken):
             raise ValueError(f"extra file {rel!r} would overwrite a dataset file.")
-        files[key] = bytes(data)
+        taken.append(key)
+        extras[key] = bytes(data)
     manifest = {
         "format": FORMAT,
         "name": name,
@@ -1371,12 +1389,21 @@ def write_dataset(
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "source": source,
     }
-    files[MANIFEST_NAME] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode()
 
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
-        for rel, data in files.items():
+    with atomic_dir(out) as tmp:  # files are fsynced by atomic_dir before the rename
+
+        def put(rel: str, data: bytes) -> None:
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)  # fsynced by atomic_dir before the rename
+            target.write_bytes(data)
+
+        for channel, paths in channel_paths.items():  # one file in memory at a time
+            put(paths["catalogue"], _catalogue_csv(catalogues[channel]))
+            put(
+                paths["interactions"], _interactions_csv(interactions[channel], catalogues[channel])
+            )
+        for rel, data in extras.items():
+            put(rel, data)
+        put(MANIFEST_NAME, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
     return out

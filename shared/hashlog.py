@@ -96,7 +96,10 @@ def verify(path: Path, expected_head: str | None = None) -> Verdict:
             n += 1
     if expected_head is not None and prev != expected_head:
         return Verdict(
-            False, n, prev, f"{path}: ends at {prev[:12]}…, expected {expected_head[:12]}… "
-            "(log truncated or replaced)"
+            False,
+            n,
+            prev,
+            f"{path}: ends at {prev[:12]}…, expected {expected_head[:12]}… "
+            "(log truncated or replaced)",
         )
     return Verdict(True, n, prev)

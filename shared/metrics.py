@@ -22,7 +22,9 @@ import numpy as np
 from shared import wire
 
 
-def rank_of_target(scores: np.ndarray, target: np.ndarray, exclude: Iterable[np.ndarray]) -> np.ndarray:
+def rank_of_target(
+    scores: np.ndarray, target: np.ndarray, exclude: Iterable[np.ndarray]
+) -> np.ndarray:
     """Rank of each user's target among the non-excluded items.
 
     Args:
@@ -45,9 +47,7 @@ def rank_of_target(scores: np.ndarray, target: np.ndarray, exclude: Iterable[np.
     return beats.sum(1).astype(np.int64)  # the target counts itself once
 
 
-def sampled_rank(
-    scores: np.ndarray, target: np.ndarray, negatives: np.ndarray
-) -> np.ndarray:
+def sampled_rank(scores: np.ndarray, target: np.ndarray, negatives: np.ndarray) -> np.ndarray:
     """Rank of the target among itself and sampled negatives ((U, S) indices)."""
     u = np.arange(len(target))
     t = scores[u, target]

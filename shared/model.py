@@ -48,19 +48,17 @@ def summarize_history(
     Args:
         hist: (B, L, E) item vectors, most recent last, left-padded.
         mask: (B, L) bool, True where ``hist`` holds an item.
-        query: optional (B, E) search-query vectors; when given they are blended into the
-            recent summary as one more, most recent, "item".
+        query: optional (B, E) search-query vectors; when given, the recent summary becomes
+            the average of the recent items and the query (or the query alone).
     """
     m = mask.to(hist.dtype).unsqueeze(-1)  # (B, L, 1)
     mean = (hist * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, E)
     rm = m.clone()
     rm[:, : max(hist.shape[1] - RECENT, 0)] = 0.0
-    recent_sum = (hist * rm).sum(1)  # (B, E)
-    recent_n = rm.sum(1)  # (B, 1)
+    recent = (hist * rm).sum(1) / rm.sum(1).clamp(min=1.0)  # (B, E)
     if query is not None:
-        recent_sum = recent_sum + query
-        recent_n = recent_n + 1.0
-    recent = recent_sum / recent_n.clamp(min=1.0)  # (B, E)
+        has_recent = (rm.sum(1) > 0).to(hist.dtype)  # (B, 1)
+        recent = has_recent * 0.5 * (recent + query) + (1 - has_recent) * query
     return torch.cat([mean, recent], dim=-1)  # (B, 2E)
 
 
@@ -69,6 +67,10 @@ class RecModel(nn.Module):
 
     def __init__(self, spec: ModelSpec = ModelSpec()) -> None:
         super().__init__()
+        if not 0 < spec.dim <= spec.item_dim:
+            raise ValueError(
+                f"model.dim must be in [1, item vector size {spec.item_dim}]. Found {spec.dim}."
+            )
         self.spec = spec
         e, d = spec.item_dim, spec.dim
         self.profile_lin = nn.Linear(2 * e, d, bias=False)
@@ -106,14 +108,13 @@ class RecModel(nn.Module):
         """Full ranking: (B, E) user vectors x (N, E) item vectors -> (B, N) scores."""
         return profile @ items.T
 
-    def forward(self, hist: torch.Tensor, mask: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
-        """Training scores: (B, L, E), (B, L), (B, C, E) -> (B, C) logits.
+    def forward(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The user vector (B, E); a candidate's score is its dot product with it.
 
-        Candidates are per example: each user's loss depends on that user's data and public
-        items only.
+        Scores are computed outside the model against the constant, public item matrix, so
+        each user's loss depends on that user's data and public items only.
         """
-        u = self.profile(hist, mask)  # (B, E)
-        return (cands @ u.unsqueeze(-1)).squeeze(-1)  # (B, C)
+        return self.profile(hist, mask)
 
 
 def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -147,8 +147,15 @@ class PrivacyState:
 
 
 def append_ledger(
-    path: Path, *, state: PrivacyState, round_: int, steps: int, noise_multiplier: float,
-    sample_rate: float, status: str, channel: str,
+    path: Path,
+    *,
+    state: PrivacyState,
+    round_: int,
+    steps: int,
+    noise_multiplier: float,
+    sample_rate: float,
+    status: str,
+    channel: str,
 ) -> dict[str, Any]:
     """One line per training call on the node's disk (hash-chained, fsynced)."""
     return hashlog.append(

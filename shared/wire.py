@@ -162,7 +162,9 @@ def build_reply(
     """
     records: dict[str, Any] = {}
     if arrays is not None:
-        records[ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        records[ARRAYS] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        )
     if metrics is not None:
         records[METRICS] = MetricRecord(dict(metrics))
     if privacy is not None:
@@ -179,7 +181,7 @@ def check_reply(
     kind: str, content: RecordDict, param_shapes: Mapping[str, tuple[int, ...]]
 ) -> list[str]:
     """Server-side re-check of a received reply; returns the violations (empty if clean)."""
-    records = {name: rec for name, rec in content.items()}
+    records = dict(content.items())
     return _violations(kind, records, param_shapes)
 
 

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "simulations.world",  # fedrec world
     "simulations.encode",  # fedrec encode
     "simulations.simulate",  # fedrec simulate
+    "simulations.recommend",  # fedrec recommend
 )
 
 for _name in COMMAND_MODULES:

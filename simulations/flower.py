@@ -92,8 +92,12 @@ def _alive(pid: int) -> bool:
 
 
 def run_simulation(
-    run_dir: Path, run_config: dict[str, Any], num_nodes: int, *,
-    on_line: Callable[[str], None] | None = None, timeout: float = 1800,
+    run_dir: Path,
+    run_config: dict[str, Any],
+    num_nodes: int,
+    *,
+    on_line: Callable[[str], None] | None = None,
+    timeout: float = 1800,
 ) -> None:
     """Run the fedrec app in Flower's Simulation Engine; raise with the log tail on failure."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -102,17 +106,27 @@ def run_simulation(
     overrides = write_overrides(run_dir / "run-config.toml", run_config)
     flwr = Path(sys.executable).with_name("flwr")
     cmd = [
-        str(flwr), "run", str(APP_DIR), "--stream",
-        "--federation-config", f"num-supernodes={num_nodes} client-resources-num-cpus=1",
-        "--run-config", str(overrides),
+        str(flwr),
+        "run",
+        str(APP_DIR),
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={num_nodes} client-resources-num-cpus=1",
+        "--run-config",
+        str(overrides),
     ]
     log_path = run_dir / "flower.log"
     tail: list[str] = []
     try:
         with log_path.open("w", encoding="utf-8") as log_fh:
             proc = subprocess.Popen(
-                cmd, cwd=run_dir, env=flower_env(flwr_home), stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True, bufsize=1,
+                cmd,
+                cwd=run_dir,
+                env=flower_env(flwr_home),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
             )
             assert proc.stdout is not None
             start = time.monotonic()

@@ -20,12 +20,22 @@ import typer
 SCENARIOS = ("synthetic", "movielens-1m", "movielens-100k")
 
 
-def _comparisons(cfg: Any, matrices: dict[str, Any], data_dir: Path, console: Any) -> dict[str, dict[str, dict[str, float]]]:
+def _comparisons(
+    cfg: Any, matrices: dict[str, Any], data_dir: Path, console: Any
+) -> dict[str, dict[str, dict[str, float]]]:
     """Popularity, local-only DP and pooled non-private rows, computed in this process."""
     import numpy as np
     import torch
 
-    from client.training import DPSpec, Split, TrainSpec, evaluate, leave_last_out, model_scorer, train_local
+    from client.training import (
+        DPSpec,
+        Split,
+        TrainSpec,
+        evaluate,
+        leave_last_out,
+        model_scorer,
+        train_local,
+    )
     from shared import privacy
     from shared.data import Sequences, to_sequences
     from shared.datasets import load_channel
@@ -37,30 +47,48 @@ def _comparisons(cfg: Any, matrices: dict[str, Any], data_dir: Path, console: An
     splits: dict[str, Split] = {}
     items: dict[str, torch.Tensor] = {}
     spec = TrainSpec(
-        steps=cfg.planned_steps(), batch_size=cfg.train.batch_size, negatives=cfg.train.negatives,
-        lr=cfg.train.lr, optimizer=cfg.train.optimizer, max_history=cfg.model.max_history, seed=cfg.seed,
+        steps=cfg.planned_steps(),
+        batch_size=cfg.train.batch_size,
+        negatives=cfg.train.negatives,
+        lr=cfg.train.lr,
+        optimizer=cfg.train.optimizer,
+        max_history=cfg.model.max_history,
+        seed=cfg.seed,
     )
-    ev = dict(max_history=cfg.model.max_history, max_users=cfg.eval.max_users, seed=cfg.seed)
+    ev = {"max_history": cfg.model.max_history, "max_users": cfg.eval.max_users, "seed": cfg.seed}
     for ch in cfg.channels:
         _, inter = load_channel(data_dir, ch)
         splits[ch] = leave_last_out(to_sequences(inter))
         items[ch] = torch.from_numpy(np.asarray(matrices[ch].matrix, dtype=np.float32))
         n = len(items[ch])
-        rows[ch] = {"popularity": evaluate(popularity_scorer(splits[ch].train, n), n, splits[ch], **ev)[0]}
+        rows[ch] = {
+            "popularity": evaluate(popularity_scorer(splits[ch].train, n), n, splits[ch], **ev)[0]
+        }
         t = time.perf_counter()
         model = RecModel(ModelSpec(item_dim=items[ch].shape[1], dim=cfg.model.dim, seed=cfg.seed))
         users = int((splits[ch].train.lengths() >= 2).sum())
         q = privacy.sample_rate_for(users, spec.batch_size)
         sigma = privacy.plan_noise_multiplier(
-            target_epsilon=cfg.dp.target_epsilon, target_delta=cfg.dp.target_delta, sample_rate=q,
-            steps=spec.steps, accountant=cfg.dp.accountant,
+            target_epsilon=cfg.dp.target_epsilon,
+            target_delta=cfg.dp.target_delta,
+            sample_rate=q,
+            steps=spec.steps,
+            accountant=cfg.dp.accountant,
         )
         state = privacy.PrivacyState(cfg.dp.accountant, cfg.dp.target_delta)
-        train_local(model, items[ch], splits[ch].train, spec,
-                    dp=DPSpec(sigma, cfg.dp.max_grad_norm, cfg.dp.target_epsilon, cfg.dp.grad_sample_mode), state=state)
+        train_local(
+            model,
+            items[ch],
+            splits[ch].train,
+            spec,
+            dp=DPSpec(sigma, cfg.dp.max_grad_norm, cfg.dp.target_epsilon, cfg.dp.grad_sample_mode),
+            state=state,
+        )
         m, _ = evaluate(model_scorer(model, items[ch]), n, splits[ch], **ev)
         rows[ch]["local-only (DP)"] = {**m, "epsilon": state.epsilon()}
-        console.print(f"  local-only DP {ch}: ndcg@10={m['ndcg@10']:.4f} ε={state.epsilon():.2f} ({time.perf_counter() - t:.1f}s)")
+        console.print(
+            f"  local-only DP {ch}: ndcg@10={m['ndcg@10']:.4f} ε={state.epsilon():.2f} ({time.perf_counter() - t:.1f}s)"
+        )
     # Pooled: every channel's users in one non-private model (item indices offset per channel).
     t = time.perf_counter()
     offsets = np.cumsum([0] + [len(items[ch]) for ch in cfg.channels])
@@ -73,9 +101,13 @@ def _comparisons(cfg: Any, matrices: dict[str, Any], data_dir: Path, console: An
         np.concatenate([p.item_index + off for p, off in zip(parts, offsets, strict=False)]),
     )
     model = RecModel(ModelSpec(item_dim=pooled_items.shape[1], dim=cfg.model.dim, seed=cfg.seed))
-    train_local(model, pooled_items, pooled, dataclasses.replace(spec, steps=spec.steps * len(cfg.channels)))
+    train_local(
+        model, pooled_items, pooled, dataclasses.replace(spec, steps=spec.steps * len(cfg.channels))
+    )
     for ch in cfg.channels:
-        rows[ch]["pooled centralised (no DP)"] = evaluate(model_scorer(model, items[ch]), len(items[ch]), splits[ch], **ev)[0]
+        rows[ch]["pooled centralised (no DP)"] = evaluate(
+            model_scorer(model, items[ch]), len(items[ch]), splits[ch], **ev
+        )[0]
     console.print(f"  pooled centralised: {time.perf_counter() - t:.1f}s")
     return rows
 
@@ -94,9 +126,16 @@ def _federated(run_dir: Path, cfg: Any, nodes: int, console: Any) -> dict[str, d
 
 
 def simulate(
-    data: Path | None = None, scenario: str = "synthetic", rounds: int | None = None,
-    epsilon: float | None = None, dp: bool = True, strategy: str | None = None,
-    shards: int = 1, out: Path | None = None, seed: int = 0, baselines: bool = True,
+    data: Path | None = None,
+    scenario: str = "synthetic",
+    rounds: int | None = None,
+    epsilon: float | None = None,
+    dp: bool = True,
+    strategy: str | None = None,
+    shards: int = 1,
+    out: Path | None = None,
+    seed: int = 0,
+    baselines: bool = True,
     run_config: list[str] | None = None,
 ) -> dict[str, Any]:
     from rich.console import Console
@@ -127,28 +166,43 @@ def simulate(
     except ConfigError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from exc
-    console.print(f"[bold]fedrec simulate[/]: {scenario} at {data_dir}; channels {', '.join(channels)}; "
-                  f"{cfg.num_server_rounds} rounds × {cfg.train.local_steps} local steps; run dir {out}")
+    console.print(
+        f"[bold]fedrec simulate[/]: {scenario} at {data_dir}; channels {', '.join(channels)}; "
+        f"{cfg.num_server_rounds} rounds × {cfg.train.local_steps} local steps; run dir {out}"
+    )
     from server.app import encode_catalogues
 
     t = time.perf_counter()
-    matrices = encode_catalogues(str(data_dir), cfg.channels, cfg.cache_dir)
+    matrices = encode_catalogues(str(data_dir), cfg.channels, cfg.cache_dir, cfg.encoder_dir)
     console.print(f"items encoded in {time.perf_counter() - t:.1f}s (cached by content hash)")
     rows: dict[str, dict[str, dict[str, Any]]] = {ch: {} for ch in channels}
     if baselines:
-        console.print("[bold]baselines[/] (popularity, local-only with the same DP budget, pooled centralised)")
+        console.print(
+            "[bold]baselines[/] (popularity, local-only with the same DP budget, pooled centralised)"
+        )
         for ch, r in _comparisons(cfg, matrices, data_dir, console).items():
             rows[ch].update(r)
     runs = [("federated (DP)" if dp else "federated (no DP)", cfg)]
     if dp and baselines:
-        runs.append(("federated (no DP)", dataclasses.replace(
-            cfg, run_dir=str(out / "federated-nodp"), dp=dataclasses.replace(cfg.dp, enabled=False))))
+        runs.append(
+            (
+                "federated (no DP)",
+                dataclasses.replace(
+                    cfg,
+                    run_dir=str(out / "federated-nodp"),
+                    dp=dataclasses.replace(cfg.dp, enabled=False),
+                ),
+            )
+        )
     for label, run_cfg in runs:
         t = time.perf_counter()
         console.print(f"[bold]{label}[/]: Flower Simulation Engine, {len(channels) * shards} nodes")
         results = _federated(Path(run_cfg.run_dir), run_cfg, len(channels) * shards, console)
         for ch, res in results.items():
-            rows[ch][label] = {**res["metrics"], "epsilon": res["privacy"].get("epsilon", float("inf"))}
+            rows[ch][label] = {
+                **res["metrics"],
+                "epsilon": res["privacy"].get("epsilon", float("inf")),
+            }
         console.print(f"  done in {time.perf_counter() - t:.1f}s")
     for ch in channels:
         table = Table(title=f"channel: {ch}")
@@ -157,14 +211,23 @@ def simulate(
         for label, m in rows[ch].items():
             eps = m.get("epsilon")
             eps_s = "-" if eps is None else ("∞" if eps == float("inf") else f"{eps:.2f}")
-            table.add_row(label, f"{m['ndcg@10']:.4f}", f"{m['hr@10']:.4f}", f"{m['recall@20']:.4f}", eps_s)
+            table.add_row(
+                label, f"{m['ndcg@10']:.4f}", f"{m['hr@10']:.4f}", f"{m['recall@20']:.4f}", eps_s
+            )
         console.print(table)
-    summary = {"scenario": scenario, "data_dir": str(data_dir), "rows": rows, "wall_seconds": time.perf_counter() - t0,
-               "delta": cfg.dp.target_delta}
+    summary = {
+        "scenario": scenario,
+        "data_dir": str(data_dir),
+        "rows": rows,
+        "wall_seconds": time.perf_counter() - t0,
+        "delta": cfg.dp.target_delta,
+    }
     from server.rundir import write_json
 
     write_json(out / "summary.json", summary)
-    console.print(f"total {summary['wall_seconds']:.1f}s; δ={cfg.dp.target_delta:g}; summary in {out / 'summary.json'}")
+    console.print(
+        f"total {summary['wall_seconds']:.1f}s; δ={cfg.dp.target_delta:g}; summary in {out / 'summary.json'}"
+    )
     return summary
 
 
@@ -193,19 +256,35 @@ def _ensure_data(data: Path | None, scenario: str, seed: int, console: Any) -> P
         from simulations.world import WorldConfig, generate_world
 
         world = generate_world(WorldConfig(seed=seed))
-        cats, inter, source, extra = world.catalogues, world.interactions, world.source(), world.ground_truth_files()
+        cats, inter, source, extra = (
+            world.catalogues,
+            world.interactions,
+            world.source(),
+            world.ground_truth_files(),
+        )
     else:
         from simulations.movielens import load_scenario
 
         cats, inter, source = load_scenario(scenario, None)
         extra = None
-    return Path(write_dataset(path, name=scenario, catalogues=cats, interactions=inter, source=source, extra_files=extra))
+    return Path(
+        write_dataset(
+            path,
+            name=scenario,
+            catalogues=cats,
+            interactions=inter,
+            source=source,
+            extra_files=extra,
+        )
+    )
 
 
 def register(app: typer.Typer) -> None:
     @app.command("simulate")
     def simulate_cmd(
-        data: Path = typer.Option(None, help="Dataset directory (default: worlds/<scenario>, built if absent)."),
+        data: Path = typer.Option(
+            None, help="Dataset directory (default: worlds/<scenario>, built if absent)."
+        ),
         scenario: str = typer.Option("synthetic", help=f"One of {', '.join(SCENARIOS)}."),
         rounds: int = typer.Option(None, help="Federated rounds (default from pyproject)."),
         epsilon: float = typer.Option(None, help="Target ε per channel for the whole run."),
@@ -214,10 +293,18 @@ def register(app: typer.Typer) -> None:
         shards: int = typer.Option(1, help="Simulated nodes per channel."),
         out: Path = typer.Option(None, help="Run directory (default runs/<scenario>-<time>)."),
         seed: int = typer.Option(0),
-        baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also run the comparison rows."),
-        run_config: list[str] = typer.Option(None, "--set", help="Any run-config key, e.g. --set train.local-steps=30"),
+        baselines: bool = typer.Option(
+            True, "--baselines/--no-baselines", help="Also run the comparison rows."
+        ),
+        run_config: list[str] = typer.Option(
+            None, "--set", help="Any run-config key, e.g. --set train.local-steps=30"
+        ),
     ) -> None:
         """Run the main job: federated cross-platform training in Flower's Simulation Engine."""
         if scenario not in SCENARIOS:
-            raise typer.BadParameter(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
-        simulate(data, scenario, rounds, epsilon, dp, strategy, shards, out, seed, baselines, run_config)
+            raise typer.BadParameter(
+                f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}"
+            )
+        simulate(
+            data, scenario, rounds, epsilon, dp, strategy, shards, out, seed, baselines, run_config
+        )

@@ -1,0 +1,139 @@
+"""Federation in Flower's real Simulation Engine: 3 channels x 2 rounds, then a resumed run
+that must refuse to train past the privacy budget.
+
+One test runs the engine twice (about a minute): the first run checks metrics, ε, the egress
+log and the checkpoint; the resumed run checks that ε continues from the nodes' ledgers (it
+never resets) and that a round past the budget is refused and recorded, not trained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared import hashlog, privacy, wire
+from shared.config import FedrecConfig, from_run_config
+from simulations.flower import processes_with_env, run_simulation
+from tests.tiny import save_tiny_bert, write_small_world
+
+pytestmark = [pytest.mark.simulation, pytest.mark.slow]
+
+STEPS, BATCH, SIGMA = (
+    4,
+    4096,
+    4.0,
+)  # batch > users: q = 1 on every channel, so one ε target separates round 2 from round 3
+
+
+def _users_per_channel(data: Path, channels: tuple[str, ...]) -> dict[str, int]:
+    from client.training import leave_last_out
+    from shared.data import to_sequences
+    from shared.datasets import load_channel
+
+    out = {}
+    for ch in channels:
+        split = leave_last_out(to_sequences(load_channel(data, ch)[1]))
+        out[ch] = int((split.train.lengths() >= 2).sum())
+    return out
+
+
+def _budget_between_round_2_and_3(users: dict[str, int]) -> float:
+    """A target ε that every channel meets after 2 rounds and exceeds in round 3."""
+    after = {
+        r: [
+            privacy.epsilon_of([(SIGMA, privacy.sample_rate_for(n, BATCH), r * STEPS)], 1e-4, "rdp")
+            for n in users.values()
+        ]
+        for r in (2, 3)
+    }
+    target = max(after[2]) * 1.001
+    assert min(after[3]) > target, f"no ε separates round 2 from 3: {after}"
+    return target
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("fed")
+    return write_small_world(root / "world"), save_tiny_bert(root / "bert")
+
+
+def _config(
+    world: tuple[Path, Path], run_dir: Path, rounds: int, target: float, resume: bool
+) -> FedrecConfig:
+    data, bert = world
+    return from_run_config(
+        {
+            "num-server-rounds": rounds,
+            "data-dir": str(data),
+            "run-dir": str(run_dir),
+            "cache-dir": str(run_dir.parent / "cache"),
+            "encoder-dir": str(bert),
+            "resume": resume,
+            "train.local-steps": STEPS,
+            "train.batch-size": BATCH,
+            "train.negatives": 20,
+            "dp.noise-multiplier": SIGMA,
+            "dp.target-epsilon": target,
+            "dp.target-delta": 1e-4,
+            "eval.max-users": 100,
+            "model.dim": 16,
+            "round-timeout": 300.0,
+        }
+    )
+
+
+def test_two_rounds_then_resume_refuses_past_budget(
+    world: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Prepare
+    channels = FedrecConfig().channels
+    users = _users_per_channel(world[0], channels)
+    target = _budget_between_round_2_and_3(users)
+    run_dir = tmp_path / "run"
+
+    # Execute: 2 rounds
+    run_simulation(run_dir, _config(world, run_dir, 2, target, False).to_run_config(), 3)
+
+    # Assert: metrics per channel per round, ε rising per channel, clean egress, checkpoint
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {(x["round"], x["channel"]) for x in lines if x["phase"] == "evaluate"}
+    assert evals == {(r, ch) for r in (1, 2) for ch in channels}
+    ledger = [e for e in hashlog.read(run_dir / "privacy-ledger.jsonl") if e["status"] == "trained"]
+    for ch in channels:
+        eps = [e["epsilon"] for e in sorted(ledger, key=lambda e: e["round"]) if e["channel"] == ch]
+        assert len(eps) == 2 and 0 < eps[0] < eps[1] <= target
+    shapes = json.loads((run_dir / "model.json").read_text())["param_shapes"]
+    egress = hashlog.read(run_dir / "egress.jsonl")
+    assert {e["kind"] for e in egress} == {"train", "evaluate"}
+    for entry in egress:
+        allowed = wire.ALLOWLIST[entry["kind"]]
+        assert entry["violations"] == []
+        assert set(entry["records"]) <= set(allowed)
+        for name, rec in entry["records"].items():
+            if rec["type"] == "arrays":
+                got = {k: v["shape"] for k, v in rec["arrays"].items()}
+                assert got == shapes  # exactly the model: no user-sized array can pass
+                assert all(v["shape"][0] not in users.values() for v in rec["arrays"].values())
+            else:
+                assert set(rec["values"]) <= set(allowed[name][1])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert hashlog.verify(run_dir / "egress.jsonl", results["log_heads"]["egress.jsonl"]).ok
+    assert (run_dir / "checkpoints" / "round-0002.safetensors").exists()
+    assert processes_with_env("FLWR_HOME", str(run_dir / ".flwr")) == []
+
+    # Execute: resume to 3 rounds in a fresh simulation (fresh context.state)
+    run_simulation(run_dir, _config(world, run_dir, 3, target, True).to_run_config(), 3)
+
+    # Assert: round 3 refused on every channel; nodes' ledgers kept their 2 rounds of steps
+    round3 = [e for e in hashlog.read(run_dir / "privacy-ledger.jsonl") if e["round"] == 3]
+    assert {e["channel"] for e in round3} == set(channels)
+    assert all(e["status"] == "refused" and "privacy-refused" in e["reason"] for e in round3)
+    for ch in channels:
+        node = hashlog.read(run_dir / "nodes" / ch / "privacy-ledger.jsonl")
+        assert [e["status"] for e in node] == ["trained", "trained", "refused"]
+        assert sum(int(s) for _, _, s in node[-1]["history"]) == 2 * STEPS
+    assert not (run_dir / "checkpoints" / "round-0003.safetensors").exists()
+    assert np.isfinite(json.loads((run_dir / "results.json").read_text())["wall_seconds"])

@@ -1,0 +1,56 @@
+"""Small, fast stand-ins for real components, shared by tests: a tiny randomly initialised
+BERT saved to disk (loaded through the normal offline path) and a small synthetic world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = (
+    "travel rewards credit card carry on suitcase frequent flyer organic baby food pouch "
+    "savings account loan mortgage insurance phone laptop charger cable shoe running jacket "
+    "rain coffee tea mug book novel history science kitchen knife pan oven garden seed lamp "
+    "desk chair sofa bed pillow towel soap shampoo toy game puzzle music guitar piano camera "
+    "lens bag wallet watch ring gold silver red blue green black white small large new"
+).split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def save_tiny_bert(folder: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + WORDS) + "\n", encoding="utf-8")
+    # transformers 5 reads the vocabulary from `vocab=`; `vocab_file=` is silently ignored.
+    tokenizer = BertTokenizerFast(vocab=str(vocab))
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(SPECIAL) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_small_world(folder: Path, people: int = 400, seed: int = 0) -> Path:
+    """The synthetic world, scaled down (same generator, fewer people)."""
+    from shared.datasets import write_dataset
+    from simulations.world import WorldConfig, generate_world
+
+    world = generate_world(WorldConfig(seed=seed).resized(people=people))
+    return Path(
+        write_dataset(
+            folder,
+            name="small",
+            catalogues=world.catalogues,
+            interactions=world.interactions,
+            source=world.source(),
+            extra_files=world.ground_truth_files(),
+        )
+    )
