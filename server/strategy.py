@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
@@ -20,8 +20,6 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from server.rundir import RunDir
 from shared import wire
 from shared.config import FedrecConfig
-
-REFUSED_CODE = 4030  # client.local.REFUSED_CODE; the number is the wire contract
 
 
 class RecordingMixin:
@@ -53,26 +51,36 @@ class RecordingMixin:
     ) -> Iterable[Message]:
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
 
+    def _label(self, node: int, content: RecordDict | None) -> tuple[str, int]:
+        """(channel, shard) a node serves: from its reply, else from the items hand-shake."""
+        info = content.get(wire.INFO) if content is not None else None
+        if info is not None and wire.CHANNEL in info:
+            found = (str(info[wire.CHANNEL]), int(info.get(wire.SHARD, 0)))
+            self.node_channels.setdefault(node, found)
+            return found
+        return self.node_channels.get(node, (f"node-{node}", 0))
+
     def _screen(
         self, round_: int, kind: str, replies: Iterable[Message]
     ) -> tuple[list[Message], dict[str, str]]:
-        """Egress-log every reply; keep only clean ones; return status per channel."""
+        """Egress-log every reply; keep only clean ones; return status per node label."""
         kept: list[Message] = []
         status: dict[str, str] = {}
         for msg in replies:
             node = msg.metadata.src_node_id
-            if msg.has_error():
-                channel = self.node_channels.get(node, f"node-{node}")
+            content = None if msg.has_error() else msg.content
+            channel, shard = self._label(node, content)
+            label = _node_label(channel, shard)
+            where = {"round": round_, "channel": channel, "shard": shard, "node": node}
+            if content is None:
                 reason = msg.error.reason or ""
-                refused = msg.error.code == REFUSED_CODE
-                status[channel] = "refused" if refused else "failed"
+                status[label] = "refused" if msg.error.code == wire.REFUSED_CODE else "failed"
+                error = {"code": msg.error.code, "reason": reason[:2000]}
                 self.run.egress(
                     {
-                        "round": round_,
-                        "channel": channel,
+                        **where,
                         "kind": kind,
-                        "node": node,
-                        "error": {"code": msg.error.code, "reason": reason[:2000]},
+                        "error": error,
                         "records": {},
                         "bytes": 0,
                         "sha256": "",
@@ -81,52 +89,34 @@ class RecordingMixin:
                 )
                 if kind == "train":
                     self.run.ledger(
-                        {
-                            "round": round_,
-                            "channel": channel,
-                            "status": status[channel],
-                            "reason": reason[:2000],
-                            "steps": 0,
-                        }
+                        {**where, "status": status[label], "reason": reason[:2000], "steps": 0}
                     )
-                log(WARNING, "round %d: %s %s: %s", round_, channel, status[channel], reason[:300])
+                log(WARNING, "round %d: %s %s: %s", round_, label, status[label], reason[:300])
                 continue
-            content = msg.content
-            info = content.get(wire.INFO)
-            channel = (
-                str(info[wire.CHANNEL])
-                if info is not None and wire.CHANNEL in info
-                else self.node_channels.get(node, f"node-{node}")
-            )
-            self.node_channels.setdefault(node, channel)
             violations = wire.check_reply(kind, content, self.shapes)
             self.run.egress(
-                {
-                    "round": round_,
-                    "channel": channel,
-                    "kind": kind,
-                    "node": node,
-                    **wire.describe(content),
-                    "violations": violations,
-                }
+                {**where, "kind": kind, **wire.describe(content), "violations": violations}
             )
             if violations:
-                status[channel] = "rejected"
+                status[label] = "rejected"
+                if kind == "train":  # the node trained (and spent ε) even if we refuse its reply
+                    report = content.get(wire.PRIVACY)
+                    spent = dict(report) if isinstance(report, ConfigRecord) else {}
+                    self.run.ledger(
+                        {**where, **spent, "status": "rejected", "reason": "; ".join(violations)}
+                    )
                 log(
-                    WARNING,
-                    "round %d: %s reply rejected: %s",
-                    round_,
-                    channel,
-                    "; ".join(violations),
+                    WARNING, "round %d: %s reply rejected: %s", round_, label, "; ".join(violations)
                 )
                 continue
-            status[channel] = "ok"
+            status[label] = "ok"
             kept.append(msg)
         return kept, status
 
-    def _missing(self, status: dict[str, str]) -> list[str]:
-        expected = set(self.node_channels.values())
-        return sorted(expected - set(status))
+    def _missing(self, status: dict[str, str]) -> list[tuple[str, int]]:
+        return sorted(
+            cs for cs in set(self.node_channels.values()) if _node_label(*cs) not in status
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -134,17 +124,29 @@ class RecordingMixin:
         round_ = server_round + self.round_offset
         kept, status = self._screen(round_, "train", replies)
         for msg in kept:
-            channel = str(msg.content[wire.INFO][wire.CHANNEL])
+            channel, shard = self._label(msg.metadata.src_node_id, msg.content)
             report = dict(msg.content[wire.PRIVACY]) if wire.PRIVACY in msg.content else {}
-            self.last_privacy[channel] = report
-            self.run.ledger({"round": round_, "channel": channel, "status": "trained", **report})
-            self.run.metrics(round_, channel, "train", dict(msg.content[wire.METRICS]))
-        for channel in self._missing(status):
-            status[channel] = "missing"
+            self.last_privacy[_node_label(channel, shard)] = report
             self.run.ledger(
                 {
                     "round": round_,
                     "channel": channel,
+                    "shard": shard,
+                    "node": msg.metadata.src_node_id,
+                    "status": "trained",
+                    **report,
+                }
+            )
+            self.run.metrics(
+                round_, _node_label(channel, shard), "train", dict(msg.content[wire.METRICS])
+            )
+        for channel, shard in self._missing(status):
+            status[_node_label(channel, shard)] = "missing"
+            self.run.ledger(
+                {
+                    "round": round_,
+                    "channel": channel,
+                    "shard": shard,
                     "status": "missing",
                     "reason": "no reply this round (node down or timed out)",
                     "steps": 0,
@@ -162,10 +164,10 @@ class RecordingMixin:
         round_ = server_round + self.round_offset
         kept, _ = self._screen(round_, "evaluate", replies)
         for msg in kept:
-            channel = str(msg.content[wire.INFO][wire.CHANNEL])
+            label = _node_label(*self._label(msg.metadata.src_node_id, msg.content))
             values = dict(msg.content[wire.METRICS])
-            self.last_eval[channel] = values
-            self.run.metrics(round_, channel, "evaluate", values)
+            self.last_eval[label] = values
+            self.run.metrics(round_, label, "evaluate", values)
         line = " | ".join(
             f"{ch}: ndcg@10={m[wire.NDCG10]:.4f} ε={_eps(self.last_privacy.get(ch))}"
             for ch, m in sorted(self.last_eval.items())
@@ -174,6 +176,11 @@ class RecordingMixin:
         odd = {ch: s for ch, s in status.items() if s != "ok"}
         log(INFO, "[fedrec] round %d: %s%s", round_, line, f" | not trained: {odd}" if odd else "")
         return super().aggregate_evaluate(server_round, kept)  # type: ignore[misc]
+
+
+def _node_label(channel: str, shard: int) -> str:
+    """``channel`` for shard 0 (the usual one node per platform), ``channel-N`` for others."""
+    return channel if shard == 0 else f"{channel}-{shard}"
 
 
 def _eps(report: dict[str, Any] | None) -> str:

@@ -43,6 +43,10 @@ SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
 ITEMS_FINGERPRINT = "items-fingerprint"
 CHANNEL = "channel"
+SHARD = "shard"  # which shard of a channel a node serves (disjoint users, own accountant)
+
+# Error code of a reply that refuses to train (privacy budget spent, bad DP setting).
+REFUSED_CODE = 4030
 
 # Metric names.
 NUM_EXAMPLES = "num-examples"
@@ -84,15 +88,15 @@ ALLOWLIST: dict[str, dict[str, tuple[type, tuple[str, ...] | None]]] = {
         ARRAYS: (ArrayRecord, None),
         METRICS: (MetricRecord, (TRAIN_LOSS, NUM_EXAMPLES)),
         PRIVACY: (ConfigRecord, PRIVACY_KEYS),
-        INFO: (ConfigRecord, (CHANNEL,)),
+        INFO: (ConfigRecord, (CHANNEL, SHARD)),
     },
     "evaluate": {
         METRICS: (MetricRecord, (*RANKING_METRICS, NUM_EXAMPLES)),
-        INFO: (ConfigRecord, (CHANNEL,)),
+        INFO: (ConfigRecord, (CHANNEL, SHARD)),
     },
     ITEMS: {
         METRICS: (MetricRecord, (ROWS,)),
-        INFO: (ConfigRecord, (CHANNEL, ITEMS_FINGERPRINT)),
+        INFO: (ConfigRecord, (CHANNEL, SHARD, ITEMS_FINGERPRINT)),
     },
 }
 

@@ -22,7 +22,13 @@ COMMAND_MODULES = (
     "simulations.encode",  # fedrec encode
     "simulations.simulate",  # fedrec simulate
     "simulations.recommend",  # fedrec recommend
+    "simulations.audit.cli",  # fedrec audit
 )
+
+@app.callback()
+def _root() -> None:
+    """Federated, privacy-preserving, cross-platform recommender."""
+
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)

@@ -141,7 +141,7 @@ def simulate(
     from rich.console import Console
     from rich.table import Table
 
-    from shared.config import ConfigError, from_run_config
+    from shared.config import ConfigError
 
     console = Console()
     t0 = time.perf_counter()
@@ -162,7 +162,7 @@ def simulate(
         key, _, value = item.partition("=")
         overrides[key.strip()] = _parse_value(value.strip())
     try:
-        cfg = from_run_config({**overrides, "run-dir": str(out / "federated-dp"), "dp.enabled": dp})
+        cfg = preflight({**overrides, "run-dir": str(out / "federated-dp"), "dp.enabled": dp}, data_dir)
     except ConfigError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from exc
@@ -229,6 +229,37 @@ def simulate(
         f"total {summary['wall_seconds']:.1f}s; δ={cfg.dp.target_delta:g}; summary in {out / 'summary.json'}"
     )
     return summary
+
+
+def preflight(run_config: dict[str, Any], data_dir: Path) -> Any:
+    """Check the run config *and* what it implies for the data, reporting every problem at
+    once: config errors, channels the dataset does not have, δ ≥ 1/users on a channel."""
+    from client.training import leave_last_out
+    from shared.config import ConfigError, check_delta, from_run_config
+    from shared.data import to_sequences
+    from shared.datasets import load_channel, load_manifest
+
+    problems: list[str] = []
+    cfg = None
+    try:
+        cfg = from_run_config(run_config)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    known = list(load_manifest(data_dir).channels)
+    channels = [c.strip() for c in str(run_config.get("channels", "")).split(",") if c.strip()]
+    unknown = [c for c in channels if c not in known]
+    if unknown:
+        problems.append(f"channels {unknown} are not in the dataset {data_dir} (it has {known}).")
+    delta = run_config.get("dp.target-delta", 1e-5)
+    if run_config.get("dp.enabled", True) and isinstance(delta, float) and 0 < delta < 1:
+        for ch in (c for c in channels if c in known):
+            split = leave_last_out(to_sequences(load_channel(data_dir, ch)[1]))
+            problem = check_delta(delta, int((split.train.lengths() >= 2).sum()), ch)
+            if problem:
+                problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def _parse_value(text: str) -> Any:

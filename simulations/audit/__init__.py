@@ -1,0 +1,18 @@
+"""``fedrec audit``: what a finished (or crashed) run spent and what left its clients.
+
+Reads a run directory written by the federated server and checks it independently of the code
+that wrote it:
+
+* :mod:`.accounting` recomputes ε from the privacy ledger with the run's accountant and an
+  independent one (Google's PLD), checks the budget, and composes channels for users present
+  on several platforms;
+* :mod:`.egress` verifies the hash chains of the logs and every logged reply against the wire
+  allowlist and the model's parameter shapes;
+* :mod:`.stats` holds the empirical audit statistics (one-run audit, membership-inference
+  metrics, the Gaussian canary-cosine estimator), pure functions with their sources;
+* :mod:`.report` turns all of it into ``audit.json``, ``audit.md`` and ``audit.html``;
+* :mod:`.cli` adds the ``fedrec audit RUN_DIR`` command.
+
+Must not: import ``server/`` or ``client/``, train anything, or write inside the run directory
+except the report's output folder.
+"""

@@ -1,0 +1,701 @@
+"""Privacy accounting for the audit: recompute ε from a run's privacy ledger, independently.
+
+Owns: the three ε functions (Opacus RDP, Opacus PRV, Google ``dp_accounting`` PLD) over an
+Opacus-style history of ``(noise_multiplier, sample_rate, steps)`` events, the reconstruction of
+each channel's history from the server's privacy ledger, the per-channel checks (ledger ε equals
+the recomputation, RDP ≥ PLD, budget), the composed worst case for a user present on several
+channels, and the fixed wording of the privacy statement (privacy unit, trust model, what is not
+protected).
+
+Every mechanism here is the Poisson-subsampled Gaussian of DP-SGD (Abadi et al. 2016) with
+add/remove-one adjacency. RDP: Mironov 2017 and Mironov, Talwar, Zhang 2019, with the conversion
+of Balle et al. 2020 as Opacus implements it. PRV: Gopi, Lee, Wutschitz 2021. PLD: Meiser and
+Mohammadi 2018, Koskela et al. 2020, as ``dp_accounting.pld`` implements it (pessimistic
+estimate). The reasons for the tolerances are in research/privacy.md §4.
+
+Must not: import ``server/`` or ``client/``; read files (callers pass parsed entries).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+from shared import wire
+
+Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), as in Opacus
+History = list[Event]
+
+ACCOUNTANTS = ("rdp", "prv")
+PLD_INTERVAL = 1e-4  # value_discretization_interval of the PLD cross-check (privacy.md §4)
+SAME_ACCOUNTANT_RTOL = 1e-3  # ledger ε vs recomputation with the same accountant
+RDP_PLD_RTOL = 1e-3  # RDP must be ≥ PLD up to the PLD's discretisation error
+PRV_PLD_ATOL = 0.02  # Opacus PRV = PLD + eps_error (0.01) (privacy.md §4)
+
+# Ledger keys that are not wire keys (the rest are wire.PRIVACY_KEYS).
+ROUND = "round"
+STATUS = "status"
+REASON = "reason"
+HISTORY = "history"
+SHARD = "shard"  # optional: which shard of a channel (disjoint users, own accountant)
+TRAINED, REFUSED, MISSING = "trained", "refused", "missing"
+FAILED, REJECTED = "failed", "rejected"
+# A rejected reply (egress violation) was still trained: the client spent ε on it.
+SPENT = (TRAINED, REJECTED)
+NOT_SPENT = (REFUSED, MISSING, FAILED)
+BUDGET_RTOL = 1e-6  # the client's guard allows this slack (shared.privacy.check_budget)
+
+PRIVACY_UNIT = "one user of one platform (channel)"
+ADJACENCY = "add/remove one user (all of that user's training interactions on that platform)"
+TRUST_MODEL = (
+    "Federated, local DP: each platform runs DP-SGD on its own users before anything leaves it. "
+    "The server (and anyone who sees the global model) sees each platform's DP-noised model "
+    "weights, aggregate metrics and bucketed counts; raw interactions, user ids and per-user "
+    "values never leave the platform. The guarantee holds against the server as well, since "
+    "everything it receives is post-processing of the DP-SGD iterates. No secure aggregation."
+)
+PROTECTED = (
+    "Every model update a platform sends (all DP-SGD iterates, hence every checkpoint and the "
+    "final model), for each user of that platform, composed over all rounds of the run."
+)
+
+
+def merge_history(events: Iterable[Sequence[float]]) -> History:
+    """Normalise events to ``(σ, q, steps)`` and merge consecutive equal ``(σ, q)`` like Opacus.
+
+    Opacus' accountants append a new entry only when ``(noise_multiplier, sample_rate)``
+    changes; merging keeps our reconstruction comparable entry by entry with a client's saved
+    accountant history. Events with no steps are dropped.
+    """
+    out: History = []
+    for ev in events:
+        sigma, q, steps = float(ev[0]), float(ev[1]), int(ev[2])
+        if steps <= 0:
+            continue
+        if out and out[-1][0] == sigma and out[-1][1] == q:
+            out[-1] = (sigma, q, out[-1][2] + steps)
+        else:
+            out.append((sigma, q, steps))
+    return out
+
+
+def _check(history: Sequence[Sequence[float]], delta: float) -> History | float:
+    """Validate; return ε directly for the trivial cases (nothing spent: 0, no noise: inf)."""
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1). Found {delta}.")
+    merged = merge_history(history)
+    for sigma, q, steps in merged:
+        if not 0.0 <= q <= 1.0 or sigma < 0.0 or math.isnan(sigma):
+            raise ValueError(
+                f"event (noise_multiplier={sigma}, sample_rate={q}, steps={steps}) is invalid: "
+                "need noise_multiplier >= 0 and sample_rate in [0, 1]"
+            )
+    merged = [ev for ev in merged if ev[1] > 0.0]  # q = 0 never touches the data
+    if not merged:
+        return 0.0
+    if any(sigma == 0.0 for sigma, _, _ in merged):
+        return math.inf  # no noise: no finite guarantee (Opacus PRV would raise OverflowError)
+    return merged
+
+
+@lru_cache(maxsize=1024)
+def _rdp_one_step(sigma: float, q: float) -> Any:
+    """RDP of one step of the subsampled Gaussian at Opacus' default orders (cached)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    return rdp_analysis.compute_rdp(
+        q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+
+
+def epsilon_rdp(history: Sequence[Sequence[float]], delta: float) -> float:
+    """ε at ``delta`` as Opacus' ``RDPAccountant.get_epsilon`` computes it.
+
+    Same orders, same per-event ``compute_rdp(...) * steps``, same sum and conversion
+    (Balle et al. 2020, ``privacy_analysis.get_privacy_spent``), so the result is identical to
+    the accountant's; the one-step RDP of each ``(σ, q)`` is cached, which makes ε-per-round
+    curves cheap (the fractional orders cost about 0.05 s per event).
+
+    Args:
+        history: ``(noise_multiplier, sample_rate, steps)`` events, composed in any order.
+        delta: target δ in (0, 1).
+
+    Returns:
+        ε; 0 for an empty history, ``inf`` if any event has no noise.
+    """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    checked = _check(history, delta)
+    if isinstance(checked, float):
+        return checked
+    rdp = sum(_rdp_one_step(sigma, q) * steps for sigma, q, steps in checked)
+    with warnings.catch_warnings():
+        # "Optimal order is the smallest alpha": only for ε so large that it does not matter.
+        warnings.simplefilter("ignore", UserWarning)
+        eps, _ = rdp_analysis.get_privacy_spent(
+            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+        )
+    return float(eps)
+
+
+def epsilon_prv(history: Sequence[Sequence[float]], delta: float) -> float:
+    """ε at ``delta`` by Opacus' ``PRVAccountant`` (Gopi et al. 2021), its upper bound.
+
+    Uses Opacus' defaults (``eps_error=0.01``, ``delta_error=δ/1000``), as ``PrivacyEngine``
+    does, so a client's reported ε is reproduced exactly.
+    """
+    checked = _check(history, delta)
+    if isinstance(checked, float):
+        return checked
+    return _prv_cached(tuple(checked), float(delta))
+
+
+@lru_cache(maxsize=256)
+def _prv_cached(events: tuple[Event, ...], delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = list(events)
+    try:
+        return float(acc.get_epsilon(delta))
+    except OverflowError:  # so little noise that the PRV domain overflows
+        return math.inf
+
+
+@lru_cache(maxsize=256)
+def _pld_event(sigma: float, q: float, steps: int, interval: float) -> Any:
+    """PLD of ``steps`` Poisson-subsampled Gaussian steps, built as ``PLDAccountant`` does.
+
+    Cached: building the subsampled-Gaussian PLD is the slow part, and a channel's final
+    history and the cross-channel composition share the same events.
+    """
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    return pld_lib.from_gaussian_mechanism(
+        standard_deviation=sigma, value_discretization_interval=interval, sampling_prob=q
+    ).self_compose(steps)
+
+
+@lru_cache(maxsize=256)
+def _pld_cached(events: tuple[Event, ...], delta: float, interval: float) -> float:
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    pld = pld_lib.identity(value_discretization_interval=interval)
+    for sigma, q, steps in events:
+        pld = pld.compose(_pld_event(sigma, q, steps, interval))
+    return float(pld.get_epsilon_for_delta(delta))
+
+
+def epsilon_pld(
+    history: Sequence[Sequence[float]], delta: float, *, interval: float = PLD_INTERVAL
+) -> float:
+    """ε at ``delta`` by Google ``dp_accounting``'s PLD (pessimistic estimate).
+
+    The independent cross-check: not Opacus code. The same operations as
+    ``dp_accounting.pld.PLDAccountant`` composing ``SelfComposedDpEvent(PoissonSampledDpEvent(
+    q, GaussianDpEvent(σ)), steps)`` (add/remove adjacency), with the per-event PLDs cached.
+    Composition is commutative, so events with the same ``(σ, q)`` anywhere in the history are
+    grouped into one self-composition.
+
+    Args:
+        history: ``(noise_multiplier, sample_rate, steps)`` events.
+        delta: target δ in (0, 1).
+        interval: ``value_discretization_interval``; 1e-4 reproduces privacy.md §4, a coarser
+            one is faster and still an upper bound.
+    """
+    checked = _check(history, delta)
+    if isinstance(checked, float):
+        return checked
+    grouped: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in checked:
+        grouped[(sigma, q)] = grouped.get((sigma, q), 0) + steps
+    events = tuple(sorted((s, q, t) for (s, q), t in grouped.items()))
+    return _pld_cached(events, float(delta), float(interval))
+
+
+def epsilon(
+    history: Sequence[Sequence[float]],
+    delta: float,
+    accountant: str,
+    *,
+    pld_interval: float = PLD_INTERVAL,
+) -> float:
+    """ε by name: ``"rdp"``, ``"prv"`` (Opacus) or ``"pld"`` (dp_accounting)."""
+    if accountant == "rdp":
+        return epsilon_rdp(history, delta)
+    if accountant == "prv":
+        return epsilon_prv(history, delta)
+    if accountant == "pld":
+        return epsilon_pld(history, delta, interval=pld_interval)
+    raise ValueError(f"accountant must be one of rdp, prv, pld. Found {accountant!r}.")
+
+
+def as_float(value: Any) -> float | None:
+    """A ledger number: float, int, ``"inf"``/``"Infinity"`` strings; ``None`` stays ``None``."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=1e-9)
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else ("inf" if math.isinf(x) else f"{x:.4f}")
+
+
+def _events_equal(a: Sequence[Event], b: Sequence[Sequence[float]]) -> bool:
+    if len(a) != len(b):
+        return False
+    for (s1, q1, t1), ev in zip(a, b, strict=True):
+        s2, q2, t2 = float(ev[0]), float(ev[1]), int(ev[2])
+        if t1 != t2 or not math.isclose(s1, s2, rel_tol=1e-9) or not math.isclose(q1, q2):
+            return False
+    return True
+
+
+def audit_channel(
+    channel: str,
+    entries: Sequence[Mapping[str, Any]],
+    *,
+    accountant: str,
+    delta: float,
+    target_epsilon: float | None,
+    dp_enabled_config: bool = True,
+    node_entries: Sequence[Mapping[str, Any]] | None = None,
+    pld_interval: float = PLD_INTERVAL,
+    where: str = "privacy-ledger.jsonl",
+) -> dict[str, Any]:
+    """Recompute one channel's privacy spend from its ledger lines and check them.
+
+    History: each ``trained`` (or ``rejected``: trained, then refused by the server's egress
+    check) line adds ``steps`` steps at that round's ``noise-multiplier`` and ``sample-rate``;
+    ``refused``, ``missing`` and ``failed`` lines add nothing; a trained line with
+    ``dp-enabled`` false adds a noiseless event (ε = ∞ from then on). The budget is exceeded
+    when ε > target · (1 + 1e-6), the slack of the client's own guard.
+
+    Args:
+        channel: the channel's name.
+        entries: its ledger lines in file order, each with ``_line`` (entry number) if known.
+        accountant: the run's accountant (``"rdp"`` or ``"prv"``).
+        delta: the run's δ (``dp.target-delta``).
+        target_epsilon: the run's ``dp.target-epsilon`` (``None``: not set).
+        dp_enabled_config: the run's ``dp.enabled``.
+        node_entries: the client's own ledger (simulation), to compare histories.
+        pld_interval: discretisation of the PLD cross-check.
+        where: file name used in problem messages.
+
+    Returns:
+        A JSON-able dict: final ε (run accountant, PLD, RDP), history, per-round curve, refused
+        rounds, budget, and ``problems`` (accounting inconsistencies), ``violations`` (budget
+        exceeded, DP off although configured on) and ``notes``.
+    """
+    problems: list[str] = []
+    violations: list[str] = []
+    notes: list[str] = []
+    events: list[Event] = []
+    curve: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
+    missing: list[dict[str, Any]] = []
+    seen_rounds: set[int] = set()
+    dp_off_rounds: list[int] = []
+    mechanism: dict[str, set[Any]] = {
+        k: set() for k in (wire.MAX_GRAD_NORM, wire.GRAD_SAMPLE_MODE, wire.NOISE_MULTIPLIER)
+    }
+    sample_rates: set[float] = set()
+    steps_per_round: set[int] = set()
+    total_steps = 0
+    last_round = 0
+    exceeded = False
+    cache: dict[tuple[Event, ...], float] = {}
+
+    def eps_now() -> float:
+        key = tuple(merge_history(events))
+        if key not in cache:
+            cache[key] = epsilon(events, delta, accountant, pld_interval=pld_interval)
+        return cache[key]
+
+    for idx, e in enumerate(entries, start=1):
+        at = f"{where}: entry {e.get('_line', idx)} (channel {channel})"
+        rnd = e.get(ROUND)
+        if not isinstance(rnd, int) or isinstance(rnd, bool):
+            problems.append(f"{at}: 'round' must be an integer. Found {rnd!r}.")
+            continue
+        if rnd in seen_rounds:
+            problems.append(
+                f"{at}: round {rnd} appears twice (several shards? then each line needs a "
+                f"'{SHARD}' field)"
+            )
+        if rnd < last_round:
+            problems.append(f"{at}: round {rnd} after round {last_round} (out of order)")
+        seen_rounds.add(rnd)
+        last_round = max(last_round, rnd)
+        status = e.get(STATUS)
+        if status not in SPENT + NOT_SPENT:
+            problems.append(
+                f"{at}: status must be one of {', '.join(SPENT + NOT_SPENT)}. Found {status!r}."
+            )
+            continue
+        line_acc = e.get(wire.ACCOUNTANT)
+        if line_acc is not None and line_acc != accountant:
+            problems.append(f"{at}: accountant {line_acc!r} differs from the run's {accountant!r}")
+        line_delta = as_float(e.get(wire.DELTA))
+        if line_delta is not None and not math.isclose(line_delta, delta, rel_tol=1e-9):
+            problems.append(f"{at}: delta {line_delta} differs from the run's {delta}")
+        if status in SPENT:
+            dp_on = e.get(wire.DP_ENABLED)
+            sigma = as_float(e.get(wire.NOISE_MULTIPLIER))
+            q = as_float(e.get(wire.SAMPLE_RATE))
+            steps = e.get(wire.STEPS)
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+                problems.append(f"{at}: 'steps' must be a non-negative integer. Found {steps!r}.")
+                continue
+            if dp_on is False:
+                dp_off_rounds.append(rnd)
+                events.append((0.0, 1.0 if q is None else q, steps))
+            elif sigma is None or q is None:
+                problems.append(
+                    f"{at}: trained round without noise-multiplier/sample-rate "
+                    f"({sigma!r}, {q!r}); counted as no noise"
+                )
+                events.append((0.0, 1.0 if q is None else q, steps))
+            else:
+                events.append((sigma, q, steps))
+                sample_rates.add(q)
+            total_steps += steps
+            steps_per_round.add(steps)
+            for k in mechanism:
+                if e.get(k) is not None:
+                    mechanism[k].add(e.get(k))
+        else:
+            (refused if status == REFUSED else missing).append(
+                {"round": rnd, "status": status, "reason": str(e.get(REASON, ""))}
+            )
+            if isinstance(e.get(wire.STEPS), int) and e[wire.STEPS] > 0:
+                problems.append(
+                    f"{at}: a {status} round logs {e[wire.STEPS]} steps; it should add none "
+                    "(if the client trained, its ε is missing from this ledger)"
+                )
+        logged_total = e.get(wire.TOTAL_STEPS)
+        if isinstance(logged_total, int) and logged_total != total_steps:
+            problems.append(
+                f"{at}: total-steps {logged_total} but the trained rounds so far add up to "
+                f"{total_steps}"
+            )
+        try:
+            recomputed = eps_now()
+        except Exception as exc:  # a library failure must not hide the rest of the audit
+            problems.append(f"{at}: could not recompute ε ({type(exc).__name__}: {exc})")
+            recomputed = math.nan
+        logged = as_float(e.get(wire.EPSILON))
+        if status in SPENT and logged is None:
+            problems.append(f"{at}: trained round without an epsilon")
+        if logged is not None and not math.isnan(recomputed):
+            if _close(logged, recomputed, SAME_ACCOUNTANT_RTOL):
+                pass
+            elif status in NOT_SPENT and logged > recomputed:
+                # A refusal may log the ε the round would have reached (why it was refused).
+                notes.append(
+                    f"{at}: round {rnd} ({status}): ledger ε {_fmt(logged)} is above the spent "
+                    f"{_fmt(recomputed)}; read as the ε the round would have reached"
+                )
+            else:
+                problems.append(
+                    f"{at}: round {rnd}: ledger ε {_fmt(logged)} ≠ recomputed {_fmt(recomputed)} "
+                    f"({accountant}, δ={delta:g})"
+                )
+        if target_epsilon is not None and status in SPENT and dp_enabled_config:
+            known = [x for x in (logged, recomputed) if x is not None and not math.isnan(x)]
+            worst = max(known, default=0.0)
+            if worst > target_epsilon * (1 + BUDGET_RTOL):
+                exceeded = True
+                violations.append(
+                    f"{channel}: round {rnd}: ε {_fmt(worst)} exceeds the target {target_epsilon:g}"
+                )
+        curve.append(
+            {
+                "round": rnd,
+                "status": status,
+                "steps": e.get(wire.STEPS) if status in SPENT else 0,
+                "total_steps": total_steps,
+                "epsilon_ledger": logged,
+                "epsilon_recomputed": None if math.isnan(recomputed) else recomputed,
+            }
+        )
+
+    history = merge_history(events)
+    result: dict[str, Any] = {
+        "channel": channel,
+        "accountant": accountant,
+        "delta": delta,
+        "history": [list(ev) for ev in history],
+        "rounds_trained": sum(1 for c in curve if c["status"] == TRAINED),
+        "rounds_rejected": [c["round"] for c in curve if c["status"] == REJECTED],
+        "rounds_refused": [r["round"] for r in refused],
+        "rounds_missing": [r["round"] for r in missing],  # missing or failed
+        "refused": refused,
+        "missing": missing,
+        "total_steps": total_steps,
+        "steps_per_round": sorted(steps_per_round),
+        "sample_rates": sorted(sample_rates),
+        "noise_multipliers": sorted(mechanism[wire.NOISE_MULTIPLIER], key=str),
+        "max_grad_norms": sorted(mechanism[wire.MAX_GRAD_NORM], key=str),
+        "grad_sample_modes": sorted(mechanism[wire.GRAD_SAMPLE_MODE], key=str),
+        "dp_enabled": not dp_off_rounds,
+        "dp_off_rounds": dp_off_rounds,
+        "curve": curve,
+        "target_epsilon": target_epsilon,
+    }
+    if dp_off_rounds:
+        msg = f"{channel}: rounds {dp_off_rounds} trained without DP (dp-enabled false): ε = ∞"
+        (violations if dp_enabled_config else notes).append(msg)
+
+    eps_run = eps_pld = eps_rdp = math.nan
+    try:
+        eps_run = epsilon(history, delta, accountant, pld_interval=pld_interval)
+        eps_pld = epsilon_pld(history, delta, interval=pld_interval)
+        eps_rdp = eps_run if accountant == "rdp" else epsilon_rdp(history, delta)
+    except Exception as exc:
+        problems.append(f"{channel}: could not compute final ε ({type(exc).__name__}: {exc})")
+    result["epsilon"] = eps_run
+    result["epsilon_pld"] = eps_pld
+    result["epsilon_rdp"] = eps_rdp
+    result["cross_check"] = "pld" if accountant == "rdp" else "pld, rdp"
+    if not any(math.isnan(x) or math.isinf(x) for x in (eps_run, eps_pld, eps_rdp)):
+        if eps_rdp < eps_pld * (1 - RDP_PLD_RTOL) - 1e-9:
+            problems.append(
+                f"{channel}: RDP ε {_fmt(eps_rdp)} is below PLD ε {_fmt(eps_pld)}; RDP must be "
+                "the looser bound"
+            )
+        if accountant == "prv" and abs(eps_run - eps_pld) > PRV_PLD_ATOL + 0.01 * eps_pld:
+            problems.append(
+                f"{channel}: PRV ε {_fmt(eps_run)} and PLD ε {_fmt(eps_pld)} disagree by more "
+                f"than {PRV_PLD_ATOL} + 1%"
+            )
+    result["budget"] = {
+        "target_epsilon": target_epsilon,
+        "spent": eps_run,
+        "remaining": None
+        if target_epsilon is None or math.isnan(eps_run)
+        else target_epsilon - eps_run,
+        "any_refused": bool(refused),
+        "exceeded": exceeded,
+    }
+    if node_entries is not None:
+        problems.extend(_check_node_ledger(channel, history, curve, node_entries, delta))
+    result["problems"] = problems
+    result["violations"] = violations
+    result["notes"] = notes
+    return result
+
+
+def _check_node_ledger(
+    channel: str,
+    history: History,
+    curve: Sequence[Mapping[str, Any]],
+    node_entries: Sequence[Mapping[str, Any]],
+    delta: float,
+) -> list[str]:
+    """Compare the client's own ledger (its saved Opacus history) with the server's ledger."""
+    where = f"nodes/{channel}/privacy-ledger.jsonl"
+    problems: list[str] = []
+    server_eps = {c["round"]: c["epsilon_ledger"] for c in curve if c["status"] in SPENT}
+    last_history: list[Any] | None = None
+    for idx, e in enumerate(node_entries, start=1):
+        at = f"{where}: entry {e.get('_line', idx)}"
+        rnd = e.get(ROUND)
+        node_eps = as_float(e.get(wire.EPSILON))
+        if rnd in server_eps and node_eps is not None and server_eps[rnd] is not None:
+            if not _close(node_eps, server_eps[rnd], SAME_ACCOUNTANT_RTOL):
+                problems.append(
+                    f"{at}: round {rnd}: the client logged ε {_fmt(node_eps)}, the server's "
+                    f"ledger says {_fmt(server_eps[rnd])}"
+                )
+        hist = e.get(HISTORY)
+        if isinstance(hist, list):
+            last_history = hist
+    if last_history is None:
+        if server_eps:
+            problems.append(f"{where}: no accountant history although the channel trained")
+        return problems
+    try:
+        node_hist = merge_history(last_history)
+    except (TypeError, ValueError, IndexError) as exc:
+        return [*problems, f"{where}: unreadable accountant history ({exc})"]
+    if not _events_equal(history, node_hist):
+        problems.append(
+            f"{where}: the client's accountant history {node_hist} differs from the one "
+            f"reconstructed from the server's ledger {history}"
+        )
+    return problems
+
+
+def _worse(a: float, b: float) -> bool:
+    return not math.isnan(a) and (math.isnan(b) or a > b)
+
+
+def composed_worst_case(
+    histories: Mapping[str, Sequence[Sequence[float]]],
+    delta: float,
+    accountant: str,
+    *,
+    per_channel: Mapping[str, float] | None = None,
+    pld_interval: float = PLD_INTERVAL,
+) -> dict[str, Any]:
+    """ε for one person who is a user on every channel: all histories in one accountant.
+
+    The channels' mechanisms touch the same person independently, so their privacy losses
+    compose (adaptive composition; in RDP the Rényi divergences add order by order). Reported
+    next to the naive sum of per-channel ε, which is basic composition and holds only at
+    δ × (number of channels).
+    """
+    all_events = [ev for h in histories.values() for ev in h]
+    out: dict[str, Any] = {"channels": sorted(histories), "delta": delta, "accountant": accountant}
+    out["epsilon"] = epsilon(all_events, delta, accountant, pld_interval=pld_interval)
+    out["epsilon_pld"] = epsilon_pld(all_events, delta, interval=pld_interval)
+    if per_channel is None:
+        per_channel = {
+            c: epsilon(h, delta, accountant, pld_interval=pld_interval)
+            for c, h in histories.items()
+        }
+    out["naive_sum"] = float(sum(per_channel.values()))
+    out["naive_sum_delta"] = delta * len(histories)
+    out["max_single"] = max(per_channel.values(), default=0.0)
+    return out
+
+
+def audit_accounting(
+    ledger: Sequence[Mapping[str, Any]],
+    run_config: Mapping[str, Any],
+    *,
+    channels: Sequence[str] = (),
+    node_ledgers: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    pld_interval: float = PLD_INTERVAL,
+) -> dict[str, Any]:
+    """Audit the whole server ledger: every channel, then the composed worst case.
+
+    Args:
+        ledger: the server's privacy-ledger entries (``_line`` added by the reader if known).
+        run_config: the flattened run config (``dp.*`` keys).
+        channels: channels the run was configured with (a channel without ledger lines is
+            reported).
+        node_ledgers: channel → that client's own ledger entries, where they exist.
+        pld_interval: discretisation of the PLD cross-check.
+    """
+    problems: list[str] = []
+    accountant = str(run_config.get("dp.accountant", "")).lower()
+    if accountant not in ACCOUNTANTS:
+        seen = {e.get(wire.ACCOUNTANT) for e in ledger} - {None}
+        guess = next(iter(seen)) if len(seen) == 1 else "rdp"
+        problems.append(
+            f"config.json: dp.accountant must be one of {ACCOUNTANTS}. Found "
+            f"{run_config.get('dp.accountant')!r}; using {guess!r}"
+        )
+        accountant = guess if guess in ACCOUNTANTS else "rdp"
+    delta = as_float(run_config.get("dp.target-delta"))
+    if delta is None or not 0 < delta < 1:
+        deltas = {as_float(e.get(wire.DELTA)) for e in ledger} - {None}
+        problems.append(
+            f"config.json: dp.target-delta must be in (0, 1). Found "
+            f"{run_config.get('dp.target-delta')!r}"
+        )
+        delta = min(deltas) if deltas else 1e-5
+    target = as_float(run_config.get("dp.target-epsilon"))
+    dp_enabled = run_config.get("dp.enabled", True) is not False
+
+    # A channel split over shards (disjoint users, one accountant each) is audited per shard,
+    # named like its node folder ("<channel>-<shard>"), when the ledger says which shard.
+    by_channel: dict[str, list[Mapping[str, Any]]] = {}
+    base: dict[str, str] = {}
+    for idx, e in enumerate(ledger, start=1):
+        ch = e.get(wire.CHANNEL)
+        if not isinstance(ch, str):
+            problems.append(f"privacy-ledger.jsonl: entry {e.get('_line', idx)}: no channel")
+            continue
+        key = ch if e.get(SHARD) is None else f"{ch}-{e[SHARD]}"
+        base[key] = ch
+        by_channel.setdefault(key, []).append(e)
+    for ch in channels:
+        if ch not in base.values():
+            problems.append(f"{ch}: configured channel has no line in the privacy ledger")
+    per: dict[str, dict[str, Any]] = {}
+    for ch in sorted(by_channel):
+        per[ch] = audit_channel(
+            ch,
+            by_channel[ch],
+            accountant=accountant,
+            delta=delta,
+            target_epsilon=target,
+            dp_enabled_config=dp_enabled,
+            node_entries=(node_ledgers or {}).get(ch),
+            pld_interval=pld_interval,
+        )
+    composed: dict[str, Any] | None = None
+    if per:
+        # A person is in at most one shard of a channel (parallel composition): take each
+        # channel's worst shard, then compose across channels.
+        worst: dict[str, str] = {}
+        for key, r in per.items():
+            ch = base[key]
+            if ch not in worst or _worse(r["epsilon"], per[worst[ch]]["epsilon"]):
+                worst[ch] = key
+        try:
+            composed = composed_worst_case(
+                {ch: per[key]["history"] for ch, key in worst.items()},
+                delta,
+                accountant,
+                per_channel={ch: per[key]["epsilon"] for ch, key in worst.items()},
+                pld_interval=pld_interval,
+            )
+        except Exception as exc:
+            problems.append(f"composed ε: could not compute ({type(exc).__name__}: {exc})")
+    return {
+        "accountant": accountant,
+        "cross_check": "pld" if accountant == "rdp" else "pld, rdp",
+        "delta": delta,
+        "target_epsilon": target,
+        "dp_enabled": dp_enabled,
+        "channels": per,
+        "composed": composed,
+        "problems": problems + [p for r in per.values() for p in r["problems"]],
+        "violations": [v for r in per.values() for v in r["violations"]],
+        "notes": [n for r in per.values() for n in r["notes"]],
+    }
+
+
+def not_protected(run_config: Mapping[str, Any], per_channel: Mapping[str, Any]) -> list[str]:
+    """What the DP guarantee does not cover, for the report (privacy.md §6, item 4)."""
+    items = [
+        "Participation and timing: which platforms took part in which round, and when.",
+        f"Platform size: '{wire.NUM_EXAMPLES}' is sent rounded up to a multiple of "
+        f"{wire.COUNT_BUCKET}; the server learns each platform's user count at that granularity.",
+        "Evaluation metrics (HR/NDCG/Recall/MRR, evaluated-user counts) are computed on users' "
+        "held-out data without DP; they are aggregates, but not covered by ε.",
+        "The training loss sent with each update is computed on the sampled users without "
+        "noise; it is an aggregate, but not covered by ε.",
+        "Platform-level properties (the platform's user mix, item popularity): ε protects one "
+        "user; a group of k users is protected only at about k·ε.",
+        "Item text and the central item encoder are public (no private data; they cost no ε).",
+        "Hyperparameter choices made by looking at private data, if any, are outside the run.",
+    ]
+    off = [c for c, r in per_channel.items() if not r.get("dp_enabled", True)]
+    if run_config.get("dp.enabled", True) is False:
+        items.insert(0, "NOTHING: dp.enabled is false for this run; no DP guarantee at all.")
+    elif off:
+        items.insert(0, f"Channels that trained with dp-enabled false: {', '.join(off)} (ε = ∞).")
+    return items

@@ -1,0 +1,117 @@
+"""The recording strategy on hand-made replies: what it aggregates, what it refuses, and what
+it writes (privacy ledger, egress log, checkpoints). No Flower engine needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.rundir import RunDir
+from server.strategy import make_strategy
+from shared import hashlog, wire
+from shared.config import FedrecConfig
+
+SHAPES = {"w": (2, 2), "b": (2,)}
+
+
+@pytest.fixture(autouse=True)
+def _identity() -> None:
+    # Messages need a run/node identity; a ServerApp gets one from Flower.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _reply(node: int, content: RecordDict | Error) -> Message:
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type="train"))
+
+
+def _train(channel: str, value: float, users: int, extra: dict | None = None) -> RecordDict:
+    content = wire.build_reply(
+        "train",
+        param_shapes=SHAPES,
+        arrays={"w": np.full((2, 2), value, np.float32), "b": np.full(2, value, np.float32)},
+        metrics={wire.TRAIN_LOSS: 1.0, wire.NUM_EXAMPLES: users},
+        privacy={wire.EPSILON: 1.5, wire.STEPS: 10, wire.DP_ENABLED: True},
+        info={wire.CHANNEL: channel},
+    )
+    for name, record in (extra or {}).items():
+        content[name] = record
+    return content
+
+
+def _strategy(tmp_path):
+    strategy = make_strategy(FedrecConfig(min_nodes=1))
+    nodes = {1: ("ecommerce", 0), 2: ("finance", 0), 3: ("social", 0), 4: ("travel", 0)}
+    strategy.setup_recording(RunDir(tmp_path / "run"), SHAPES, nodes)
+    return strategy
+
+
+def test_weighted_average_of_clean_replies_and_a_checkpoint(tmp_path) -> None:
+    # Prepare: weights 1 (100 users) and 4 (300 users) -> (1*100 + 4*300) / 400 = 3.25
+    strategy = _strategy(tmp_path)
+    replies = [_reply(1, _train("ecommerce", 1.0, 100)), _reply(2, _train("finance", 4.0, 300))]
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert np.allclose(arrays["w"].numpy(), 3.25)
+    assert (tmp_path / "run" / "checkpoints" / "round-0001.safetensors").exists()
+
+
+def test_reply_outside_the_allowlist_is_not_aggregated_but_logged(tmp_path) -> None:
+    # Prepare: finance smuggles a per-user record in an extra ConfigRecord
+    strategy = _strategy(tmp_path)
+    bad = _train("finance", 100.0, 100, {"users": ConfigRecord({"ids": "u1,u2"})})
+    replies = [_reply(1, _train("ecommerce", 1.0, 100)), _reply(2, bad)]
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: the average ignores finance; the egress log and ledger say why
+    assert np.allclose(arrays["w"].numpy(), 1.0)
+    egress = hashlog.read(tmp_path / "run" / "egress.jsonl")
+    assert any("'users' is not allowed" in v for e in egress for v in e["violations"])
+    ledger = {e["channel"]: e for e in hashlog.read(tmp_path / "run" / "privacy-ledger.jsonl")}
+    assert ledger["finance"]["status"] == "rejected" and ledger["finance"][wire.EPSILON] == 1.5
+
+
+def test_refusal_and_missing_channels_are_recorded(tmp_path) -> None:
+    # Prepare: finance refuses (budget), social fails, travel does not answer
+    strategy = _strategy(tmp_path)
+    replies = [
+        _reply(1, _train("ecommerce", 1.0, 100)),
+        _reply(2, Error(code=wire.REFUSED_CODE, reason="privacy-refused: budget")),
+        _reply(3, Error(code=1, reason="boom")),
+    ]
+
+    # Execute
+    strategy.aggregate_train(1, replies)
+
+    # Assert
+    status = {
+        e["channel"]: e["status"] for e in hashlog.read(tmp_path / "run" / "privacy-ledger.jsonl")
+    }
+    assert status == {
+        "ecommerce": "trained",
+        "finance": "refused",
+        "social": "failed",
+        "travel": "missing",
+    }
+    assert hashlog.verify(tmp_path / "run" / "privacy-ledger.jsonl").ok
+
+
+def test_array_with_another_shape_is_rejected(tmp_path) -> None:
+    # Prepare: a (5000, 2) "weight" would carry per-user rows
+    strategy = _strategy(tmp_path)
+    content = _train("ecommerce", 1.0, 100)
+    content[wire.ARRAYS]["w"] = content[wire.ARRAYS]["w"].__class__(np.zeros((5000, 2), np.float32))
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, content)])
+
+    # Assert
+    assert arrays is None
+    entry = hashlog.read(tmp_path / "run" / "egress.jsonl")[0]
+    assert any("shape (5000, 2)" in v for v in entry["violations"])
