@@ -21,7 +21,7 @@ from client import node as nodes
 from client.training import DPSpec, TrainSpec, evaluate, leave_last_out, model_scorer, train_local
 from shared import privacy, wire
 from shared.config import FedrecConfig, check_delta, from_run_config
-from shared.model import ModelSpec, RecModel, param_shapes
+from shared.model import RecModel, build_model, param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _setup(context: Context) -> tuple[FedrecConfig, nodes.Node]:
 
 
 def _model(cfg: FedrecConfig, content: RecordDict, item_dim: int) -> RecModel:
-    model = RecModel(ModelSpec(item_dim=item_dim, dim=cfg.model.dim, seed=cfg.seed))
+    model = build_model(cfg, item_dim)
     arrays = content[wire.ARRAYS]
     state = {k: torch.from_numpy(np.array(arrays[k].numpy())) for k in arrays.keys()}
     model.load_state_dict(state, strict=True)

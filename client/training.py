@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,8 +101,22 @@ def pad_histories(
     return hist, mask
 
 
+def check_item_range(seqs: Sequences, n_items: int) -> None:
+    """Every item index must name a row of the item matrix (no silent negative wrap-around)."""
+    idx = seqs.item_index
+    if len(idx) and (idx.min() < 0 or idx.max() >= n_items):
+        bad = idx[(idx < 0) | (idx >= n_items)]
+        raise ValueError(
+            f"{len(bad)} interaction(s) name item indices outside the catalogue [0, {n_items}) "
+            f"(e.g. {int(bad[0])}): the sequences and the item matrix do not belong together"
+        )
+
+
 class UserExamples(torch.utils.data.Dataset):
     """One example per user: (history prefix, next item, negatives), redrawn on every access.
+
+    With ``spec.negatives == 0`` there are no sampled negatives: the loss is a softmax over
+    the whole (public) catalogue.
 
     Works under Opacus's DPDataLoader (Poisson sampling) through ``__getitems__``.
     """
@@ -151,6 +166,8 @@ def _loss_inputs(
     model: nn.Module, items: torch.Tensor, batch: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hist, mask, cands = batch
+    if cands.shape[1] == 1:  # no sampled negatives: softmax over the whole public catalogue
+        return model(items[hist], mask) @ items.T, cands[:, 0]  # (B, N), (B,)
     logits = candidate_logits(model(items[hist], mask), items, cands)  # (B, 1+K)
     collide = cands[:, 1:] == cands[:, :1]  # a negative that is the target is no negative
     logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(collide, -1e4)], dim=1)
@@ -193,20 +210,24 @@ def train_local(
     FedProx's proximal term mu/2 ||w - w_global||^2 does not depend on any user's data, so it
     is applied as a separate, data-independent step after each (noised) update: it costs no ε.
     """
+    check_item_range(seqs, len(items))
     examples = UserExamples(seqs, len(items), spec)
     if len(examples) == 0:
         raise ValueError(
             f"no user has 2 or more training interactions on this channel "
             f"({len(seqs)} users): nothing to train on"
         )
-    torch.manual_seed(spec.seed)
+    # Opacus draws Poisson sampling and Gaussian noise from torch's global RNG. Under DP it is
+    # seeded from OS entropy: noise that a known seed (the run config is known to the server)
+    # determines could be regenerated and subtracted. ``spec.seed`` fixes everything else.
+    torch.manual_seed(spec.seed if dp is None else int.from_bytes(os.urandom(8), "little") >> 1)
     model.train()
     loader = torch.utils.data.DataLoader(
         examples,
         batch_size=min(spec.batch_size, len(examples)),
         shuffle=dp is None,
         collate_fn=_collate,
-        generator=torch.Generator().manual_seed(spec.seed),
+        generator=torch.Generator().manual_seed(spec.seed) if dp is None else None,
     )
     sample_rate = 1.0 / len(loader)
     optimizer = _optimizer(model, spec)
@@ -328,6 +349,7 @@ def evaluate(
     Returns:
         (metrics, number of evaluated users).
     """
+    check_item_range(split.train, n_items)
     rng = np.random.default_rng(seed)
     users = np.arange(len(split.train))
     if max_users is not None and len(users) > max_users:

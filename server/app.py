@@ -18,7 +18,7 @@ from server.rundir import RunDir
 from server.strategy import make_strategy
 from shared import wire
 from shared.config import from_run_config
-from shared.model import ModelSpec, RecModel, param_shapes
+from shared.model import build_model, param_shapes
 
 app = ServerApp()
 
@@ -120,7 +120,7 @@ def main(grid: Grid, context: Context) -> None:
     run = RunDir(cfg.run_dir)
     matrices = encode_catalogues(cfg.data_dir, cfg.channels, cfg.cache_dir, cfg.encoder_dir)
     item_dim = next(iter(matrices.values())).matrix.shape[1]
-    model = RecModel(ModelSpec(item_dim=item_dim, dim=cfg.model.dim, seed=cfg.seed))
+    model = build_model(cfg, item_dim)
     shapes = param_shapes(model)
     offset, initial = 0, {k: v.numpy() for k, v in model.state_dict().items()}
     if cfg.resume and (last := run.last_checkpoint()) is not None:

@@ -39,6 +39,7 @@ class StrategyConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 64
+    hidden: int = 0  # width of the profile MLP residual; 0 = none (best under DP here)
     max_history: int = 50
 
 
@@ -183,9 +184,8 @@ def from_run_config(run_config: Mapping[str, Any]) -> FedrecConfig:
     defaults = FedrecConfig()
     for group, values in groups.items():
         built[group] = dataclasses.replace(getattr(defaults, group), **values)
-    cfg = dataclasses.replace(defaults, **built) if not problems else defaults
-    if not problems:
-        problems.extend(check(cfg))
+    cfg = dataclasses.replace(defaults, **built)  # keys that parsed; the rest stay default
+    problems.extend(check(cfg))
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -215,10 +215,15 @@ def check(cfg: FedrecConfig) -> list[str]:
         p.append(f"strategy.proximal-mu must be >= 0. Found {cfg.strategy.proximal_mu}.")
     positive("strategy.server-lr", cfg.strategy.server_lr)
     positive("model.dim", cfg.model.dim)
+    if cfg.model.hidden < 0:
+        p.append(f"model.hidden must be >= 0. Found {cfg.model.hidden}.")
     positive("model.max-history", cfg.model.max_history)
     positive("train.local-steps", cfg.train.local_steps)
     positive("train.batch-size", cfg.train.batch_size)
-    positive("train.negatives", cfg.train.negatives)
+    if cfg.train.negatives < 0:
+        p.append(
+            f"train.negatives must be >= 0 (0: softmax over the whole catalogue). Found {cfg.train.negatives}."
+        )
     positive("train.lr", cfg.train.lr)
     if cfg.train.optimizer not in OPTIMIZERS:
         p.append(

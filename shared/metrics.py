@@ -37,6 +37,11 @@ def rank_of_target(
         (U,) int64 ranks, 1 = best.
     """
     scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise ValueError(
+            "scores are not finite (NaN or infinity): the model diverged (lower train.lr) or its "
+            "weights are corrupt; refusing to report metrics"
+        )
     u = np.arange(len(target))
     t = scores[u, target]  # (U,)
     beats = scores >= t[:, None]  # (U, N)

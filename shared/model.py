@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shared.config import FedrecConfig
+
 RECENT = 3  # the "recent" summary averages the last RECENT history items
 TAU = 20.0  # fixed logit scale for the dot product (cosine-like inputs)
 
@@ -36,7 +38,7 @@ TAU = 20.0  # fixed logit scale for the dot product (cosine-like inputs)
 class ModelSpec:
     item_dim: int = 384
     dim: int = 64
-    hidden: int = 64
+    hidden: int = 0
     seed: int = 0
 
 
@@ -74,8 +76,10 @@ class RecModel(nn.Module):
         self.spec = spec
         e, d = spec.item_dim, spec.dim
         self.profile_lin = nn.Linear(2 * e, d, bias=False)
-        self.profile_mlp = nn.Sequential(
-            nn.Linear(2 * e, spec.hidden), nn.GELU(), nn.Linear(spec.hidden, d)
+        self.profile_mlp = (
+            nn.Sequential(nn.Linear(2 * e, spec.hidden), nn.GELU(), nn.Linear(spec.hidden, d))
+            if spec.hidden > 0
+            else None
         )
         self.to_items = nn.Linear(d, e)  # W_o and the item prior b
         self.reset_parameters()
@@ -89,19 +93,39 @@ class RecModel(nn.Module):
         self.profile_lin.weight.copy_(torch.cat([0.5 * s * q.T, 0.5 * s * q.T], dim=1))
         self.to_items.weight.copy_(s * q)
         self.to_items.bias.zero_()
+        if self.profile_mlp is None:
+            return
         for layer in (self.profile_mlp[0], self.profile_mlp[2]):
             bound = 1.0 / layer.in_features**0.5
             layer.weight.uniform_(-bound, bound, generator=g)
             layer.bias.zero_()
         self.profile_mlp[2].weight.zero_()
 
+    def user_code(
+        self, hist: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The user's D-dimensional profile p: (B, L, E), (B, L) [, (B, E)] -> (B, D)."""
+        x = summarize_history(hist, mask, query)  # (B, 2E)
+        p = self.profile_lin(x)  # (B, D)
+        if self.profile_mlp is not None:
+            p = p + self.profile_mlp(x)
+        return p
+
     def profile(
         self, hist: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
     ) -> torch.Tensor:
         """User vector in item space: (B, L, E), (B, L) [, (B, E)] -> (B, E)."""
-        x = summarize_history(hist, mask, query)  # (B, 2E)
-        p = self.profile_lin(x) + self.profile_mlp(x)  # (B, D)
-        return TAU * self.to_items(p)  # (B, E)
+        return TAU * self.to_items(self.user_code(hist, mask, query))  # (B, E)
+
+    @torch.no_grad()
+    def item_codes(self, items: torch.Tensor) -> torch.Tensor:
+        """Items in the profile space, for serving: (N, E) -> (N, D+1) = [W_o^T c, <b, c>].
+
+        ``TAU * (codes[:, :D] @ p + codes[:, D])`` equals ``score_items(profile, items)`` and
+        reads a matrix E/(D+1) times smaller per request.
+        """
+        w, b = self.to_items.weight, self.to_items.bias  # (E, D), (E,)
+        return torch.cat([items @ w, (items @ b).unsqueeze(-1)], dim=1)
 
     @staticmethod
     def score_items(profile: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -115,6 +139,13 @@ class RecModel(nn.Module):
         each user's loss depends on that user's data and public items only.
         """
         return self.profile(hist, mask)
+
+
+def build_model(cfg: FedrecConfig, item_dim: int) -> RecModel:
+    """The run's model: every party builds it from the same config, so shapes match."""
+    return RecModel(
+        ModelSpec(item_dim=item_dim, dim=cfg.model.dim, hidden=cfg.model.hidden, seed=cfg.seed)
+    )
 
 
 def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

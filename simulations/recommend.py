@@ -31,13 +31,19 @@ class Recommender:
     item_ids: np.ndarray
     items: Any  # torch (N, E)
     max_history: int
+    codes: Any = None  # torch (N, D+1): items in the profile space, computed once
+
+    def __post_init__(self) -> None:
+        if self.codes is None:
+            self.codes = self.model.item_codes(self.items)
 
     @classmethod
     def from_run(cls, run_dir: Path, item_matrix: np.ndarray, item_ids: np.ndarray) -> Recommender:
         import torch
 
         from server.rundir import RunDir
-        from shared.model import ModelSpec, RecModel
+        from shared.config import from_run_config
+        from shared.model import build_model
 
         run = RunDir(run_dir)
         last = run.last_checkpoint()
@@ -45,8 +51,8 @@ class Recommender:
             raise RecommendError(
                 f"{run_dir} has no checkpoint (checkpoints/round-*.safetensors): train first"
             )
-        cfg = json.loads((run.path / "config.json").read_text())["run_config"]
-        model = RecModel(ModelSpec(item_dim=item_matrix.shape[1], dim=int(cfg["model.dim"])))
+        cfg = from_run_config(json.loads((run.path / "config.json").read_text())["run_config"])
+        model = build_model(cfg, item_matrix.shape[1])
         model.load_state_dict(
             {k: torch.from_numpy(v.copy()) for k, v in last[1].items()}, strict=True
         )
@@ -55,7 +61,7 @@ class Recommender:
             model,
             item_ids,
             torch.from_numpy(np.array(item_matrix, dtype=np.float32)),
-            int(cfg["model.max-history"]),
+            cfg.model.max_history,
         )
 
     def recommend(
@@ -85,11 +91,15 @@ class Recommender:
             else torch.from_numpy(np.asarray(query, dtype=np.float32)).reshape(1, -1)
         )
         with torch.inference_mode():
-            u = self.model.profile(self.items[hist], mask, q)  # (1, E)
-            scores = (self.items @ u[0]).clone()  # (N,)
-            if len(history):
-                scores[torch.from_numpy(np.unique(history))] = -torch.inf  # already seen
-            k = min(k, int(torch.isfinite(scores).sum()))
+            from shared.model import TAU
+
+            p = self.model.user_code(self.items[hist], mask, q)[0]  # (D,)
+            d = len(p)
+            scores = TAU * (self.codes[:, :d] @ p + self.codes[:, d])  # (N,)
+            seen = np.unique(history)
+            if len(seen):
+                scores[torch.from_numpy(seen)] = -torch.inf  # already seen
+            k = min(k, len(scores) - len(seen))
             top = torch.topk(scores, k)
         return [
             (str(self.item_ids[i]), float(s))

@@ -39,7 +39,7 @@ def _comparisons(
     from shared import privacy
     from shared.data import Sequences, to_sequences
     from shared.datasets import load_channel
-    from shared.model import ModelSpec, RecModel
+    from shared.model import build_model
     from simulations.baselines import popularity_scorer
 
     torch.set_num_threads(2)
@@ -65,7 +65,7 @@ def _comparisons(
             "popularity": evaluate(popularity_scorer(splits[ch].train, n), n, splits[ch], **ev)[0]
         }
         t = time.perf_counter()
-        model = RecModel(ModelSpec(item_dim=items[ch].shape[1], dim=cfg.model.dim, seed=cfg.seed))
+        model = build_model(cfg, items[ch].shape[1])
         users = int((splits[ch].train.lengths() >= 2).sum())
         q = privacy.sample_rate_for(users, spec.batch_size)
         sigma = privacy.plan_noise_multiplier(
@@ -100,7 +100,7 @@ def _comparisons(
         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         np.concatenate([p.item_index + off for p, off in zip(parts, offsets, strict=False)]),
     )
-    model = RecModel(ModelSpec(item_dim=pooled_items.shape[1], dim=cfg.model.dim, seed=cfg.seed))
+    model = build_model(cfg, pooled_items.shape[1])
     train_local(
         model, pooled_items, pooled, dataclasses.replace(spec, steps=spec.steps * len(cfg.channels))
     )
@@ -162,7 +162,9 @@ def simulate(
         key, _, value = item.partition("=")
         overrides[key.strip()] = _parse_value(value.strip())
     try:
-        cfg = preflight({**overrides, "run-dir": str(out / "federated-dp"), "dp.enabled": dp}, data_dir)
+        cfg = preflight(
+            {**overrides, "run-dir": str(out / "federated-dp"), "dp.enabled": dp}, data_dir
+        )
     except ConfigError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from exc

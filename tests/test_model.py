@@ -1,0 +1,196 @@
+"""The shared RecModel (shared/model.py): shapes, Opacus compatibility, the text-similarity
+initialisation, and the history summary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shared.model import RECENT, ModelSpec, RecModel, param_shapes, summarize_history
+
+torch.set_num_threads(1)
+
+DIM = 384
+N_TOPICS = 12
+
+
+def topic_items(n_items: int = 120, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Unit item vectors = one of 12 random unit topic centres + noise (norm ~0.5), and each
+    item's topic. Item i belongs to topic i % 12."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(N_TOPICS, DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    topic = np.arange(n_items) % N_TOPICS
+    items = centres[topic] + rng.normal(size=(n_items, DIM)) * (0.5 / np.sqrt(DIM))
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    return torch.tensor(items, dtype=torch.float32), topic
+
+
+def test_shapes() -> None:
+    # Prepare
+    model = RecModel()
+    b, seq_len, n = 4, 7, 30
+    hist = torch.randn(b, seq_len, DIM)
+    mask = torch.ones(b, seq_len, dtype=torch.bool)
+
+    # Execute
+    users = model(hist, mask)
+    profile = model.profile(hist, mask)
+    full = model.score_items(profile, torch.randn(n, DIM))
+
+    # Assert
+    assert users.shape == (b, DIM)
+    torch.testing.assert_close(users, profile)
+    assert full.shape == (b, n)
+    assert summarize_history(hist, mask).shape == (b, 2 * DIM)
+
+
+def test_param_shapes_lists_every_parameter_and_nothing_indexed_by_item() -> None:
+    # Prepare
+    spec = ModelSpec(dim=16, hidden=8)
+
+    # Execute
+    shapes = param_shapes(RecModel(spec))
+
+    # Assert: no tensor has a row per item or per user (weights carry no interaction data).
+    assert shapes == {
+        "profile_lin.weight": (16, 2 * DIM),
+        "profile_mlp.0.weight": (8, 2 * DIM),
+        "profile_mlp.0.bias": (8,),
+        "profile_mlp.2.weight": (16, 8),
+        "profile_mlp.2.bias": (16,),
+        "to_items.weight": (DIM, 16),
+        "to_items.bias": (DIM,),
+    }
+
+
+def test_every_parameter_is_trainable_and_opacus_compatible() -> None:
+    # Prepare
+    from opacus.validators import ModuleValidator
+
+    model = RecModel()
+    users = model(torch.randn(3, 5, DIM), torch.ones(3, 5, dtype=torch.bool))  # (3, E)
+    logits = users @ torch.randn(DIM, 4)  # (3, 4) candidate scores
+
+    # Execute
+    logits.logsumexp(1).sum().backward()
+    problems = ModuleValidator.validate(model, strict=True)
+
+    # Assert
+    assert problems == []
+    assert all(p.requires_grad and p.grad is not None for p in model.parameters())
+    assert list(model.buffers()) == []  # item vectors are inputs, never state
+
+
+def test_model_dim_must_fit_the_item_vectors() -> None:
+    # The init projects 384-d items onto `dim` orthonormal directions: at most 384 of them.
+    with pytest.raises(ValueError, match="model.dim"):
+        RecModel(ModelSpec(item_dim=16, dim=32))
+
+
+def test_same_seed_same_weights_different_seed_different_weights() -> None:
+    a, b, c = RecModel(ModelSpec(seed=1)), RecModel(ModelSpec(seed=1)), RecModel(ModelSpec(seed=2))
+
+    same = all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    diff = torch.equal(a.profile_lin.weight, c.profile_lin.weight)
+
+    assert same and not diff
+
+
+def test_untrained_model_ranks_by_text_similarity() -> None:
+    # Prepare: 32 users, each with 6 items of one topic (12 topics x 10 items).
+    items, topic = topic_items()
+    rng = np.random.default_rng(1)
+    user_topic = rng.integers(0, N_TOPICS, size=32)
+    hist = torch.stack(
+        [items[rng.choice(np.flatnonzero(topic == t), 6, replace=False)] for t in user_topic]
+    )  # (32, 6, 384)
+    mask = torch.ones(32, 6, dtype=torch.bool)
+    model = RecModel()
+
+    # Execute
+    with torch.no_grad():
+        scores = model.score_items(model.profile(hist, mask), items).numpy()  # (32, 120)
+    cosine = (torch.nn.functional.normalize(hist.mean(1), dim=1) @ items.T).numpy()
+    corr = np.array([np.corrcoef(s, c)[0, 1] for s, c in zip(scores, cosine, strict=True)])
+    top10 = np.argsort(-scores, axis=1)[:, :10]
+
+    # Assert: scores follow text similarity, so the top 10 are the user's own topic.
+    assert corr.mean() > 0.8 and corr.min() > 0.6
+    assert (topic[top10] == user_topic[:, None]).mean() > 0.9
+
+
+def test_summary_ignores_padding() -> None:
+    # Prepare: the same 4 items, once unpadded and once left-padded to 9 with garbage vectors.
+    torch.manual_seed(0)
+    real = torch.randn(1, 4, DIM)
+    padded = torch.cat([100 * torch.randn(1, 5, DIM), real], dim=1)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    padded_mask = torch.cat([torch.zeros(1, 5, dtype=torch.bool), mask], dim=1)
+    model = RecModel()
+
+    # Execute
+    short, long = summarize_history(real, mask), summarize_history(padded, padded_mask)
+    with torch.no_grad():
+        p_short, p_long = model.profile(real, mask), model.profile(padded, padded_mask)
+
+    # Assert
+    torch.testing.assert_close(short, long)
+    torch.testing.assert_close(p_short, p_long)
+
+
+def test_summary_is_mean_of_all_and_mean_of_the_last_three() -> None:
+    # Prepare: 5 scalar-like items (value k in every coordinate), most recent last.
+    assert RECENT == 3
+    hist = torch.arange(1.0, 6.0).view(1, 5, 1).expand(1, 5, DIM)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+
+    # Execute
+    summary = summarize_history(hist, mask)
+
+    # Assert: mean(1..5) = 3, mean(3, 4, 5) = 4.
+    torch.testing.assert_close(summary[0, :DIM], torch.full((DIM,), 3.0))
+    torch.testing.assert_close(summary[0, DIM:], torch.full((DIM,), 4.0))
+
+
+def test_recent_summary_of_a_short_history_uses_what_there_is() -> None:
+    # Prepare: 2 items left-padded into 6 slots.
+    hist = torch.zeros(1, 6, DIM)
+    hist[0, 4], hist[0, 5] = 2.0, 4.0
+    mask = torch.tensor([[False, False, False, False, True, True]])
+
+    # Execute
+    summary = summarize_history(hist, mask)
+
+    # Assert: both halves are mean(2, 4) = 3.
+    torch.testing.assert_close(summary, torch.full((1, 2 * DIM), 3.0))
+
+
+def test_query_is_blended_into_the_recent_summary() -> None:
+    # Prepare: recent items 3, 4, 5 (mean 4) and a query vector of 8 -> recent = (4 + 8)/2.
+    hist = torch.arange(1.0, 6.0).view(1, 5, 1).expand(1, 5, DIM)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    query = torch.full((1, DIM), 8.0)
+    model = RecModel()
+
+    # Execute
+    summary = summarize_history(hist, mask, query)
+    with torch.no_grad():
+        with_query, without = model.profile(hist, mask, query), model.profile(hist, mask)
+
+    # Assert
+    torch.testing.assert_close(summary[0, :DIM], torch.full((DIM,), 3.0))  # mean unchanged
+    torch.testing.assert_close(summary[0, DIM:], torch.full((DIM,), 6.0))
+    assert not torch.allclose(with_query, without)
+
+
+def test_query_alone_is_the_recent_summary_of_an_empty_history() -> None:
+    hist = torch.zeros(1, 4, DIM)
+    mask = torch.zeros(1, 4, dtype=torch.bool)
+    query = torch.full((1, DIM), 8.0)
+
+    summary = summarize_history(hist, mask, query)
+
+    torch.testing.assert_close(summary[0, :DIM], torch.zeros(DIM))
+    torch.testing.assert_close(summary[0, DIM:], torch.full((DIM,), 8.0))

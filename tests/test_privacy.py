@@ -1,0 +1,485 @@
+"""Privacy: Opacus invariants on our model, accounting, the budget guard, the ledger, and the
+DP configuration checks.
+
+The three DP-SGD invariants are the ones Opacus's own tests check (research/privacy.md §2,
+STYLE.md): per-user clipped gradients have norm <= C, the noise has std sigma*C/B, and DP off
+equals plain training.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from client.training import DPSpec, TrainSpec, UserExamples, _loss_inputs, train_local
+from shared import privacy
+from shared.config import ConfigError, FedrecConfig, check_delta, from_run_config
+from shared.data import Sequences
+from shared.model import RecModel
+from shared.privacy import (
+    BudgetExceeded,
+    PrivacyConfigError,
+    PrivacyState,
+    append_ledger,
+    epsilon_of,
+    plan_noise_multiplier,
+    restore_from_ledger,
+)
+
+torch.set_num_threads(1)
+
+DIM = 384
+N_TOPICS = 12
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def topic_world(
+    n_users: int = 64, n_items: int = 120, seed: int = 0
+) -> tuple[torch.Tensor, Sequences]:
+    """12 random unit topic centres in 384-d; item i = centre[i % 12] + noise (norm ~0.5),
+    normalised. Each user has 3..10 items of one topic."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(N_TOPICS, DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    topic = np.arange(n_items) % N_TOPICS
+    items = centres[topic] + rng.normal(size=(n_items, DIM)) * (0.5 / np.sqrt(DIM))
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    lengths = rng.integers(3, 11, size=n_users)
+    flat = [
+        int(rng.choice(np.flatnonzero(topic == t)))
+        for t, n in zip(rng.integers(0, N_TOPICS, size=n_users), lengths, strict=True)
+        for _ in range(n)
+    ]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    users = np.array([f"u{k}" for k in range(n_users)])
+    return torch.tensor(items, dtype=torch.float32), Sequences(users, offsets, np.array(flat))
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def one_batch(n_users: int = 8) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The item matrix and one fixed batch (hist, mask, cands) of ``n_users`` examples."""
+    items, seqs = topic_world()
+    examples = UserExamples(seqs, len(items), TrainSpec(negatives=20, max_history=10))
+    return items, examples.__getitems__(list(range(n_users)))
+
+
+def make_private(
+    model: RecModel,
+    batch: tuple[torch.Tensor, ...],
+    *,
+    mode: str,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    lr: float = 0.1,
+):  # noqa: ANN202
+    """Opacus on ``model`` with a loader that yields exactly ``batch`` (no Poisson sampling)."""
+    from opacus import PrivacyEngine
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*batch), batch_size=len(batch[0])
+    )
+    made = PrivacyEngine(accountant="rdp").make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        data_loader=loader,
+        criterion=torch.nn.CrossEntropyLoss(),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+    )
+    if mode == "ghost":
+        net, opt, criterion, loader = made
+    else:
+        (net, opt, loader), criterion = made, torch.nn.CrossEntropyLoss()
+    return net, opt, criterion, next(iter(loader))
+
+
+def per_user_grads(model: RecModel, items: torch.Tensor, batch: tuple[torch.Tensor, ...]):  # noqa: ANN201
+    """Brute force: each user's gradient on its own, (B, P)."""
+    out = []
+    for i in range(len(batch[0])):
+        model.zero_grad()
+        logits, labels = _loss_inputs(model, items, tuple(t[i : i + 1] for t in batch))
+        F.cross_entropy(logits, labels).backward()
+        out.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    model.zero_grad()
+    return torch.stack(out)
+
+
+def clip(g: torch.Tensor, c: float) -> torch.Tensor:
+    return g * (c / g.norm(dim=1, keepdim=True)).clamp(max=1.0)
+
+
+# ------------------------------------------------------------------------------ DP-SGD invariants
+
+
+def test_per_user_gradients_are_clipped_to_max_grad_norm() -> None:
+    # Prepare: C far below the natural per-user norms, so clipping is active; no noise.
+    items, batch = one_batch()
+    model = RecModel()
+    brute = per_user_grads(copy.deepcopy(model), items, batch)
+    c = 0.05
+    net, opt, criterion, b = make_private(
+        model, batch, mode="hooks", noise_multiplier=0.0, max_grad_norm=c
+    )
+
+    # Execute
+    logits, labels = _loss_inputs(net, items, b)
+    criterion(logits, labels).backward()
+    opt.step()
+    n = len(batch[0])
+    per_sample = torch.cat([p.grad_sample.reshape(n, -1) for p in model.parameters()], 1)
+    opacus_clipped = clip(per_sample, c)
+    summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+
+    # Assert: Opacus's per-user gradients are the true ones, clipping was active, every
+    # clipped gradient has norm <= C, and the update is built from exactly those.
+    torch.testing.assert_close(per_sample, brute, rtol=1e-4, atol=1e-6)
+    above = brute.norm(dim=1) > c
+    assert above.sum() >= n // 2
+    assert opacus_clipped.norm(dim=1).max() <= c * (1 + 1e-5)
+    torch.testing.assert_close(
+        opacus_clipped[above].norm(dim=1), torch.full((int(above.sum()),), c)
+    )
+    torch.testing.assert_close(summed, opacus_clipped.sum(0), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks", "ew", "functorch"])
+def test_dp_gradient_is_the_mean_of_clipped_per_user_gradients(mode: str) -> None:
+    # Prepare: no noise; C between the smallest and largest per-user norms.
+    items, batch = one_batch()
+    model = RecModel()
+    brute = per_user_grads(copy.deepcopy(model), items, batch)
+    norms = brute.norm(dim=1)
+    c = float(norms.median())
+    net, opt, criterion, b = make_private(
+        model, batch, mode=mode, noise_multiplier=0.0, max_grad_norm=c
+    )
+
+    # Execute
+    logits, labels = _loss_inputs(net, items, b)
+    criterion(logits, labels).backward()
+    opt.pre_step()  # clip, accumulate, add (zero) noise, scale by the expected batch size
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    # Assert: research/privacy.md §2 measured 3-4e-5 relative error for every mode.
+    assert norms.min() < c < norms.max()
+    torch.testing.assert_close(grad, clip(brute, c).mean(0), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_dp_off_equals_plain_sgd(mode: str) -> None:
+    # Prepare: sigma = 0, a clipping bound no gradient reaches, fixed (non-Poisson) batch.
+    items, batch = one_batch()
+    plain, private = RecModel(), RecModel()
+    net, opt, criterion, b = make_private(
+        private, batch, mode=mode, noise_multiplier=0.0, max_grad_norm=1e6
+    )
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.1)
+
+    # Execute
+    logits, labels = _loss_inputs(plain, items, batch)
+    F.cross_entropy(logits, labels).backward()
+    sgd.step()
+    logits, labels = _loss_inputs(net, items, b)
+    criterion(logits, labels).backward()
+    opt.step()
+
+    # Assert
+    assert not torch.equal(flat_params(plain), flat_params(RecModel()))  # it did train
+    torch.testing.assert_close(flat_params(private), flat_params(plain), rtol=0, atol=1e-5)
+
+
+def _zero_gradient_world() -> tuple[torch.Tensor, Sequences]:
+    """Every item has the same vector: all candidates score alike, so each user's gradient is
+    zero and a DP update is pure noise."""
+    _, seqs = topic_world(n_users=64)
+    return torch.full((120, DIM), DIM**-0.5), seqs
+
+
+def test_noise_std_is_sigma_times_c_over_expected_batch_size() -> None:
+    # Prepare: 64 users, B = 8 -> sample_rate 1/8, expected batch 8; plain SGD, lr 1.
+    items, seqs = _zero_gradient_world()
+    model = RecModel()
+    before = flat_params(model)
+    sigma, c = 2.0, 0.5
+    spec = TrainSpec(steps=1, batch_size=8, negatives=10, optimizer="sgd", lr=1.0)
+    state = PrivacyState(accountant="rdp", delta=1e-5)
+
+    # Execute
+    train_local(
+        model,
+        items,
+        seqs,
+        spec,
+        state=state,
+        dp=DPSpec(noise_multiplier=sigma, max_grad_norm=c, target_epsilon=100.0),
+    )
+    update = flat_params(model) - before  # ~130k coordinates
+
+    # Assert: std = sigma * C / 8 = 0.125 (Opacus, loss_reduction="mean"), mean 0.
+    expected = sigma * c / 8
+    assert float(update.std()) == pytest.approx(expected, rel=0.03)
+    assert abs(float(update.mean())) < 5 * expected / len(update) ** 0.5
+
+
+def test_each_training_call_draws_fresh_noise() -> None:
+    # Prepare: two calls with the same spec on pure-noise updates. Noise that a known seed
+    # determines is no noise to whoever knows the seed (here: the server, via run config).
+    items, seqs = _zero_gradient_world()
+    spec = TrainSpec(steps=1, batch_size=8, negatives=10, optimizer="sgd", lr=1.0)
+    dp = DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, target_epsilon=100.0)
+    state = PrivacyState(accountant="rdp", delta=1e-5)
+    updates = []
+
+    # Execute
+    for _ in range(2):
+        model = RecModel()
+        train_local(model, items, seqs, spec, dp=dp, state=state)
+        updates.append(flat_params(model) - flat_params(RecModel()))
+
+    # Assert: fresh, unpredictable noise, not the same vector twice.
+    assert not torch.allclose(updates[0], updates[1])
+
+
+# ------------------------------------------------------------------------------ accounting
+
+
+def test_rdp_matches_opacus_published_vector() -> None:
+    # Source: opacus 1.6, opacus/tests/accountants_test.py::AccountingTest.test_rdp_accountant
+    # (noise_multiplier 1.5, sample_rate 0.04, steps int(90 / 0.04) = 2250, delta 1e-5).
+    eps = epsilon_of([(1.5, 0.04, 2250)], 1e-5, "rdp")
+
+    assert eps == pytest.approx(7.32911117143, abs=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("q", "sigma", "steps", "accountant", "expected"),
+    [
+        # research/privacy.md §4, row A (Opacus RDP 1.7118, equal to Google RDP).
+        (0.01, 1.1, 1000, "rdp", 1.7118),
+        # research/privacy.md §4, row E (Opacus RDP 5.3676; Google RDP 5.3679).
+        (0.05, 1.0, 200, "rdp", 5.3676),
+        # research/privacy.md §4, row A, Opacus PRV (= MS PRV upper bound 1.5255).
+        (0.01, 1.1, 1000, "prv", 1.5255),
+    ],
+)
+def test_epsilon_matches_the_cross_checked_table(
+    q: float, sigma: float, steps: int, accountant: str, expected: float
+) -> None:
+    eps = epsilon_of([(sigma, q, steps)], 1e-5, accountant)
+
+    assert eps == pytest.approx(expected, abs=1e-3 if accountant == "prv" else 1e-4)
+
+
+def test_epsilon_of_nothing_is_zero_and_of_no_noise_is_infinite() -> None:
+    assert epsilon_of([], 1e-5, "rdp") == 0.0
+    assert epsilon_of([(1.0, 0.1, 0)], 1e-5, "rdp") == 0.0
+    assert epsilon_of([(0.0, 0.1, 10)], 1e-5, "rdp") == float("inf")
+
+
+def test_planned_noise_multiplier_lands_just_under_the_target() -> None:
+    # Prepare: the research/privacy.md §3 FL plan: q = 0.05, 200 steps, delta 1e-5, eps 4.
+    target = 4.0
+
+    # Execute
+    sigma = plan_noise_multiplier(
+        target_epsilon=target, target_delta=1e-5, sample_rate=0.05, steps=200, accountant="rdp"
+    )
+    eps = epsilon_of([(sigma, 0.05, 200)], 1e-5, "rdp")
+
+    # Assert: row E says sigma = 1.0 gives 5.37 > 4, so the plan must add noise.
+    assert sigma > 1.0
+    assert target - 0.05 <= eps <= target
+
+
+def test_privacy_state_round_trips_through_json() -> None:
+    # Prepare
+    state = PrivacyState(accountant="prv", delta=1e-6)
+    state.record(1.25, 0.01, 20)
+    state.record(1.25, 0.01, 20)  # same (sigma, q): merged, as Opacus does
+    state.record(0.9, 0.02, 5)
+
+    # Execute
+    back = PrivacyState.from_json(state.to_json())
+
+    # Assert
+    assert back == state
+    assert back.history == [(1.25, 0.01, 40), (0.9, 0.02, 5)]
+    assert back.total_steps() == 45
+
+
+def test_rounds_compose_to_one_continuous_training() -> None:
+    # Prepare: 64 users, B = 8 (q = 1/8); 3 rounds of 2 steps vs one run of 6 steps.
+    items, seqs = topic_world()
+    dp = DPSpec(noise_multiplier=2.0, max_grad_norm=1.0, target_epsilon=100.0)
+    carried = PrivacyState(accountant="rdp", delta=1e-5)
+    once = PrivacyState(accountant="rdp", delta=1e-5)
+    model = RecModel()
+
+    # Execute
+    per_round = [
+        train_local(
+            model, items, seqs, TrainSpec(steps=2, batch_size=8, negatives=10), dp=dp, state=carried
+        ).epsilon
+        for _ in range(3)
+    ]
+    single = train_local(
+        RecModel(), items, seqs, TrainSpec(steps=6, batch_size=8, negatives=10), dp=dp, state=once
+    )
+
+    # Assert: same history and epsilon; and epsilon grows every round (no per-round reset).
+    assert carried.history == once.history == [(2.0, 0.125, 6)]
+    assert per_round[-1] == pytest.approx(single.epsilon, rel=1e-12)
+    assert per_round[0] < per_round[1] < per_round[2]
+
+
+def test_budget_refusal_trains_nothing() -> None:
+    # Prepare: a budget of exactly 4 steps at sigma = 2, q = 1/8 (64 users, B = 8); two
+    # rounds of 2 steps spend it.
+    items, seqs = topic_world()
+    sigma = 2.0
+    budget = epsilon_of([(sigma, 0.125, 4)], 1e-5, "rdp")
+    dp = DPSpec(noise_multiplier=sigma, max_grad_norm=1.0, target_epsilon=budget)
+    spec = TrainSpec(steps=2, batch_size=8, negatives=10)
+    state = PrivacyState(accountant="rdp", delta=1e-5)
+    model = RecModel()
+    for _ in range(2):
+        train_local(model, items, seqs, spec, dp=dp, state=state)
+    weights = copy.deepcopy(model.state_dict())
+
+    # Execute / Assert: a third round would exceed the budget.
+    with pytest.raises(BudgetExceeded, match="Not training"):
+        train_local(model, items, seqs, spec, dp=dp, state=state)
+    assert state.history == [(sigma, 0.125, 4)]
+    assert state.epsilon() == pytest.approx(budget)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_dp_training_needs_an_accountant() -> None:
+    items, seqs = topic_world()
+    dp = DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, target_epsilon=8.0)
+
+    with pytest.raises(PrivacyConfigError, match="PrivacyState"):
+        train_local(RecModel(), items, seqs, TrainSpec(steps=1), dp=dp)
+
+
+# ------------------------------------------------------------------------------ ledger
+
+
+def _write_ledger(path: Path) -> PrivacyState:
+    state = PrivacyState(accountant="rdp", delta=1e-5)
+    for round_ in (1, 2):
+        state.record(1.1, 0.02, 10)
+        append_ledger(
+            path,
+            state=state,
+            round_=round_,
+            steps=10,
+            noise_multiplier=1.1,
+            sample_rate=0.02,
+            status="trained",
+            channel="shop",
+        )
+    return state
+
+
+def test_ledger_restores_the_accountant(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "ledger.jsonl"
+    state = _write_ledger(path)
+
+    # Execute
+    restored = restore_from_ledger(path, "rdp", 1e-5)
+
+    # Assert
+    assert restored.history == state.history == [(1.1, 0.02, 20)]
+    assert restored.epsilon() == pytest.approx(state.epsilon())
+    assert restore_from_ledger(tmp_path / "absent.jsonl", "rdp", 1e-5).history == []
+
+
+def test_a_tampered_ledger_is_refused(tmp_path: Path) -> None:
+    # Prepare: rewrite the last entry to claim fewer steps (i.e. a smaller epsilon).
+    path = tmp_path / "ledger.jsonl"
+    _write_ledger(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last = json.loads(lines[-1])
+    last["history"] = [[1.1, 0.02, 1]]
+    path.write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n", encoding="utf-8")
+
+    # Execute / Assert
+    with pytest.raises(PrivacyConfigError, match="failed verification"):
+        restore_from_ledger(path, "rdp", 1e-5)
+
+
+def test_a_ledger_kept_with_another_accountant_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    _write_ledger(path)
+
+    with pytest.raises(PrivacyConfigError, match="accountant"):
+        restore_from_ledger(path, "prv", 1e-5)
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+def test_delta_must_be_below_one_over_users() -> None:
+    # 100 users -> delta must be < 0.01.
+    assert check_delta(0.0099, 100, "shop") is None
+    for bad in (0.01, 0.5):
+        message = check_delta(bad, 100, "shop")
+        assert message is not None and "shop" in message and str(bad) in message
+
+
+def test_sample_rate_matches_opacus_loader_arithmetic() -> None:
+    # 100 users, B = 16 -> ceil(100/16) = 7 batches -> q = 1/7.
+    assert privacy.sample_rate_for(100, 16) == pytest.approx(1 / 7)
+    with pytest.raises(PrivacyConfigError):
+        privacy.sample_rate_for(0, 16)
+
+
+def test_run_config_value_problems_are_reported_together() -> None:
+    bad = {"strategy": "fedsgd", "dp.target-delta": 1.5, "train.batch-size": 0}
+
+    with pytest.raises(ConfigError) as info:
+        from_run_config(bad)
+
+    assert len(info.value.problems) == 3
+    text = str(info.value)
+    assert "'fedsgd'" in text and "1.5" in text and "train.batch-size" in text
+
+
+def test_unknown_keys_and_bad_values_are_reported_at_once() -> None:
+    bad = {"dp.epsilon": 8, "strategy": "fedsgd", "dp.target-delta": 1.5}
+
+    with pytest.raises(ConfigError) as info:
+        from_run_config(bad)
+
+    text = str(info.value)
+    assert "'dp.epsilon'" in text and "'fedsgd'" in text and "1.5" in text
+
+
+def test_unknown_key_gets_a_hint() -> None:
+    with pytest.raises(ConfigError, match="Did you mean 'dp.target-epsilon'"):
+        from_run_config({"target-epsilon": 4.0})
+
+
+def test_pyproject_defaults_equal_the_dataclass_defaults() -> None:
+    # Prepare
+    with (ROOT / "pyproject.toml").open("rb") as fh:
+        run_config = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+
+    # Execute / Assert
+    assert run_config == FedrecConfig().to_run_config()
+    assert from_run_config(run_config) == FedrecConfig()

@@ -1,0 +1,390 @@
+"""Local training and evaluation (client/training.py): the leave-last-out split, per-user
+examples, negatives, and the errors for data that cannot be trained or evaluated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import torch
+
+from client import training
+from client.training import (
+    Split,
+    TrainSpec,
+    UserExamples,
+    evaluate,
+    leave_last_out,
+    model_scorer,
+    pad_histories,
+    train_local,
+)
+from shared.data import Sequences
+from shared.model import RecModel
+from simulations.baselines import popularity_scorer, text_similarity_scorer
+
+if TYPE_CHECKING:
+    from click.testing import Result
+
+torch.set_num_threads(1)
+
+DIM = 384
+N_TOPICS = 12
+
+
+def sequences(rows: list[list[int]]) -> Sequences:
+    """CSR sequences from per-user item lists (users named u0, u1, ...)."""
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.array([i for r in rows for i in r], dtype=np.int64)
+    return Sequences(np.array([f"u{k}" for k in range(len(rows))]), offsets, flat)
+
+
+def topic_world(
+    n_users: int = 64, n_items: int = 120, shift: int = 0, seed: int = 0
+) -> tuple[torch.Tensor, Sequences]:
+    """12 random unit topic centres in 384-d; item i = centre[i % 12] + noise (norm ~0.5),
+    normalised. Each user has 3..10 items; the k-th is drawn from topic (t0 + shift * k) % 12,
+    so ``shift=0`` is one topic per user and ``shift=1`` an interest that moves on each time."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(N_TOPICS, DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    topic = np.arange(n_items) % N_TOPICS
+    items = centres[topic] + rng.normal(size=(n_items, DIM)) * (0.5 / np.sqrt(DIM))
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    rows = []
+    for t0 in rng.integers(0, N_TOPICS, size=n_users):
+        length = int(rng.integers(3, 11))
+        pools = [np.flatnonzero(topic == (t0 + shift * k) % N_TOPICS) for k in range(length)]
+        rows.append([int(rng.choice(pool)) for pool in pools])
+    return torch.tensor(items, dtype=torch.float32), sequences(rows)
+
+
+# ------------------------------------------------------------------------------ split
+
+
+def test_leave_last_out_holds_out_the_last_item_and_drops_short_users() -> None:
+    # Prepare: u0 has 1 interaction (dropped), u1 has 2, u2 has 4.
+    seqs = sequences([[7], [1, 2], [3, 4, 5, 6]])
+
+    # Execute
+    split = leave_last_out(seqs)
+
+    # Assert
+    assert split.train.users.tolist() == ["u1", "u2"]
+    assert split.target.tolist() == [2, 6]
+    assert split.train.offsets.tolist() == [0, 1, 4]
+    assert split.train.item_index.tolist() == [1, 3, 4, 5]
+
+
+def test_leave_last_out_of_nobody_usable_is_empty() -> None:
+    split = leave_last_out(sequences([[1], [2]]))
+
+    assert len(split.train) == 0 and len(split.target) == 0
+    assert split.train.offsets.tolist() == [0]
+
+
+def test_pad_histories_left_pads_and_keeps_the_most_recent_window() -> None:
+    # Prepare: one user with items 10..16; windows ending before position 5 and 2.
+    seqs = sequences([[10, 11, 12, 13, 14, 15, 16]])
+
+    # Execute
+    hist, mask = pad_histories(seqs, np.array([0, 0]), np.array([5, 2]), max_len=3)
+
+    # Assert
+    assert hist.tolist() == [[12, 13, 14], [0, 10, 11]]
+    assert mask.tolist() == [[True, True, True], [False, True, True]]
+
+
+# ------------------------------------------------------------------------------ examples
+
+
+def test_examples_are_prefixes_of_the_training_split_only() -> None:
+    # Prepare: held-out items (90+) never occur in the training split.
+    full = sequences([[1, 2, 3, 90], [4, 5, 91], [6, 92], [7, 8, 9, 10, 93]])
+    split = leave_last_out(full)
+    examples = UserExamples(split.train, 100, TrainSpec(negatives=3, max_history=10))
+    train_rows = [
+        split.train.item_index[s:e].tolist()
+        for s, e in zip(split.train.offsets[:-1], split.train.offsets[1:], strict=True)
+    ]
+
+    # Execute: many redraws of every example.
+    seen_targets = set()
+    for _ in range(50):
+        idx = list(range(len(examples)))
+        hist, mask, cands = examples.__getitems__(idx)
+        for k, row in enumerate(examples.rows[idx]):
+            prefix = hist[k][mask[k]].tolist()
+            target = int(cands[k, 0])
+            seen_targets.add(target)
+            # Assert: history + target is a prefix of that user's training sequence.
+            assert prefix + [target] == train_rows[row][: len(prefix) + 1]
+            assert len(prefix) >= 1
+
+    # Assert: u2 ([6] after the split) has no prefix+next pair and is never an example;
+    # no held-out item is ever a training target.
+    assert len(examples) == 3
+    assert seen_targets.isdisjoint({90, 91, 92, 93})
+    assert seen_targets == {2, 3, 5, 8, 9, 10}
+
+
+def test_negatives_are_uniform_over_the_catalogue() -> None:
+    # Prepare: 20 items; 200 users x 100 negatives = 20,000 draws, 1,000 expected per item.
+    n_items = 20
+    examples = UserExamples(sequences([[0, 1]] * 200), n_items, TrainSpec(negatives=100))
+
+    # Execute
+    _, _, cands = examples.__getitems__(list(range(200)))
+    counts = np.bincount(cands[:, 1:].numpy().ravel(), minlength=n_items)
+
+    # Assert: every item in [0, N) is drawn, none outside, each within 5 sigma of 1,000
+    # (binomial sigma = sqrt(20000 * 0.05 * 0.95) = 30.8).
+    assert len(counts) == n_items
+    assert np.abs(counts - 1000).max() < 5 * 30.8
+
+
+def test_examples_of_an_empty_poisson_batch_are_empty_tensors() -> None:
+    examples = UserExamples(sequences([[0, 1, 2]]), 10, TrainSpec(negatives=4, max_history=5))
+
+    hist, mask, cands = examples.__getitems__([])
+
+    assert hist.shape == (0, 5) and mask.shape == (0, 5) and cands.shape == (0, 5)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def test_train_local_without_trainable_users_raises() -> None:
+    # Prepare: after a leave-last-out split every user has a single training item.
+    split = leave_last_out(sequences([[1, 2], [3, 4]]))
+    model = RecModel()
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="nothing to train on"):
+        train_local(model, torch.randn(10, DIM), split.train, TrainSpec(steps=1))
+
+
+def test_train_local_learns_what_text_similarity_cannot() -> None:
+    # Prepare: each next item comes from the next topic, so the untrained model (which ranks
+    # by similarity to the history) never finds the target; training can learn the shift.
+    items, seqs = topic_world(shift=1)
+    split = leave_last_out(seqs)
+    model = RecModel()
+    before, _ = evaluate(model_scorer(model, items), len(items), split)
+    spec = TrainSpec(steps=30, batch_size=32, negatives=20, lr=0.003)
+
+    # Execute
+    result = train_local(model, items, split.train, spec)
+    after, _ = evaluate(model_scorer(model, items), len(items), split)
+
+    # Assert
+    assert result.steps == 30 and result.epsilon == 0.0 and result.noise_multiplier == 0.0
+    assert before["ndcg@10"] < 0.05
+    assert after["ndcg@10"] > 0.25
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def test_evaluate_excludes_training_items_and_counts_users() -> None:
+    # Prepare: scores prefer lower item indices (item 0 best). User 0 trained on 0 and 1,
+    # target 3 -> only item 2 is above it: rank 2. User 1 trained on 5, target 0 -> rank 1.
+    split = Split(sequences([[0, 1], [5]]), np.array([3, 0]))
+
+    def score(hist: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.tile(-np.arange(6, dtype=np.float64), (len(hist), 1))
+
+    # Execute
+    metrics, users = evaluate(score, 6, split)
+
+    # Assert: MRR = (1/2 + 1)/2, NDCG@10 = (1/log2(3) + 1)/2.
+    assert users == 2
+    assert metrics["mrr"] == pytest.approx(0.75)
+    assert metrics["ndcg@10"] == pytest.approx((1 / np.log2(3) + 1) / 2)
+
+
+def test_evaluate_an_empty_split_raises() -> None:
+    empty = leave_last_out(sequences([[1]]))
+    model = RecModel()
+
+    with pytest.raises(ValueError, match="no users"):
+        evaluate(model_scorer(model, torch.randn(10, DIM)), 10, empty)
+
+
+def test_evaluate_caps_the_number_of_users() -> None:
+    items, seqs = topic_world(n_users=30)
+    split = leave_last_out(seqs)
+
+    _, users = evaluate(model_scorer(RecModel(), items), len(items), split, max_users=7)
+
+    assert users == 7
+
+
+@pytest.mark.parametrize("bad", [25, -3])
+def test_item_indices_outside_the_catalogue_are_refused_clearly(bad: int) -> None:
+    # Prepare: a 20-item catalogue and a sequence that names item `bad`.
+    seqs = sequences([[0, 1, bad, 2], [3, 4, 5]])
+    model = RecModel()
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=str(bad)):
+        train_local(model, torch.randn(20, DIM), seqs, TrainSpec(steps=2, batch_size=2))
+
+
+# ------------------------------------------------------------------------------ baselines
+
+
+def test_popularity_scores_training_counts_for_every_user() -> None:
+    # Prepare: item 1 occurs 3 times, items 0 and 2 once, item 3 never.
+    train = sequences([[0, 1, 1], [1, 2]])
+
+    # Execute
+    scores = popularity_scorer(train, 4)(np.zeros((2, 3), np.int64), np.ones((2, 3), bool))
+
+    # Assert
+    assert scores.tolist() == [[1, 3, 1, 0], [1, 3, 1, 0]]
+
+
+def test_popularity_refuses_items_outside_the_catalogue() -> None:
+    with pytest.raises(ValueError, match="item index 4"):
+        popularity_scorer(sequences([[0, 4]]), 4)
+
+
+def test_text_similarity_is_cosine_to_the_mean_history() -> None:
+    # Prepare: 2-d items e0, e1, (e0+e1)/sqrt2, -e0 (the scorer takes any dimension).
+    # History = items 0 and 1 after one padded slot (which holds item 3 and must not count).
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2**-0.5, 2**-0.5], [-1.0, 0.0]])
+    hist = np.array([[3, 0, 1]])
+    mask = np.array([[False, True, True]])
+
+    # Execute
+    scores = text_similarity_scorer(items)(hist, mask)
+
+    # Assert: mean (0.5, 0.5) -> unit (1, 1)/sqrt2; cosines 0.707, 0.707, 1, -0.707.
+    np.testing.assert_allclose(scores, [[2**-0.5, 2**-0.5, 1.0, -(2**-0.5)]], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ fedrec train
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One channel 'shop': 150 users, 48 items, encoded matrices under encoded/."""
+    from simulations.bench_quality import write_tiny_dataset
+
+    return write_tiny_dataset(
+        tmp_path_factory.mktemp("data") / "tiny", channels=("shop",), users=150, items=48
+    )
+
+
+def fedrec_train(args: list[str]) -> Result:
+    """``fedrec train ARGS`` in-process, on a typer app with only this command registered."""
+    import typer
+    from typer.testing import CliRunner
+
+    from simulations import train
+
+    app = typer.Typer()
+    app.callback()(lambda: None)  # a group, so the command is invoked by name
+    train.register(app)
+    return CliRunner().invoke(app, ["train", *args], env={"COLUMNS": "200"})
+
+
+def test_fedrec_train_with_dp_prints_baselines_model_and_privacy(tiny_dataset: Path) -> None:
+    # Execute: 150 users, B = 8 -> q = 1/19.
+    result = fedrec_train(
+        [
+            "--data",
+            str(tiny_dataset),
+            "--channel",
+            "shop",
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--epsilon",
+            "4",
+            "--max-eval-users",
+            "40",
+        ]
+    )
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "popularity" in out and "text similarity" in out and "model (DP, ε=" in out
+    assert "NDCG@10" in out and "Recall@20" in out and "MRR" in out
+    spent = float(out.split("model (DP, ε=")[1].split(")")[0])
+    assert 0 < spent <= 4.0
+    assert "40 users" in out and "0.05263" in out  # evaluated users; q = 1/19
+
+
+def test_fedrec_train_without_dp_says_so(tiny_dataset: Path) -> None:
+    result = fedrec_train(
+        [
+            "--data",
+            str(tiny_dataset),
+            "--channel",
+            "shop",
+            "--no-dp",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--max-eval-users",
+            "20",
+        ]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "model (no DP)" in result.output and "no privacy guarantee" in result.output
+
+
+def test_fedrec_train_asks_for_fedrec_encode_when_the_matrix_is_missing(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    result = fedrec_train(
+        ["--data", str(tiny_dataset), "--channel", "shop", "--items", str(tmp_path)]
+    )
+
+    assert result.exit_code == 1
+    assert "fedrec encode" in result.output and "shop.items.npz" in result.output
+
+
+def test_fedrec_train_refuses_delta_at_or_above_one_over_users(tiny_dataset: Path) -> None:
+    result = fedrec_train(["--data", str(tiny_dataset), "--channel", "shop", "--delta", "0.01"])
+
+    assert result.exit_code == 1
+    assert "1/users" in result.output and "0.01" in result.output
+
+
+def test_fedrec_train_names_the_known_channels(tiny_dataset: Path) -> None:
+    result = fedrec_train(["--data", str(tiny_dataset), "--channel", "bank"])
+
+    assert result.exit_code == 1
+    assert "'bank'" in result.output and "'shop'" in result.output
+
+
+@pytest.mark.parametrize("full_score_max", [10_000, 0])
+def test_candidate_logits_equal_full_ranking_scores(
+    full_score_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: both code paths (score the catalogue then pick; gather the candidates).
+    monkeypatch.setattr(training, "FULL_SCORE_MAX", full_score_max)
+    items, _ = topic_world(n_items=30)
+    model = RecModel()
+    hist = items[torch.randint(0, 30, (5, 4))]
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    cands = torch.randint(0, 30, (5, 7))
+
+    # Execute
+    with torch.no_grad():
+        users = model(hist, mask)
+        logits = training.candidate_logits(users, items, cands)
+        full = model.score_items(model.profile(hist, mask), items)
+
+    # Assert
+    torch.testing.assert_close(logits, torch.gather(full, 1, cands), rtol=1e-5, atol=1e-4)
