@@ -18,7 +18,16 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from client import node as nodes
-from client.training import DPSpec, TrainSpec, evaluate, leave_last_out, model_scorer, train_local
+from client.training import (
+    DPSpec,
+    TrainSpec,
+    canary_directions,
+    canary_grad_hook,
+    evaluate,
+    leave_last_out,
+    model_scorer,
+    train_local,
+)
 from shared import privacy, wire
 from shared.config import FedrecConfig, check_delta, from_run_config
 from shared.model import RecModel, build_model, param_shapes
@@ -117,9 +126,33 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
                 accountant=cfg.dp.accountant,
             )
         dp = DPSpec(sigma, cfg.dp.max_grad_norm, cfg.dp.target_epsilon, cfg.dp.grad_sample_mode)
+        hook = None
+        if cfg.audit.canaries > 0 or cfg.audit.disable_noise:
+            if cfg.audit.disable_noise:
+                log.warning("%s: audit.disable-noise: FAULT INJECTION, NO DP NOISE", node.channel)
+            shapes = [tuple(p.shape) for p in model.parameters()]
+            directions = canary_directions(
+                shapes, cfg.audit.canaries, cfg.audit.seed, node.channel
+            )[: cfg.audit.canaries // 2]  # the second half is the auditor's null
+            hook = canary_grad_hook(
+                model,
+                directions,
+                max_grad_norm=cfg.dp.max_grad_norm,
+                sample_rate=q,
+                seed=spec.seed,
+                disable_noise=cfg.audit.disable_noise,
+            )
         try:
             result = train_local(
-                model, items, split.train, spec, dp=dp, state=state, global_params=global_params
+                model,
+                items,
+                split.train,
+                spec,
+                dp=dp,
+                state=state,
+                global_params=global_params,
+                grad_hook=hook,
+                optimizer_state=nodes.load_optimizer(node, context.run_id),
             )
         except privacy.BudgetExceeded as exc:
             privacy.append_ledger(
@@ -158,8 +191,16 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
             }
         )
     else:
-        result = train_local(model, items, split.train, spec, global_params=global_params)
+        result = train_local(
+            model,
+            items,
+            split.train,
+            spec,
+            global_params=global_params,
+            optimizer_state=nodes.load_optimizer(node, context.run_id),
+        )
         report.update({wire.EPSILON: math.inf, wire.STEPS: result.steps})
+    nodes.save_optimizer(node, context.run_id, result.optimizer_state)
     log.info("%s round %d trained in %.1fs", node.channel, server_round, time.perf_counter() - t0)
     weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     return wire.build_reply(

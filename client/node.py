@@ -129,6 +129,31 @@ def save_items(node: Node, fingerprint: str, matrix: np.ndarray) -> Path:
     return path
 
 
+def _optimizer_path(node: Node, run_id: int) -> Path:
+    return node.state_dir / f"optimizer-run{run_id}.pt"
+
+
+def load_optimizer(node: Node, run_id: int) -> dict[str, Any] | None:
+    """The node's own optimizer state from its previous round of this run (never sent)."""
+    import torch
+
+    path = _optimizer_path(node, run_id)
+    return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def save_optimizer(node: Node, run_id: int, state: dict[str, Any] | None) -> None:
+    import torch
+
+    if state is None:
+        return
+    path = _optimizer_path(node, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def cached_fingerprints(node: Node) -> list[str]:
     folder = node.state_dir / "items"
     return sorted(p.stem for p in folder.glob("*.npy")) if folder.exists() else []

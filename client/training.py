@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ class TrainResult:
     sample_rate: float
     noise_multiplier: float
     epsilon: float  # after this call; 0 without DP
+    optimizer_state: dict | None = None  # local optimizer moments (never sent anywhere)
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ def train_local(
     state: privacy.PrivacyState | None = None,
     global_params: dict[str, torch.Tensor] | None = None,
     grad_hook: Callable[[torch.optim.Optimizer], None] | None = None,
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``spec.steps`` steps; with ``dp``, DP-SGD via Opacus.
 
@@ -231,13 +234,19 @@ def train_local(
     )
     sample_rate = 1.0 / len(loader)
     optimizer = _optimizer(model, spec)
+    base_optimizer = optimizer
+    if optimizer_state is not None:
+        # Continue the node's own optimizer (Adam moments) across rounds: a fresh Adam every
+        # round restarts from noisy first steps. It is computed from DP-noised gradients
+        # (post-processing) and stays on the node.
+        optimizer.load_state_dict(optimizer_state)
     criterion: nn.Module = nn.CrossEntropyLoss()
     net: nn.Module = model
     engine = None
     if dp is not None:
         if state is None:
             raise privacy.PrivacyConfigError("DP training needs a PrivacyState (accountant)")
-        state.check_budget(
+        planned_epsilon = state.check_budget(
             noise_multiplier=dp.noise_multiplier,
             sample_rate=sample_rate,
             steps=spec.steps,
@@ -282,7 +291,7 @@ def train_local(
     epsilon = 0.0
     if dp is not None and state is not None:
         state.record(dp.noise_multiplier, sample_rate, spec.steps)
-        epsilon = state.epsilon()
+        epsilon = planned_epsilon  # ε of exactly the steps just recorded (computed once)
         _cleanup(net)
     return TrainResult(
         loss=float(np.mean(losses)) if losses else math.nan,
@@ -290,6 +299,7 @@ def train_local(
         sample_rate=sample_rate,
         noise_multiplier=dp.noise_multiplier if dp else 0.0,
         epsilon=epsilon,
+        optimizer_state=base_optimizer.state_dict(),
     )
 
 
@@ -303,6 +313,58 @@ def _install_grad_hook(
         original()
 
     optimizer.add_noise = add_noise  # type: ignore[method-assign]
+
+
+def canary_directions(
+    shapes: list[tuple[int, ...]], count: int, seed: int, channel: str
+) -> np.ndarray:
+    """``count`` random unit directions over the flattened parameters, (count, P) float32.
+
+    White-box audit canaries (Andrew et al., "One-shot Empirical Privacy Estimation for
+    Federated Learning", ICLR 2024): the client inserts the first ``count // 2``, the auditor
+    regenerates all of them from ``(seed, channel)`` and uses the rest as the null. Parameters
+    are flattened in ``model.parameters()`` order (the state_dict order of :class:`RecModel`).
+    """
+    size = int(sum(int(np.prod(s)) for s in shapes))
+    rng = np.random.default_rng([seed, zlib.crc32(channel.encode())])
+    u = rng.standard_normal((count, size), dtype=np.float32)  # (K, P)
+    return u / np.linalg.norm(u, axis=1, keepdims=True)
+
+
+def canary_grad_hook(
+    model: nn.Module,
+    directions: np.ndarray,
+    *,
+    max_grad_norm: float,
+    sample_rate: float,
+    seed: int,
+    disable_noise: bool = False,
+) -> Callable[[torch.optim.Optimizer], None]:
+    """A ``grad_hook`` that adds gradient canaries ``C * u_j`` to the clipped sum, each
+    Poisson-included with the users' ``sample_rate`` (Andrew et al. 2024).
+
+    ``disable_noise`` is FAULT INJECTION for the audit's own test: it sets the optimizer's
+    noise multiplier to 0 before the noise step, while the accountant keeps recording the
+    planned one. Never use it for a real run.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    u = torch.from_numpy(np.ascontiguousarray(directions)) * max_grad_norm  # (K, P)
+    rng = np.random.default_rng(seed)
+
+    def hook(optimizer: torch.optim.Optimizer) -> None:
+        if disable_noise:
+            optimizer.noise_multiplier = 0.0  # type: ignore[attr-defined]
+        picked = np.flatnonzero(rng.random(len(u)) < sample_rate)
+        if not len(picked):
+            return
+        flat = u[torch.from_numpy(picked)].sum(0)  # (P,)
+        start = 0
+        for p in params:
+            n = p.numel()
+            p.summed_grad.add_(flat[start : start + n].view_as(p))  # type: ignore[attr-defined]
+            start += n
+
+    return hook
 
 
 def _cleanup(net: nn.Module) -> None:

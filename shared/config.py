@@ -45,9 +45,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_steps: int = 20
-    batch_size: int = 128
-    negatives: int = 100
+    local_steps: int = 30
+    batch_size: int = 512
+    negatives: int = 0  # 0: softmax over the whole public catalogue
     lr: float = 0.003
     optimizer: str = "adam"
 
@@ -76,6 +76,26 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """White-box privacy audit (``fedrec audit --empirical-run`` sets these; off by default).
+
+    ``canaries`` > 0: in every DP-SGD step the client adds gradient canaries, ``C * u_j`` for
+    fixed random unit directions (Andrew et al., ICLR 2024), the first half of
+    ``canaries`` directions each Poisson-included at the users' sample rate, the second half
+    never (the auditor's null). ``seed`` fixes the directions.
+
+    ``disable_noise`` is FAULT INJECTION ONLY: the client adds no DP noise while it still
+    records and reports the planned noise multiplier and ε. It exists so an audit can show it
+    catches a run whose noise is off. A run with it set is NOT private; the key is recorded in
+    the run's config.json.
+    """
+
+    canaries: int = 0
+    seed: int = 0
+    disable_noise: bool = False
+
+
+@dataclass(frozen=True)
 class FedrecConfig:
     num_server_rounds: int = 5
     channels: tuple[str, ...] = ("ecommerce", "finance", "social")
@@ -92,6 +112,7 @@ class FedrecConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def planned_steps(self) -> int:
         """DP-SGD steps each channel plans for the whole run (sizes the noise)."""
@@ -139,13 +160,13 @@ def _coerce(key: str, value: Any, want: type, problems: list[str]) -> Any:
     if want is tuple:
         if not isinstance(value, str):
             problems.append(f"{key} must be a comma-separated string. Found {value!r}.")
-            return ()
+            return None
         return tuple(v.strip() for v in value.split(",") if v.strip())
     if want is bool:
         if isinstance(value, bool):
             return value
         problems.append(f"{key} must be true or false. Found {value!r}.")
-        return False
+        return None
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is int and isinstance(value, float) and value.is_integer():
@@ -242,6 +263,13 @@ def check(cfg: FedrecConfig) -> list[str]:
             f"Found {dp.grad_sample_mode!r}."
         )
     positive("eval.max-users", cfg.eval.max_users)
+    if cfg.audit.canaries < 0:
+        p.append(f"audit.canaries must be >= 0. Found {cfg.audit.canaries}.")
+    if (cfg.audit.canaries > 0 or cfg.audit.disable_noise) and not dp.enabled:
+        p.append(
+            "audit.canaries and audit.disable-noise act on DP-SGD steps and need "
+            f"dp.enabled = true. Found dp.enabled = {dp.enabled}."
+        )
     return p
 
 

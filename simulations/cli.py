@@ -20,8 +20,10 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "simulations.world",  # fedrec world
     "simulations.encode",  # fedrec encode
+    "simulations.train",  # fedrec train
     "simulations.simulate",  # fedrec simulate
     "simulations.recommend",  # fedrec recommend
+    "simulations.deploy",  # fedrec deploy certs|local|superlink|node
     "simulations.audit.cli",  # fedrec audit
 )
 
@@ -34,7 +36,20 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
+# Known, understood library warnings that would bury the command's own output (the command
+# line only; libraries and apps keep every warning).
+QUIET = (
+    r"Secure RNG turned off",  # Opacus: OS-entropy-seeded noise, see client/training.py
+    r"Full backward hook is firing",  # Opacus ghost clipping's second backward pass
+    r"Optimal order is the largest alpha",  # RDP: ε is still a valid (looser) upper bound
+)
+
+
 def main() -> None:
+    import warnings
+
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     app()
 
 

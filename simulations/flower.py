@@ -117,6 +117,7 @@ def run_simulation(
     ]
     log_path = run_dir / "flower.log"
     tail: list[str] = []
+    previous = signal.signal(signal.SIGTERM, _raise_exit)  # so that `finally` stops Flower
     try:
         with log_path.open("w", encoding="utf-8") as log_fh:
             proc = subprocess.Popen(
@@ -147,3 +148,8 @@ def run_simulation(
             )
     finally:
         stop_processes(flwr_home)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

@@ -59,7 +59,7 @@ def _comparisons(
     for ch in cfg.channels:
         _, inter = load_channel(data_dir, ch)
         splits[ch] = leave_last_out(to_sequences(inter))
-        items[ch] = torch.from_numpy(np.asarray(matrices[ch].matrix, dtype=np.float32))
+        items[ch] = torch.from_numpy(np.array(matrices[ch].matrix, dtype=np.float32))
         n = len(items[ch])
         rows[ch] = {
             "popularity": evaluate(popularity_scorer(splits[ch].train, n), n, splits[ch], **ev)[0]
