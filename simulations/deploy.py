@@ -504,7 +504,7 @@ class LocalDeployment:
 
     # -- processes -----------------------------------------------------------------------
 
-    def _spawn(self, name: str, cmd: list[str], who: str) -> Proc:
+    def _spawn(self, name: str, cmd: list[str], who: str, cwd: Path | None = None) -> Proc:
         old = self.procs.get(name)
         if old is not None and old.running():
             raise DeployError(f"{name} is already running (pid {old.pid})")
@@ -514,7 +514,7 @@ class LocalDeployment:
             fh.flush()
             popen = subprocess.Popen(
                 cmd,
-                cwd=self.root,
+                cwd=cwd or self.root,
                 env=self.env(who),
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
@@ -629,7 +629,9 @@ class LocalDeployment:
             private_key=private_key or None,
             extra=extra,
         )
-        return self._spawn(name, cmd, name)
+        # A ClientApp's cwd is its SuperNode's: keep it inside the platform's own folder.
+        self.state_dir(channel).mkdir(parents=True, exist_ok=True)
+        return self._spawn(name, cmd, name, cwd=self.state_dir(channel))
 
     def wait_online(self, count: int, timeout: float = 90.0) -> list[dict[str, Any]]:
         """Until ``count`` SuperNodes are online; raises with the log of a node that died."""

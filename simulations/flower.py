@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,8 +22,24 @@ from typing import Any
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (held open together while choosing)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for one run's Flower processes: its own FLWR_HOME and its own local
+    SuperLink ports (the managed SuperLink otherwise always takes 39091/39093, and two runs
+    at once would share it)."""
     env = dict(os.environ)
+    http_port, control_port = free_ports(2)
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
@@ -30,6 +47,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         RAY_DEDUP_LOGS="1",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     )
     return env

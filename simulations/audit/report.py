@@ -335,6 +335,7 @@ def build_report(
                 }
 
     verdicts = _verdicts(
+        fault_injected=bool(run_config.get("audit.disable-noise", False)),
         logs=logs,
         acc=acc,
         eg=eg,
@@ -386,6 +387,7 @@ def build_report(
 
 def _verdicts(
     *,
+    fault_injected: bool,
     logs: Mapping[str, Mapping[str, Any]],
     acc: Mapping[str, Any],
     eg: Mapping[str, Any],
@@ -397,6 +399,9 @@ def _verdicts(
     shapes_known: bool,
 ) -> list[dict[str, Any]]:
     out = []
+    if fault_injected:  # the audit's own fault injection: the claimed ε is not real
+        out.append(_verdict("fault-injection", FAIL, "FAULT INJECTION: audit.disable-noise was on: "
+                            "no DP noise was added, the reported ε does not hold"))
     # Logs intact or tampered
     bad = [v for v in logs.values() if v["status"] in (egress.TAMPERED, egress.MISSING)]
     weak = [v for v in logs.values() if v["status"] == egress.UNVERIFIED_TAIL]
