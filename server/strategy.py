@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from server.rundir import RunDir
 from shared import wire
@@ -194,6 +194,10 @@ class RecordingFedAvg(RecordingMixin, FedAvg):
     pass
 
 
+class RecordingFedAvgM(RecordingMixin, FedAvgM):
+    pass
+
+
 class RecordingFedAdam(RecordingMixin, FedAdam):
     pass
 
@@ -212,6 +216,8 @@ def make_strategy(cfg: FedrecConfig) -> RecordingMixin:
         "min_evaluate_nodes": cfg.min_nodes,
         "min_available_nodes": cfg.min_nodes,
     }
+    if cfg.strategy.name == "fedavgm":
+        return RecordingFedAvgM(**common, server_learning_rate=cfg.strategy.server_lr)
     if cfg.strategy.name == "fedadam":
         return RecordingFedAdam(**common, eta=cfg.strategy.server_lr, eta_l=cfg.train.lr)
     if cfg.strategy.name == "fedprox":

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-STRATEGIES = ("fedavg", "fedadam", "fedprox")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedprox")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
 OPTIMIZERS = ("sgd", "adam")

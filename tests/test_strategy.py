@@ -11,7 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from server.rundir import RunDir
 from server.strategy import make_strategy
 from shared import hashlog, wire
-from shared.config import FedrecConfig
+from shared.config import FedrecConfig, StrategyConfig
 
 SHAPES = {"w": (2, 2), "b": (2,)}
 
@@ -115,3 +115,20 @@ def test_array_with_another_shape_is_rejected(tmp_path) -> None:
     assert arrays is None
     entry = hashlog.read(tmp_path / "run" / "egress.jsonl")[0]
     assert any("shape (5000, 2)" in v for v in entry["violations"])
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("fedavg", "RecordingFedAvg"),
+        ("fedavgm", "RecordingFedAvgM"),
+        ("fedadam", "RecordingFedAdam"),
+        ("fedprox", "RecordingFedProx"),
+    ],
+)
+def test_config_selects_the_strategy(name: str, cls: str) -> None:
+    # Prepare / Execute
+    strategy = make_strategy(FedrecConfig(strategy=StrategyConfig(name=name)))
+
+    # Assert
+    assert type(strategy).__name__ == cls
