@@ -71,7 +71,7 @@ class RecordingMixin:
             content = None if msg.has_error() else msg.content
             channel, shard = self._label(node, content)
             label = _node_label(channel, shard)
-            where = {"round": round_, "channel": channel, "shard": shard, "node": node}
+            where = {"round": round_, **_who(channel, shard), "node": node}
             if content is None:
                 reason = msg.error.reason or ""
                 status[label] = "refused" if msg.error.code == wire.REFUSED_CODE else "failed"
@@ -130,8 +130,7 @@ class RecordingMixin:
             self.run.ledger(
                 {
                     "round": round_,
-                    "channel": channel,
-                    "shard": shard,
+                    **_who(channel, shard),
                     "node": msg.metadata.src_node_id,
                     "status": "trained",
                     **report,
@@ -145,8 +144,7 @@ class RecordingMixin:
             self.run.ledger(
                 {
                     "round": round_,
-                    "channel": channel,
-                    "shard": shard,
+                    **_who(channel, shard),
                     "status": "missing",
                     "reason": "no reply this round (node down or timed out)",
                     "steps": 0,
@@ -176,6 +174,12 @@ class RecordingMixin:
         odd = {ch: s for ch, s in status.items() if s != "ok"}
         log(INFO, "[fedrec] round %d: %s%s", round_, line, f" | not trained: {odd}" if odd else "")
         return super().aggregate_evaluate(server_round, kept)  # type: ignore[misc]
+
+
+def _who(channel: str, shard: int) -> dict[str, Any]:
+    """Log fields naming a node: ``shard`` only for the extra shards of a channel, so that
+    the usual one-node-per-platform logs (and their audits) are keyed by channel alone."""
+    return {"channel": channel, "shard": shard} if shard else {"channel": channel}
 
 
 def _node_label(channel: str, shard: int) -> str:
