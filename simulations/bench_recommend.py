@@ -39,7 +39,9 @@ def main() -> None:
         assert len(top) == 10 and not {int(i.split("-")[1]) for i, _ in top} & set(history.tolist())
     ms = np.array(times[10:]) * 1000  # first requests warm up caches
     print(f"items={args.items} requests={len(ms)} threads={args.threads}")
-    print(f"top-10 latency: p50 {np.median(ms):.2f} ms, p95 {np.percentile(ms, 95):.2f} ms, max {ms.max():.2f} ms")
+    print(
+        f"top-10 latency: p50 {np.median(ms):.2f} ms, p95 {np.percentile(ms, 95):.2f} ms, max {ms.max():.2f} ms"
+    )
 
 
 if __name__ == "__main__":

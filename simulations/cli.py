@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "simulations.audit.cli",  # fedrec audit
 )
 
+
 @app.callback()
 def _root() -> None:
     """Federated, privacy-preserving, cross-platform recommender."""

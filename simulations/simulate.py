@@ -267,7 +267,10 @@ def preflight(run_config: dict[str, Any], data_dir: Path) -> Any:
 def _parse_value(text: str) -> Any:
     import tomllib
 
-    return tomllib.loads(f"v = {text}")["v"] if text else ""
+    try:
+        return tomllib.loads(f"v = {text}")["v"] if text else ""
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string such as a path: --set encoder-dir=/models/x
 
 
 def _channels(data_dir: Path) -> list[str]:

@@ -400,8 +400,14 @@ def _verdicts(
 ) -> list[dict[str, Any]]:
     out = []
     if fault_injected:  # the audit's own fault injection: the claimed ε is not real
-        out.append(_verdict("fault-injection", FAIL, "FAULT INJECTION: audit.disable-noise was on: "
-                            "no DP noise was added, the reported ε does not hold"))
+        out.append(
+            _verdict(
+                "fault-injection",
+                FAIL,
+                "FAULT INJECTION: audit.disable-noise was on: "
+                "no DP noise was added, the reported ε does not hold",
+            )
+        )
     # Logs intact or tampered
     bad = [v for v in logs.values() if v["status"] in (egress.TAMPERED, egress.MISSING)]
     weak = [v for v in logs.values() if v["status"] == egress.UNVERIFIED_TAIL]

@@ -1,0 +1,460 @@
+"""Deployment runtime with real processes: ``flower-superlink`` (TLS, SuperNode authentication,
+state in a file) and one ``flower-supernode`` per platform on 127.0.0.1, driven by
+``simulations.deploy`` exactly as ``fedrec deploy local`` drives them.
+
+The fast tests check the pieces (certificates, the per-platform data split, the commands).
+The ``e2e`` tests share one SuperLink and three platforms (module fixture) and run in file
+order; each reads the platforms' ledgers when it starts, so it does not depend on what ran
+before it:
+
+1. nodes that must be refused: unregistered key, no TLS, wrong CA;
+2. a clean 2-round run: results, ε per channel rising per round, clean egress log;
+3. a platform crashes mid-run and comes back: the run goes on without it (``missing``), it
+   rejoins with its ε continued from the ledger on its disk, and platforms whose budget is
+   spent stay out (``refused``) without failing the run;
+4. the coordinator crashes mid-run and comes back: the run resumes from its last checkpoint.
+
+Every process is stopped by the fixture's finalizer, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared import hashlog, privacy, wire
+from shared.config import from_run_config
+from simulations.deploy import (
+    DEPLOYMENT_ENV,
+    LocalDeployment,
+    make_certs,
+    node_config,
+    processes_with_env,
+    split_dataset,
+    superlink_command,
+    supernode_command,
+)
+from tests.tiny import save_tiny_bert, write_small_world
+
+CHANNELS = ("ecommerce", "finance", "social")
+# batch > users: sample rate 1 on every channel, so ε depends on steps only (same per channel)
+STEPS, BATCH, SIGMA, DELTA = 4, 4096, 4.0, 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("deploy-world")
+    data = write_small_world(root / "world")
+    coordinator, platforms = split_dataset(data, root / "split")
+    return {
+        "data": data,
+        "coordinator": coordinator,
+        "platforms": platforms,
+        "bert": save_tiny_bert(root / "bert"),
+        "cache": root / "cache",
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, world: dict[str, Any]) -> Any:
+    """SuperLink (TLS + auth, file state) and one registered, online SuperNode per channel."""
+    root = tmp_path_factory.mktemp("deploy-cluster")
+    d = LocalDeployment(root, CHANNELS)
+    try:
+        d.start_superlink()
+        d.wait_superlink()
+        for ch in CHANNELS:
+            d.register(ch)
+            d.start_node(ch, world["platforms"][ch])
+        d.wait_online(len(CHANNELS))
+        yield d
+    finally:
+        survivors = d.close()
+        assert survivors == [], f"processes survived teardown: {survivors}"
+        assert processes_with_env(DEPLOYMENT_ENV, str(d.root)) == []
+
+
+def _run_config(world: dict[str, Any], run_dir: Path, **extra: Any) -> dict[str, Any]:
+    cfg = {
+        "num-server-rounds": 2,
+        "channels": ",".join(CHANNELS),
+        "data-dir": str(world["coordinator"]),
+        "run-dir": str(run_dir),
+        "cache-dir": str(world["cache"]),
+        "encoder-dir": str(world["bert"]),
+        "train.local-steps": STEPS,
+        "train.batch-size": BATCH,
+        "train.negatives": 20,
+        "dp.noise-multiplier": SIGMA,
+        "dp.target-epsilon": 1000.0,
+        "dp.target-delta": DELTA,
+        "eval.max-users": 100,
+        "model.dim": 16,
+        "round-timeout": 300.0,
+        **extra,
+    }
+    return from_run_config(cfg).to_run_config()  # checked like any run config
+
+
+def _node_history(d: LocalDeployment, channel: str) -> list[tuple[float, float, int]]:
+    """The accountant history the platform's own ledger (on its disk) holds now."""
+    entries = hashlog.read(d.state_dir(channel) / "privacy-ledger.jsonl")
+    return [tuple(e) for e in entries[-1]["history"]] if entries else []  # type: ignore[misc]
+
+
+def _steps(history: list[tuple[float, float, int]]) -> int:
+    return sum(int(n) for _, _, n in history)
+
+
+def _ledger(run_dir: Path) -> list[dict[str, Any]]:
+    return hashlog.read(run_dir / "privacy-ledger.jsonl")
+
+
+def _assert_logs_intact(run_dir: Path) -> dict[str, Any]:
+    """Hash chains of the run's ledger and egress log verify up to the heads in results.json."""
+    results = json.loads((run_dir / "results.json").read_text())
+    for name in ("privacy-ledger.jsonl", "egress.jsonl"):
+        verdict = hashlog.verify(run_dir / name, results["log_heads"][name])
+        assert verdict.ok, verdict.problem
+    return dict(results)
+
+
+def _assert_node_ledgers_grow(d: LocalDeployment, before: dict[str, int]) -> dict[str, int]:
+    """Every platform's ledger verifies and its total steps only ever grew (never reset)."""
+    after = {}
+    for ch in CHANNELS:
+        path = d.state_dir(ch) / "privacy-ledger.jsonl"
+        assert hashlog.verify(path).ok, hashlog.verify(path).problem
+        totals = [_steps(e["history"]) for e in hashlog.read(path)]
+        assert totals == sorted(totals), f"{ch}: steps went down in its ledger: {totals}"
+        after[ch] = totals[-1] if totals else 0
+        assert after[ch] >= before[ch]
+    return after
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces (fast)
+
+
+def test_certs_are_what_flower_reads(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    # Execute
+    certs = make_certs(tmp_path / "certs", ["finance"])
+    again = make_certs(tmp_path / "certs", ["finance"])
+
+    # Assert: server cert names the loopback address and is signed by the CA
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert server.issuer == ca.subject
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # Assert: node key pair in OpenSSH format, NIST P-384, kept when certs are re-made
+    key = load_ssh_private_key(certs.node_key("finance").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert try_load_public_key(certs.node_pub("finance"))  # what `flwr supernode register` does
+    assert again.node_key("finance").read_bytes() == certs.node_key("finance").read_bytes()
+    assert certs.node_key("finance").stat().st_mode & 0o077 == 0
+    assert certs.ca_key.stat().st_mode & 0o077 == 0
+
+
+def test_each_platform_gets_only_its_own_data(world: dict[str, Any]) -> None:
+    from shared.datasets import load_catalogue, load_channel, load_manifest
+
+    # Execute: the split the module fixture made
+    coordinator, platforms = world["coordinator"], world["platforms"]
+
+    # Assert: a platform folder holds its channel's files and nothing else
+    for ch, folder in platforms.items():
+        assert list(load_manifest(folder).channels) == [ch]
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        assert files == sorted(["manifest.json", f"{ch}/interactions.csv", f"{ch}/items.csv"])
+        original = world["data"] / ch / "interactions.csv"
+        assert (folder / ch / "interactions.csv").read_bytes() == original.read_bytes()
+    # Assert: the coordinator gets every public catalogue and no interactions at all
+    assert not [p for p in coordinator.rglob("*") if "interactions" in p.name]
+    assert not (coordinator / "ground_truth").exists()
+    for ch in CHANNELS:
+        assert len(load_catalogue(coordinator, ch)) == len(load_channel(world["data"], ch)[0])
+
+
+def test_node_config_parses_as_flower_parses_it(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    text = node_config("finance", tmp_path / "data dir", tmp_path / "state")
+
+    assert parse_config_args([text]) == {
+        "channel": "finance",
+        "data-dir": str(tmp_path / "data dir"),
+        "state-dir": str(tmp_path / "state"),
+        "torch-threads": 1,
+    }
+
+
+def test_node_config_refuses_what_flower_would_misparse(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot contain"):
+        node_config("finance", tmp_path / 'da"ta', tmp_path / "state")
+
+
+@pytest.mark.e2e
+def test_commands_use_flags_the_installed_flower_has(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs", ["finance"])
+    link = superlink_command(port=8000, certs=certs, database=tmp_path / "db")
+    node = supernode_command(
+        superlink="127.0.0.1:8000",
+        port=9094,
+        config="channel='finance'",
+        root_certificates=certs.ca_cert,
+        private_key=certs.node_key("finance"),
+    )
+    for cmd in (link, node):
+        helptext = subprocess.run(
+            [cmd[0], "--help"], capture_output=True, text=True, timeout=60
+        ).stdout
+        flags = [c for c in cmd[1:] if c.startswith("--")]
+        assert flags and all(f in helptext for f in flags), (cmd[0], flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes
+
+
+REJECTIONS = {
+    # case: what the node gets wrong, and what its log must say
+    "unregistered": ("a key the SuperLink never registered", "Failed to activate SuperNode"),
+    "no-tls": ("--insecure against the TLS SuperLink", "Server disconnected without sending"),
+    "wrong-ca": ("a CA that did not sign the SuperLink's cert", "CERTIFICATE_VERIFY_FAILED"),
+}
+
+
+@pytest.fixture(scope="module")
+def rejected(
+    cluster: LocalDeployment, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[int, str, list[str], list[str]]]:
+    """Start one bad node per case at once; case -> (exit code, log, online before, after)."""
+    assert cluster.certs is not None
+    other = make_certs(tmp_path_factory.mktemp("other-pki"), ["intruder"])
+
+    def online() -> list[str]:
+        return sorted(n["node-id"] for n in cluster.nodes() if n["status"] == "online")
+
+    before = online()
+    options: dict[str, dict[str, Any]] = {
+        "unregistered": {"private_key": other.node_key("intruder")},
+        "no-tls": {"root_certificates": False, "private_key": False},
+        "wrong-ca": {
+            "root_certificates": other.ca_cert,
+            "private_key": cluster.certs.node_key("finance"),  # registered: only TLS is wrong
+        },
+    }
+    procs = {}
+    try:
+        for case, kwargs in options.items():
+            # --max-retries 1: a node refused at the transport level retries forever otherwise
+            procs[case] = cluster.start_node(
+                "intruder", other.root, name=f"bad-{case}", extra=["--max-retries", "1"], **kwargs
+            )
+        codes = {case: proc.popen.wait(timeout=120) for case, proc in procs.items()}
+    finally:
+        for case in procs:
+            cluster.stop(f"bad-{case}")
+    after = online()
+    return {
+        case: (codes[case], proc.log.read_text(errors="replace"), before, after)
+        for case, proc in procs.items()
+    }
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", sorted(REJECTIONS))
+def test_superlink_refuses_node(
+    rejected: dict[str, tuple[int, str, list[str], list[str]]], case: str
+) -> None:
+    code, log, online_before, online_after = rejected[case]
+
+    # Assert: the node gave up with Flower's connection-error exit and never got a node ID
+    assert code == 1 and "Exit Code: 305" in log, log[-2000:]
+    assert REJECTIONS[case][1] in log, log[-2000:]
+    assert "SuperNode ID" not in log
+    assert online_after == online_before
+
+
+@pytest.mark.e2e
+def test_end_to_end_two_rounds(
+    cluster: LocalDeployment, world: dict[str, Any], tmp_path: Path
+) -> None:
+    # Prepare
+    run_dir = tmp_path / "run"
+    before = {ch: _steps(_node_history(cluster, ch)) for ch in CHANNELS}
+
+    # Execute
+    code, run_id = cluster.submit(_run_config(world, run_dir), log_name="e2e")
+
+    # Assert: the run finished and wrote its results
+    assert code == 0 and run_id is not None, (cluster.root / "logs" / "e2e.log").read_text()[-3000:]
+    results = _assert_logs_intact(run_dir)
+    assert results["rounds_completed"] == 2 and results["resumed_after"] == 0
+    for ch in CHANNELS:
+        assert set(results["channels"][ch]["metrics"]) >= {wire.NDCG10, wire.HR10, wire.RECALL20}
+        assert results["channels"][ch]["privacy"][wire.EPSILON] > 0
+    assert results["round_status"] == {str(r): dict.fromkeys(CHANNELS, "ok") for r in (1, 2)}
+    # Assert: ε per channel rises round by round, as the server's ledger recorded it
+    trained = [e for e in _ledger(run_dir) if e["status"] == "trained"]
+    for ch in CHANNELS:
+        eps = [
+            e["epsilon"] for e in sorted(trained, key=lambda e: e["round"]) if e["channel"] == ch
+        ]
+        assert len(eps) == 2 and 0 < eps[0] < eps[1]
+    # Assert: egress log: only the model's weights and allowlisted values left the platforms
+    shapes = json.loads((run_dir / "model.json").read_text())["param_shapes"]
+    egress = hashlog.read(run_dir / "egress.jsonl")
+    assert {(e["round"], e["kind"], e["channel"]) for e in egress} == {
+        (r, k, ch) for r in (1, 2) for k in ("train", "evaluate") for ch in CHANNELS
+    }
+    for entry in egress:
+        allowed = wire.ALLOWLIST[entry["kind"]]
+        assert entry["violations"] == [] and set(entry["records"]) <= set(allowed)
+        for name, rec in entry["records"].items():
+            if rec["type"] == "arrays":
+                assert {k: v["shape"] for k, v in rec["arrays"].items()} == shapes
+            else:
+                assert set(rec["values"]) <= set(allowed[name][1] or ())
+    # Assert: every platform's own ledger (its disk) grew by exactly this run's steps
+    after = _assert_node_ledgers_grow(cluster, before)
+    assert {ch: after[ch] - before[ch] for ch in CHANNELS} == dict.fromkeys(CHANNELS, 2 * STEPS)
+    assert (run_dir / "checkpoints" / "round-0002.safetensors").exists()
+
+
+@pytest.mark.e2e
+def test_platform_crash_rejoin_and_spent_budget(
+    cluster: LocalDeployment, world: dict[str, Any], tmp_path: Path
+) -> None:
+    """3 rounds, min-nodes 2, a budget that allows 2 more rounds. Finance's host dies right
+    after its round-1 reply; it is started again once round 2 is under way (and the SuperLink
+    has noticed it gone: its heartbeat lapses within 60 s). Expected: finance missing in
+    round 2, back in round 3 with its ε continued; ecommerce and social refused in round 3."""
+    # Prepare: every platform's ledger holds the same history (fresh, or after the e2e run)
+    history = {ch: _node_history(cluster, ch) for ch in CHANNELS}
+    assert len({tuple(h) for h in history.values()}) == 1, history
+    plan = history["finance"] + [(SIGMA, 1.0, 2 * STEPS)]
+    target = privacy.epsilon_of(plan, DELTA, "rdp") * 1.001
+    before = {ch: _steps(h) for ch, h in history.items()}
+    run_dir = tmp_path / "run"
+    cfg = _run_config(
+        world,
+        run_dir,
+        **{
+            "num-server-rounds": 3,
+            "min-nodes": 2,
+            "round-timeout": 120.0,
+            "dp.target-epsilon": target,
+        },
+    )
+    round_2 = threading.Event()
+    errors: list[BaseException] = []
+
+    def restart() -> None:
+        try:
+            assert round_2.wait(timeout=300), "round 2 never started"
+            cluster.restart_node("finance", world["platforms"]["finance"])
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    restarter = threading.Thread(target=restart, daemon=True)
+
+    def on_line(line: str) -> None:
+        if "aggregate_train: Received" in line and restarter.ident is None:
+            cluster.crash("node-finance")  # the host dies: SuperNode, SuperExec, ClientApp
+            restarter.start()
+        if "[ROUND 2/" in line:
+            round_2.set()
+
+    # Execute
+    try:
+        code, _ = cluster.submit(cfg, on_line=on_line, log_name="crash")
+    finally:
+        round_2.set()
+        restarter.join(timeout=180)
+    assert not errors, errors
+
+    # Assert (a): the run finished with the others; finance is "missing" in round 2
+    assert code == 0, (cluster.root / "logs" / "crash.log").read_text()[-3000:]
+    results = _assert_logs_intact(run_dir)
+    assert results["rounds_completed"] == 3
+    ledger = _ledger(run_dir)
+    status = {(e["round"], e["channel"]): e["status"] for e in ledger}
+    assert status[(1, "finance")] == "trained" and status[(2, "finance")] == "missing"
+    assert all(status[(r, ch)] == "trained" for r in (1, 2) for ch in ("ecommerce", "social"))
+    # Assert (d): budget spent -> refused, recorded, and the run went on without them
+    for ch in ("ecommerce", "social"):
+        assert status[(3, ch)] == "refused"
+        reason = next(e["reason"] for e in ledger if (e["round"], e["channel"]) == (3, ch))
+        assert reason.startswith("privacy-refused")
+    # Assert (b): finance rejoined in round 3; its ε continued from the ledger on its disk
+    assert status[(3, "finance")] == "trained"
+    finance = {e["round"]: e for e in ledger if e["channel"] == "finance"}
+    assert finance[3]["total-steps"] == before["finance"] + 2 * STEPS  # not STEPS: no reset
+    assert finance[1]["epsilon"] < finance[3]["epsilon"] <= target
+    after = _assert_node_ledgers_grow(cluster, before)
+    assert {ch: after[ch] - before[ch] for ch in CHANNELS} == dict.fromkeys(CHANNELS, 2 * STEPS)
+    # The SuperLink itself answers for a node it lost (src node 1, NODE_UNAVAILABLE);
+    # server/strategy.py should attribute that reply to the node's channel.
+    egress = hashlog.read(run_dir / "egress.jsonl")
+    unknown = sorted({e["channel"] for e in ledger + egress} - set(CHANNELS))
+    if unknown:
+        pytest.xfail(f"run logs name {unknown}, not a channel: see change request (strategy)")
+
+
+@pytest.mark.e2e
+def test_coordinator_restart_resumes_from_last_checkpoint(
+    cluster: LocalDeployment, world: dict[str, Any], tmp_path: Path
+) -> None:
+    # Prepare
+    run_dir = tmp_path / "run"
+    before = {ch: _steps(_node_history(cluster, ch)) for ch in CHANNELS}
+    cfg = _run_config(world, run_dir)
+
+    def on_line(line: str) -> None:
+        if "[fedrec] round 1:" in line and cluster.procs["superlink"].running():
+            cluster.crash("superlink")  # the coordinator's host dies, ServerApp included
+
+    # Execute: crash after round 1, bring the coordinator back, resubmit with resume=true
+    code, crashed_run = cluster.submit(cfg, on_line=on_line, log_name="coordinator-1")
+    assert code != 0
+    assert (run_dir / "checkpoints" / "round-0001.safetensors").exists()
+    assert not (run_dir / "checkpoints" / "round-0002.safetensors").exists()
+    cluster.start_superlink()
+    cluster.wait_superlink()
+    cluster.wait_online(len(CHANNELS))  # the SuperNodes reconnect by themselves
+    code, _ = cluster.submit({**cfg, "resume": True}, log_name="coordinator-2")
+
+    # Assert: the resumed run started after round 1 and completed round 2
+    assert code == 0, (cluster.root / "logs" / "coordinator-2.log").read_text()[-3000:]
+    results = _assert_logs_intact(run_dir)
+    assert results["resumed_after"] == 1 and results["rounds_completed"] == 2
+    assert (run_dir / "checkpoints" / "round-0002.safetensors").exists()
+    trained = [e for e in _ledger(run_dir) if e["status"] == "trained"]
+    assert sorted((e["round"], e["channel"]) for e in trained) == [
+        (r, ch) for r in (1, 2) for ch in CHANNELS
+    ]
+    for ch in CHANNELS:
+        eps = [e["epsilon"] for e in trained if e["channel"] == ch]
+        assert eps[0] < eps[1]  # the new Flower run started from the platforms' ledgers
+    _assert_node_ledgers_grow(cluster, before)
+    # The restarted SuperLink closed the crashed run itself (its ServerApp never came back).
+    listed = cluster.flwr("ls", "fedrec-local", "--run-id", str(crashed_run), "--format", "json")
+    assert json.loads(listed.stdout)["runs"][0]["status"].startswith("finished"), listed.stdout
