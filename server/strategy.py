@@ -14,12 +14,20 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from server.rundir import RunDir
 from shared import wire
 from shared.config import FedrecConfig
+
+# Error codes with which the SuperLink reports a node it could not reach.
+UNAVAILABLE = {
+    ErrorCode.NODE_UNAVAILABLE,
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+    ErrorCode.MESSAGE_UNAVAILABLE,
+}
 
 
 class RecordingMixin:
@@ -39,17 +47,24 @@ class RecordingMixin:
         self.last_eval: dict[str, dict[str, float]] = {}
         self.last_privacy: dict[str, dict[str, Any]] = {}
         self.round_status: dict[int, dict[str, str]] = {}
+        self.sent: list[Message] = []
 
     # Flower counts rounds from 1 in every start(); a resumed run continues the numbering.
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return super().configure_train(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+        self.sent = list(
+            super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        )  # type: ignore[misc]
+        return self.sent
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+        self.sent = list(
+            super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        )  # type: ignore[misc]
+        return self.sent
 
     def _label(self, node: int, content: RecordDict | None) -> tuple[str, int]:
         """(channel, shard) a node serves: from its reply, else from the items hand-shake."""
@@ -68,13 +83,24 @@ class RecordingMixin:
         status: dict[str, str] = {}
         for msg in replies:
             node = msg.metadata.src_node_id
+            if msg.has_error() and node == SUPERLINK_NODE_ID:
+                # The SuperLink answers for a node it cannot reach: find that node.
+                sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+                node = sent_to.get(msg.metadata.reply_to_message_id, node)
             content = None if msg.has_error() else msg.content
             channel, shard = self._label(node, content)
             label = _node_label(channel, shard)
             where = {"round": round_, **_who(channel, shard), "node": node}
             if content is None:
                 reason = msg.error.reason or ""
-                status[label] = "refused" if msg.error.code == wire.REFUSED_CODE else "failed"
+                code = msg.error.code
+                status[label] = (
+                    "refused"
+                    if code == wire.REFUSED_CODE
+                    else "missing"
+                    if code in UNAVAILABLE
+                    else "failed"
+                )
                 error = {"code": msg.error.code, "reason": reason[:2000]}
                 self.run.egress(
                     {
