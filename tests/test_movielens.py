@@ -1,6 +1,6 @@
 """MovieLens parsers and the cross-domain split.
 
-Fixtures in tests/data/ml100k and tests/data/ml1m are hand-written, fictional movies in the
+Fixtures in tests/data/ml100k-fictional and tests/data/ml1m are hand-written, fictional movies in the
 original file formats (no MovieLens rows are copied: the licence forbids redistribution).
 Tests marked ``data`` read the real files from ../shared/data (or $FEDREC_SHARED_DATA) and skip
 when they are absent.
@@ -46,10 +46,25 @@ def _gzip_crlf(src: Path, dst: Path) -> None:
 
 # --- ML-100K --------------------------------------------------------------------------------
 
+# The fictional fixture is stored under neutral names (the real files' names are reserved for
+# licensed MovieLens data, which never enters the repo) and laid out as u.* in a temp folder.
+ML100K_NAMES = {"ratings.tsv": "u.data", "movies.psv": "u.item", "genres.psv": "u.genre"}
 
-def test_ml100k_parser_reads_fixture():
+
+def _copy_ml100k_fixture(folder):
+    for stored, name in ML100K_NAMES.items():
+        shutil.copy(FIXTURES / "ml100k-fictional" / stored, folder / name)
+    return folder
+
+
+@pytest.fixture
+def ml100k_fixture(tmp_path):
+    return _copy_ml100k_fixture(tmp_path)
+
+
+def test_ml100k_parser_reads_fixture(ml100k_fixture):
     # Prepare / Execute
-    ratings, movies = load_ml100k(FIXTURES / "ml100k")
+    ratings, movies = load_ml100k(ml100k_fixture)
 
     # Assert
     assert len(ratings) == 14
@@ -61,9 +76,9 @@ def test_ml100k_parser_reads_fixture():
     assert movies.genres[0] == ("Animation", "Children's", "Comedy")
 
 
-def test_ml100k_reads_latin1_titles_and_restores_articles():
+def test_ml100k_reads_latin1_titles_and_restores_articles(ml100k_fixture):
     # Prepare / Execute
-    _, movies = load_ml100k(FIXTURES / "ml100k")
+    _, movies = load_ml100k(ml100k_fixture)
 
     # Assert
     assert movies.text(2) == ("The Quiet Rooms (1994)", "Genres: Drama, Romance")
@@ -73,8 +88,7 @@ def test_ml100k_reads_latin1_titles_and_restores_articles():
 
 def test_ml100k_reports_file_and_line_of_bad_row(tmp_path):
     # Prepare
-    for name in ("u.genre", "u.item", "u.data"):
-        shutil.copy(FIXTURES / "ml100k" / name, tmp_path / name)
+    _copy_ml100k_fixture(tmp_path)
     with open(tmp_path / "u.data", "a") as f:
         f.write("4\tnine\t3\t100\n")
 
@@ -161,9 +175,9 @@ def test_natural_title_moves_english_article_only():
     assert natural_title("Misérables, Les") == "Misérables, Les"
 
 
-def test_domain_rule_follows_priority_order():
+def test_domain_rule_follows_priority_order(ml100k_fixture):
     # Prepare
-    _, movies = load_ml100k(FIXTURES / "ml100k")
+    _, movies = load_ml100k(ml100k_fixture)
 
     # Execute
     domains = assign_domains(movies)
@@ -181,9 +195,9 @@ def test_domain_rule_follows_priority_order():
     ]
 
 
-def test_cross_domain_puts_each_item_in_exactly_one_domain():
+def test_cross_domain_puts_each_item_in_exactly_one_domain(ml100k_fixture):
     # Prepare
-    ratings, movies = load_ml100k(FIXTURES / "ml100k")
+    ratings, movies = load_ml100k(ml100k_fixture)
 
     # Execute
     catalogues, _ = cross_domain(ratings, movies)
@@ -194,9 +208,9 @@ def test_cross_domain_puts_each_item_in_exactly_one_domain():
     assert catalogues["drama"].texts()[0] == "The Quiet Rooms (1994). Genres: Drama, Romance"
 
 
-def test_cross_domain_keeps_users_with_three_and_orders_by_time_then_row():
+def test_cross_domain_keeps_users_with_three_and_orders_by_time_then_row(ml100k_fixture):
     # Prepare
-    ratings, movies = load_ml100k(FIXTURES / "ml100k")
+    ratings, movies = load_ml100k(ml100k_fixture)
 
     # Execute
     catalogues, interactions = cross_domain(ratings, movies)

@@ -463,8 +463,10 @@ def test_cli_writes_movielens_100k_from_fixture(tmp_path):
     runner, app = _cli()
     root = tmp_path / "data"
     (root / "movielens-100k").mkdir(parents=True)
-    for name in ("u.data", "u.item", "u.genre"):
-        (root / "movielens-100k" / name).write_bytes((FIXTURES / "ml100k" / name).read_bytes())
+    stored = {"u.data": "ratings.tsv", "u.item": "movies.psv", "u.genre": "genres.psv"}
+    for name, fixture in stored.items():  # fictional movies, stored under neutral names
+        src = FIXTURES / "ml100k-fictional" / fixture
+        (root / "movielens-100k" / name).write_bytes(src.read_bytes())
 
     # Execute
     result = runner.invoke(
