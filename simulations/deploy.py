@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from typing import Any
 
 import typer
 
-from simulations.flower import APP_DIR, processes_with_env, write_overrides
+from simulations.flower import APP_DIR, free_ports, processes_with_env, write_overrides
 
 DEPLOYMENT_ENV = "FEDREC_DEPLOYMENT"  # marks every process of one deployment (for teardown)
 LOOPBACK = "127.0.0.1"
@@ -288,13 +287,6 @@ def split_dataset(data_dir: Path, out_dir: Path) -> tuple[Path, dict[str, Path]]
 # Processes
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A port that was free a moment ago (bind to port 0 and let the kernel choose)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
@@ -463,7 +455,7 @@ class LocalDeployment:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         if not self.link_port:
-            self.link_port = free_port()
+            self.link_port = free_ports(1)[0]
         if self.secure and self.certs is None:
             self.certs = make_certs(self.root / "certs", self.channels)
         self.node_ports: dict[str, int] = {}
@@ -621,7 +613,7 @@ class LocalDeployment:
             root_certificates = self.ca
         if private_key is True:
             private_key = self.certs.node_key(channel) if self.certs else None
-        port = self.node_ports.setdefault(name, free_port())
+        port = self.node_ports.setdefault(name, free_ports(1)[0])
         cmd = supernode_command(
             superlink=self.address,
             port=port,
@@ -799,26 +791,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
 # fedrec deploy local
 
 
-def results_table(results: dict[str, Any], label: str, console: Any) -> None:
-    """One table per channel, as ``fedrec simulate`` prints them (metrics and ε)."""
-    from rich.table import Table
-
-    for ch, res in results["channels"].items():
-        table = Table(title=f"channel: {ch}")
-        for col in ("model", "NDCG@10", "HR@10", "Recall@20", "ε"):
-            table.add_column(col, justify="left" if col == "model" else "right")
-        m = res["metrics"]
-        eps = res["privacy"].get("epsilon")
-        eps_s = "-" if eps is None else ("∞" if eps == float("inf") else f"{eps:.2f}")
-        if not m:
-            table.add_row(label, "-", "-", "-", eps_s)
-        else:
-            table.add_row(
-                label, f"{m['ndcg@10']:.4f}", f"{m['hr@10']:.4f}", f"{m['recall@20']:.4f}", eps_s
-            )
-        console.print(table)
-
-
 def deploy_local(
     data: Path | None = None,
     rounds: int | None = None,
@@ -837,13 +809,13 @@ def deploy_local(
     from rich.console import Console
 
     from shared.config import ConfigError, from_run_config
-    from simulations.simulate import _channels, _ensure_data, _parse_value
+    from simulations.simulate import dataset_channels, ensure_data, parse_value, print_tables
 
     console = Console()
     t0 = time.perf_counter()
     out = (out or Path("runs") / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    data_dir = _ensure_data(data, "synthetic", seed, console)
-    channels = tuple(_channels(data_dir))
+    data_dir = ensure_data(data, "synthetic", seed, console)
+    channels = tuple(dataset_channels(data_dir))
     run_dir = out / ("federated-dp" if dp else "federated-nodp")
     overrides: dict[str, Any] = {
         "seed": seed,
@@ -855,7 +827,7 @@ def deploy_local(
         overrides["num-server-rounds"] = rounds
     for item in run_config or []:
         key, _, value = item.partition("=")
-        overrides[key.strip()] = _parse_value(value.strip())
+        overrides[key.strip()] = parse_value(value.strip())
     overrides["run-dir"] = str(run_dir)
     overrides["data-dir"] = str(out / "data" / "coordinator")
     try:
@@ -902,7 +874,14 @@ def deploy_local(
             )
         console.print(f"  run {run_id} done in {time.perf_counter() - t:.1f}s")
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-    results_table(results, "federated (DP), deployment" if dp else "federated, deployment", console)
+    label = "federated (DP), deployment" if dp else "federated, deployment"
+    print_tables(
+        {
+            ch: {label: {**r["metrics"], "epsilon": r["privacy"].get("epsilon")}}
+            for ch, r in results["channels"].items()
+        },
+        console,
+    )
     console.print(f"total {time.perf_counter() - t0:.1f}s; logs in {out / 'logs'}")
     return dict(results)
 

@@ -139,7 +139,6 @@ def simulate(
     run_config: list[str] | None = None,
 ) -> dict[str, Any]:
     from rich.console import Console
-    from rich.table import Table
 
     from shared.config import ConfigError
 
@@ -147,7 +146,7 @@ def simulate(
     t0 = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = (out or Path("runs") / f"{scenario}-{stamp}").resolve()
-    data_dir = _ensure_data(data, scenario, seed, console)
+    data_dir = ensure_data(data, scenario, seed, console)
     overrides: dict[str, Any] = {"data-dir": str(data_dir), "seed": seed}
     if rounds is not None:
         overrides["num-server-rounds"] = rounds
@@ -155,12 +154,12 @@ def simulate(
         overrides["dp.target-epsilon"] = epsilon
     if strategy is not None:
         overrides["strategy"] = strategy
-    channels = _channels(data_dir)
+    channels = dataset_channels(data_dir)
     overrides["channels"] = ",".join(channels)
     overrides["min-nodes"] = len(channels) * shards
     for item in run_config or []:
         key, _, value = item.partition("=")
-        overrides[key.strip()] = _parse_value(value.strip())
+        overrides[key.strip()] = parse_value(value.strip())
     try:
         cfg = preflight(
             {**overrides, "run-dir": str(out / "federated-dp"), "dp.enabled": dp}, data_dir
@@ -206,17 +205,7 @@ def simulate(
                 "epsilon": res["privacy"].get("epsilon", float("inf")),
             }
         console.print(f"  done in {time.perf_counter() - t:.1f}s")
-    for ch in channels:
-        table = Table(title=f"channel: {ch}")
-        for col in ("model", "NDCG@10", "HR@10", "Recall@20", "ε"):
-            table.add_column(col, justify="left" if col == "model" else "right")
-        for label, m in rows[ch].items():
-            eps = m.get("epsilon")
-            eps_s = "-" if eps is None else ("∞" if eps == float("inf") else f"{eps:.2f}")
-            table.add_row(
-                label, f"{m['ndcg@10']:.4f}", f"{m['hr@10']:.4f}", f"{m['recall@20']:.4f}", eps_s
-            )
-        console.print(table)
+    print_tables(rows, console)
     summary = {
         "scenario": scenario,
         "data_dir": str(data_dir),
@@ -231,6 +220,24 @@ def simulate(
         f"total {summary['wall_seconds']:.1f}s; δ={cfg.dp.target_delta:g}; summary in {out / 'summary.json'}"
     )
     return summary
+
+
+def print_tables(rows: dict[str, dict[str, dict[str, Any]]], console: Any) -> None:
+    """One table per channel: model rows with NDCG@10, HR@10, Recall@20 and ε."""
+    from rich.table import Table
+
+    def num(m: dict[str, Any], key: str) -> str:
+        return f"{m[key]:.4f}" if key in m else "-"
+
+    for ch, models in rows.items():
+        table = Table(title=f"channel: {ch}")
+        for col in ("model", "NDCG@10", "HR@10", "Recall@20", "ε"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for label, m in models.items():
+            eps = m.get("epsilon")
+            eps_s = "-" if eps is None else ("∞" if eps == float("inf") else f"{eps:.2f}")
+            table.add_row(label, num(m, "ndcg@10"), num(m, "hr@10"), num(m, "recall@20"), eps_s)
+        console.print(table)
 
 
 def preflight(run_config: dict[str, Any], data_dir: Path) -> Any:
@@ -264,7 +271,7 @@ def preflight(run_config: dict[str, Any], data_dir: Path) -> Any:
     return cfg
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     import tomllib
 
     try:
@@ -273,13 +280,13 @@ def _parse_value(text: str) -> Any:
         return text  # a bare string such as a path: --set encoder-dir=/models/x
 
 
-def _channels(data_dir: Path) -> list[str]:
+def dataset_channels(data_dir: Path) -> list[str]:
     from shared.datasets import load_manifest
 
     return list(load_manifest(data_dir).channels)
 
 
-def _ensure_data(data: Path | None, scenario: str, seed: int, console: Any) -> Path:
+def ensure_data(data: Path | None, scenario: str, seed: int, console: Any) -> Path:
     if data is not None:
         return data.resolve()
     path = (Path("worlds") / scenario).resolve()

@@ -167,14 +167,14 @@ def audit_empirical(
     from rich.console import Console
     from rich.table import Table
 
-    from simulations.simulate import _ensure_data, _parse_value
+    from simulations.simulate import ensure_data, parse_value
 
     from .empirical import AuditPlan, run_empirical_audit
     from .report import fmt
 
     console = Console()
     root = (out or Path("runs") / f"audit-empirical-{_time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    world = _ensure_data(data, "synthetic", 0, console)
+    world = ensure_data(data, "synthetic", 0, console)
     overrides: dict[str, object] = {}
     if rounds is not None:
         overrides["num-server-rounds"] = rounds
@@ -182,7 +182,7 @@ def audit_empirical(
         overrides["train.local-steps"] = local_steps
     for item in run_config or []:
         key, _, value = item.partition("=")
-        overrides[key.strip()] = _parse_value(value.strip())
+        overrides[key.strip()] = parse_value(value.strip())
     runs = ("dp", "control", "noise-off") if fault_injection else ("dp", "control")
     ok = True
     for seed in range(seeds):
