@@ -94,15 +94,11 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
     config = content[wire.CONFIG]
     server_round = int(config[wire.SERVER_ROUND])
     mu = float(config.get(wire.PROXIMAL_MU, 0.0))
-    spec = TrainSpec(
+    spec = TrainSpec.from_config(
+        cfg,
         steps=cfg.train.local_steps,
-        batch_size=cfg.train.batch_size,
-        negatives=cfg.train.negatives,
-        lr=cfg.train.lr,
-        optimizer=cfg.train.optimizer,
-        max_history=cfg.model.max_history,
-        proximal_mu=mu,
         seed=cfg.seed * 100_003 + server_round * 101 + node.shard,
+        proximal_mu=mu,
     )
     global_params = (
         {k: v.detach().clone() for k, v in model.state_dict().items()} if mu > 0 else None

@@ -4,9 +4,10 @@ Owns: turning a channel's sequences into per-user training examples, DP-SGD with
 (one user = one example = the privacy unit, Poisson-sampled), and leave-last-out evaluation.
 
 Privacy notes:
-  * Each example is one user: a prefix of that user's training history and the next item,
-    re-drawn at every step from that user's own data. Poisson sampling over users makes
-    Opacus's per-sample guarantee a per-user guarantee.
+  * Each example is one user: several prefixes of that user's training history, each with
+    the item that followed, re-drawn at every step from that user's own data, and one loss
+    (their mean). Poisson sampling over users makes Opacus's per-sample guarantee a per-user
+    guarantee.
   * Negatives are drawn uniformly from the public catalogue, per example; never other users'
     positives (in-batch) and never by a popularity computed from private data.
   * The held-out last item of every user is never trained on.
@@ -28,9 +29,10 @@ import torch
 from torch import nn
 
 from shared import privacy
+from shared.config import FedrecConfig
 from shared.data import Sequences
 from shared.metrics import metrics_from_ranks, rank_of_target, sample_negatives, sampled_rank
-from shared.model import RecModel
+from shared.model import RecModel, summarize_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,29 @@ class TrainSpec:
     steps: int = 20
     batch_size: int = 128
     negatives: int = 100
+    positions: int = 16
     lr: float = 0.003
     optimizer: str = "adam"
     max_history: int = 50
     proximal_mu: float = 0.0
     seed: int = 0
+
+    @classmethod
+    def from_config(
+        cls, cfg: FedrecConfig, *, steps: int, seed: int, proximal_mu: float = 0.0
+    ) -> TrainSpec:
+        t = cfg.train
+        return cls(
+            steps=steps,
+            batch_size=t.batch_size,
+            negatives=t.negatives,
+            positions=t.positions,
+            lr=t.lr,
+            optimizer=t.optimizer,
+            max_history=cfg.model.max_history,
+            proximal_mu=proximal_mu,
+            seed=seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -115,18 +135,24 @@ def check_item_range(seqs: Sequences, n_items: int) -> None:
 
 
 class UserExamples(torch.utils.data.Dataset):
-    """One example per user: (history prefix, next item, negatives), redrawn on every access.
+    """One example per user: up to ``spec.positions`` next-item predictions from that user's
+    own history, redrawn on every access.
 
-    With ``spec.negatives == 0`` there are no sampled negatives: the loss is a softmax over
-    the whole (public) catalogue.
+    An example is ``(x, cands)``: ``x`` (P, 2E) summarises P distinct prefixes of the user's
+    training history, and ``cands[p, 0]`` is the item that followed prefix p, then
+    ``spec.negatives`` uniform public negatives (with 0 negatives the loss is a softmax over the
+    whole catalogue). Users with fewer prefixes pad with ``cands == -1``. The user's loss is the
+    mean over its predictions (:class:`PerUserCrossEntropy`), so its gradient, the one DP-SGD
+    clips, averages many predictions: a steadier direction per user than one prediction, at the
+    same privacy cost.
 
     Works under Opacus's DPDataLoader (Poisson sampling) through ``__getitems__``.
     """
 
-    def __init__(self, seqs: Sequences, n_items: int, spec: TrainSpec) -> None:
+    def __init__(self, seqs: Sequences, items: torch.Tensor, spec: TrainSpec) -> None:
         lengths = seqs.lengths()
         self.rows = np.flatnonzero(lengths >= 2)  # need a prefix and a next item
-        self.seqs, self.n_items, self.spec = seqs, n_items, spec
+        self.seqs, self.items, self.spec = seqs, items, spec
         self.rng = np.random.default_rng(spec.seed)
 
     def __len__(self) -> int:
@@ -137,27 +163,57 @@ class UserExamples(torch.utils.data.Dataset):
 
     def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
         rows = self.rows[np.asarray(idx, dtype=np.int64)]
-        lengths = self.seqs.lengths()[rows]
-        cut = (self.rng.random(len(rows)) * (lengths - 1)).astype(np.int64) + 1  # 1..len-1
-        hist, mask = pad_histories(self.seqs, rows, cut, self.spec.max_history)
-        target = self.seqs.item_index[self.seqs.offsets[rows] + cut]
-        negs = self.rng.integers(0, self.n_items, size=(len(rows), self.spec.negatives))
-        cands = np.concatenate([target[:, None], negs], axis=1)
-        return torch.from_numpy(hist), torch.from_numpy(mask), torch.from_numpy(cands)
+        cut = self.draw_prefixes(self.seqs.lengths()[rows])  # (B, P), 0 = unused
+        x = summarize_prefixes(self.items, self.seqs, rows, cut, self.spec.max_history)
+        used = cut > 0
+        nxt = self.seqs.item_index[self.seqs.offsets[rows][:, None] + np.where(used, cut, 0)]
+        negs = self.rng.integers(0, len(self.items), size=(*cut.shape, self.spec.negatives))
+        cands = np.concatenate([nxt[..., None], negs], axis=-1)
+        cands[~used] = -1
+        return x, torch.from_numpy(cands)
+
+    def draw_prefixes(self, lengths: np.ndarray) -> np.ndarray:
+        """Up to P distinct prefix lengths in [1, length - 1] per user, uniformly; 0 pads."""
+        p = self.spec.positions
+        width = max(int(lengths.max(initial=2)) - 1, p)
+        keys = self.rng.random((len(lengths), width))
+        keys[np.arange(width)[None, :] >= (lengths - 1)[:, None]] = np.inf  # not a prefix
+        order = np.argsort(keys, axis=1)[:, :p]  # (B, P) random distinct slots
+        return np.where(np.take_along_axis(keys, order, axis=1) < np.inf, order + 1, 0)
 
 
 def _collate(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return batch
 
 
+class PerUserCrossEntropy(nn.Module):
+    """Cross-entropy averaged over each user's predictions (label -1 = padding), then reduced
+    over users by ``reduction`` ("mean", "sum" or "none" for per-user losses, which is how
+    Opacus's ghost clipping calls it)."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten().clamp(min=0), reduction="none"
+        ).view(labels.shape)  # (B, P)
+        used = (labels >= 0).to(ce.dtype)
+        per_user = (ce * used).sum(1) / used.sum(1).clamp(min=1.0)  # (B,)
+        if self.reduction == "none":
+            return per_user
+        return per_user.sum() if self.reduction == "sum" else per_user.mean()
+
+
 def candidate_logits(users: torch.Tensor, items: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
-    """Scores of each user's own candidates: (B, E) x (N, E), (B, C) -> (B, C).
+    """Scores of each prediction's own candidates: (..., E) x (N, E), (..., C) -> (..., C).
 
     For catalogues up to :data:`FULL_SCORE_MAX` items, scoring the whole catalogue and picking
-    the candidates is cheaper than gathering (B, C, E) candidate vectors.
+    the candidates is cheaper than gathering (..., C, E) candidate vectors.
     """
     if len(items) <= FULL_SCORE_MAX:
-        return (users @ items.T).gather(1, cands)
+        return (users @ items.T).gather(-1, cands)
     return (items[cands] @ users.unsqueeze(-1)).squeeze(-1)
 
 
@@ -167,13 +223,16 @@ FULL_SCORE_MAX = 20_000
 def _loss_inputs(
     model: nn.Module, items: torch.Tensor, batch: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    hist, mask, cands = batch
-    if cands.shape[1] == 1:  # no sampled negatives: softmax over the whole public catalogue
-        return model(items[hist], mask) @ items.T, cands[:, 0]  # (B, N), (B,)
-    logits = candidate_logits(model(items[hist], mask), items, cands)  # (B, 1+K)
-    collide = cands[:, 1:] == cands[:, :1]  # a negative that is the target is no negative
-    logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(collide, -1e4)], dim=1)
-    return logits, torch.zeros(len(cands), dtype=torch.long)
+    """(logits, labels) for :class:`PerUserCrossEntropy`: (B, P, C), (B, P) with -1 = padding."""
+    x, cands = batch
+    users = model(x)  # (B, P, E)
+    used = cands[..., 0] >= 0
+    if cands.shape[-1] == 1:  # no sampled negatives: softmax over the whole public catalogue
+        return users @ items.T, torch.where(used, cands[..., 0], -1)  # (B, P, N), (B, P)
+    logits = candidate_logits(users, items, cands.clamp(min=0))  # (B, P, 1+K)
+    collide = cands[..., 1:] == cands[..., :1]  # a negative that is the target is no negative
+    logits = torch.cat([logits[..., :1], logits[..., 1:].masked_fill(collide, -1e4)], dim=-1)
+    return logits, torch.where(used, 0, -1)
 
 
 def _optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
@@ -214,7 +273,7 @@ def train_local(
     is applied as a separate, data-independent step after each (noised) update: it costs no ε.
     """
     check_item_range(seqs, len(items))
-    examples = UserExamples(seqs, len(items), spec)
+    examples = UserExamples(seqs, items, spec)
     if len(examples) == 0:
         raise ValueError(
             f"no user has 2 or more training interactions on this channel "
@@ -240,7 +299,7 @@ def train_local(
         # round restarts from noisy first steps. It is computed from DP-noised gradients
         # (post-processing) and stays on the node.
         optimizer.load_state_dict(optimizer_state)
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    criterion: nn.Module = PerUserCrossEntropy()
     net: nn.Module = model
     engine = None
     if dp is not None:

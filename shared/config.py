@@ -48,6 +48,7 @@ class TrainConfig:
     local_steps: int = 30
     batch_size: int = 512
     negatives: int = 0  # 0: softmax over the whole public catalogue
+    positions: int = 16  # next-item predictions per user per step, averaged before clipping
     lr: float = 0.003
     optimizer: str = "adam"
 

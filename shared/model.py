@@ -23,12 +23,15 @@ Must not: import ``server/`` or ``client/``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from shared.config import FedrecConfig
+from shared.data import Sequences
 
 RECENT = 3  # the "recent" summary averages the last RECENT history items
 TAU = 20.0  # fixed logit scale for the dot product (cosine-like inputs)
@@ -62,6 +65,48 @@ def summarize_history(
         has_recent = (rm.sum(1) > 0).to(hist.dtype)  # (B, 1)
         recent = has_recent * 0.5 * (recent + query) + (1 - has_recent) * query
     return torch.cat([mean, recent], dim=-1)  # (B, 2E)
+
+
+def summarize_prefixes(
+    items: torch.Tensor, seqs: Sequences, rows: np.ndarray, cut: np.ndarray, max_history: int
+) -> torch.Tensor:
+    """:func:`summarize_history` of many prefixes at once, without padded histories.
+
+    Row ``j``, column ``p`` summarises the prefix ``seqs[rows[j]][:cut[j, p]]`` (its last
+    ``max_history`` items); ``cut == 0`` marks an unused slot and gives zeros. Each window mean
+    is one row of a sparse (prefixes x items) averaging matrix times the item matrix, so a
+    step reads each window's items once and never builds (prefixes, max_history, E) tensors.
+
+    Args:
+        items: (N, E) item vectors.
+        rows: (B,) row indices of ``seqs``.
+        cut: (B, P) prefix lengths, each in [0, len(row)].
+    Returns:
+        (B, P, 2E) float32, equal to ``summarize_history`` of the padded prefixes.
+    """
+    cut = np.asarray(cut, dtype=np.int64)
+    if np.any(cut > seqs.lengths()[rows][:, None]) or np.any(cut < 0):
+        raise ValueError("a prefix length is outside [0, length of its row]")
+    starts = seqs.offsets[rows][:, None]  # (B, 1)
+
+    def window_mean(width: int) -> torch.Tensor:
+        lo = np.maximum(cut - width, 0).ravel()
+        counts = cut.ravel() - lo  # items per window
+        ends = np.cumsum(counts)
+        first = (starts + np.zeros_like(cut)).ravel() + lo  # first item position per window
+        pos = np.arange(ends[-1] if len(ends) else 0) + np.repeat(first - (ends - counts), counts)
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            averaging = torch.sparse_csr_tensor(
+                torch.from_numpy(np.concatenate([[0], ends])),
+                torch.from_numpy(seqs.item_index[pos]),
+                torch.from_numpy(np.repeat(1.0 / np.maximum(counts, 1), counts).astype(np.float32)),
+                size=(cut.size, len(items)),
+                check_invariants=False,  # built valid above; checking costs a pass over it
+            )
+        return (averaging @ items).view(*cut.shape, items.shape[1])
+
+    return torch.cat([window_mean(max_history), window_mean(min(RECENT, max_history))], dim=-1)
 
 
 class RecModel(nn.Module):
@@ -105,8 +150,11 @@ class RecModel(nn.Module):
         self, hist: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The user's D-dimensional profile p: (B, L, E), (B, L) [, (B, E)] -> (B, D)."""
-        x = summarize_history(hist, mask, query)  # (B, 2E)
-        p = self.profile_lin(x)  # (B, D)
+        return self.code(summarize_history(hist, mask, query))
+
+    def code(self, x: torch.Tensor) -> torch.Tensor:
+        """History summaries (..., 2E) -> profiles (..., D)."""
+        p = self.profile_lin(x)
         if self.profile_mlp is not None:
             p = p + self.profile_mlp(x)
         return p
@@ -115,7 +163,7 @@ class RecModel(nn.Module):
         self, hist: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
     ) -> torch.Tensor:
         """User vector in item space: (B, L, E), (B, L) [, (B, E)] -> (B, E)."""
-        return TAU * self.to_items(self.user_code(hist, mask, query))  # (B, E)
+        return self(summarize_history(hist, mask, query))  # (B, E)
 
     @torch.no_grad()
     def item_codes(self, items: torch.Tensor) -> torch.Tensor:
@@ -132,13 +180,14 @@ class RecModel(nn.Module):
         """Full ranking: (B, E) user vectors x (N, E) item vectors -> (B, N) scores."""
         return profile @ items.T
 
-    def forward(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The user vector (B, E); a candidate's score is its dot product with it.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """History summaries (..., 2E) -> user vectors in item space (..., E).
 
-        Scores are computed outside the model against the constant, public item matrix, so
-        each user's loss depends on that user's data and public items only.
+        A candidate's score is its dot product with the user vector. Scores are computed
+        outside the model against the constant, public item matrix, so each user's loss
+        depends on that user's data and public items only.
         """
-        return self.profile(hist, mask)
+        return TAU * self.to_items(self.code(x))
 
 
 def build_model(cfg: FedrecConfig, item_dim: int) -> RecModel:

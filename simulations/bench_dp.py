@@ -5,16 +5,16 @@ model, optimizer and loader, and is timed in short windows that alternate betwee
 round after round (the order rotates every round), so load from other processes hits all
 variants alike. Reported: median users/s per variant, and the median over rounds of the
 per-round time ratio DP / no DP. The training step is the one ``client.training.train_local``
-runs: ``UserExamples`` batches (Poisson-sampled under DP), ``_loss_inputs``, Adam, σ = 1, C = 1.
+runs: ``UserExamples`` batches (Poisson-sampled under DP), ``_loss_inputs``,
+``PerUserCrossEntropy``, Adam, σ = 1, C = 1, the run config's negatives and positions.
 
-``--profile`` adds where one step's time goes (data pipeline, forward+backward, optimizer) and
-compares ``pad_histories`` with the vectorised :func:`pad_histories_vectorised` below.
+``--profile`` adds where one step's time goes (data pipeline, forward+backward, optimizer).
 
 Run::
 
     python -m simulations.bench_dp [--users 20000] [--batch-sizes 128,512] [--rounds 5]
 
-Must not: be imported by ``client/`` or ``server/`` (the vectorised padding is a proposal).
+Must not: be imported by ``client/`` or ``server/``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import typer
 if TYPE_CHECKING:
     import torch
 
+    from client.training import TrainSpec
     from shared.data import Sequences
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -52,24 +53,16 @@ def synthetic_sequences(users: int, items: int, seed: int = 0) -> tuple[torch.Te
     return torch.from_numpy(vectors), Sequences(names, offsets, flat)
 
 
-def pad_histories_vectorised(
-    seqs: Sequences, rows: np.ndarray, ends: np.ndarray, max_len: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Same output as ``client.training.pad_histories`` without a Python loop per row.
+def bench_spec(batch_size: int, seed: int = 0) -> TrainSpec:
+    from client.training import TrainSpec
+    from shared.config import TrainConfig
 
-    Row i holds ``item_index[s + max(0, e - max_len) : s + e]`` right-aligned, where
-    ``s = offsets[rows[i]]`` and ``e = ends[i]``.
-    """
-    rows, ends = np.asarray(rows, dtype=np.int64), np.asarray(ends, dtype=np.int64)
-    first = seqs.offsets[rows] + np.maximum(ends - max_len, 0)  # (B,) first item position
-    n = np.minimum(ends, max_len)  # (B,) window length
-    col = np.arange(max_len)[None, :]  # (1, L)
-    pad = max_len - n[:, None]  # (B, 1) padded columns on the left
-    mask = col >= pad  # (B, L)
-    if not len(seqs.item_index):
-        return np.zeros(mask.shape, dtype=np.int64), mask
-    pos = np.where(mask, first[:, None] + col - pad, 0)  # (B, L)
-    return np.where(mask, seqs.item_index[pos], 0).astype(np.int64), mask
+    return TrainSpec(
+        batch_size=batch_size,
+        seed=seed,
+        negatives=TrainConfig.negatives,
+        positions=TrainConfig.positions,
+    )
 
 
 class Variant:
@@ -86,14 +79,13 @@ class Variant:
     ) -> None:
         import torch
 
-        from client.training import TrainSpec, UserExamples, _collate
+        from client.training import PerUserCrossEntropy, UserExamples, _collate
         from shared.model import RecModel
 
         torch.manual_seed(seed)
         self.name, self.items = name, items
-        spec = TrainSpec(batch_size=batch_size, seed=seed)
         model = RecModel()
-        examples = UserExamples(seqs, len(items), spec)
+        examples = UserExamples(seqs, items, bench_spec(batch_size, seed))
         loader = torch.utils.data.DataLoader(
             examples,
             batch_size=batch_size,
@@ -102,7 +94,7 @@ class Variant:
             generator=torch.Generator().manual_seed(seed),
         )
         self.optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        self.criterion: Callable[..., torch.Tensor] = torch.nn.CrossEntropyLoss()
+        self.criterion: Callable[..., torch.Tensor] = PerUserCrossEntropy()
         self.net: torch.nn.Module = model
         if mode is not None:
             from opacus import PrivacyEngine
@@ -179,66 +171,40 @@ def run_ratio(
 
 
 def profile(items: torch.Tensor, seqs: Sequences, batch_size: int, repeats: int) -> None:
-    """Where one ghost-mode DP step spends its time, and the padding loop vs vectorised."""
-    from client.training import TrainSpec, UserExamples, pad_histories
+    """Where one ghost-mode DP step spends its time, against the same step without DP."""
 
-    examples = UserExamples(seqs, len(items), TrainSpec(batch_size=batch_size))
+    from client.training import PerUserCrossEntropy, UserExamples, _loss_inputs
+
+    examples = UserExamples(seqs, items, bench_spec(batch_size))
     rng = np.random.default_rng(1)
-    idx = [
-        rng.choice(len(examples), size=batch_size, replace=False).tolist() for _ in range(repeats)
-    ]
+    idx = iter(
+        [rng.choice(len(examples), size=batch_size, replace=False).tolist() for _ in range(repeats)]
+    )
+    start = time.perf_counter()
+    batches = [examples.__getitems__(next(idx)) for _ in range(repeats)]
+    get_ms = (time.perf_counter() - start) / repeats * 1e3
 
-    def timed(fn: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - start) / repeats * 1e3
+    def steps(v: Variant, criterion: Callable[..., torch.Tensor]) -> tuple[float, float]:
+        v.window(1)
+        fb, opt = [], []
+        for batch in batches:
+            v.optimizer.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            logits, labels = _loss_inputs(v.net, items, batch)
+            criterion(logits, labels).backward()
+            t1 = time.perf_counter()
+            v.optimizer.step()
+            fb.append(t1 - t0)
+            opt.append(time.perf_counter() - t1)
+        return statistics.median(fb) * 1e3, statistics.median(opt) * 1e3
 
-    it = iter(idx * 2)
-    get_ms = timed(lambda: examples.__getitems__(next(it)))
-    rows = examples.rows[np.asarray(idx[0])]
-    ends = (rng.random(batch_size) * (seqs.lengths()[rows] - 1)).astype(np.int64) + 1
-    loop_ms = timed(lambda: pad_histories(seqs, rows, ends, 50))
-    vec_ms = timed(lambda: pad_histories_vectorised(seqs, rows, ends, 50))
-    a, b = pad_histories(seqs, rows, ends, 50), pad_histories_vectorised(seqs, rows, ends, 50)
-    same = np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-
-    import torch
-
-    from client.training import _loss_inputs
-
-    v = Variant("DP ghost", "ghost", items, seqs, batch_size)
-    v.window(1)
-    batches = [next(v.batches) for _ in range(repeats)]
-    fb, opt = [], []
-    for batch in batches:
-        v.optimizer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        logits, labels = _loss_inputs(v.net, items, batch)
-        v.criterion(logits, labels).backward()
-        t1 = time.perf_counter()
-        v.optimizer.step()
-        fb.append(t1 - t0)
-        opt.append(time.perf_counter() - t1)
-    plain = Variant("no DP", None, items, seqs, batch_size)
-    plain.window(1)
-    pfb, popt = [], []
-    for batch in batches:
-        plain.optimizer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        logits, labels = _loss_inputs(plain.net, items, batch)
-        torch.nn.functional.cross_entropy(logits, labels).backward()
-        t1 = time.perf_counter()
-        plain.optimizer.step()
-        pfb.append(t1 - t0)
-        popt.append(time.perf_counter() - t1)
-    med = statistics.median
+    ghost = Variant("DP ghost", "ghost", items, seqs, batch_size)
+    fb, opt = steps(ghost, ghost.criterion)
+    pfb, popt = steps(Variant("no DP", None, items, seqs, batch_size), PerUserCrossEntropy())
     typer.echo(
         f"  B={batch_size} per step (median of {repeats}): UserExamples.__getitems__ "
-        f"{get_ms:.2f} ms (pad_histories loop {loop_ms:.2f} ms, vectorised {vec_ms:.3f} ms, "
-        f"identical={same}); ghost forward+backward {med(fb) * 1e3:.1f} ms, DP optimizer step "
-        f"{med(opt) * 1e3:.1f} ms; no-DP forward+backward {med(pfb) * 1e3:.1f} ms, Adam step "
-        f"{med(popt) * 1e3:.1f} ms"
+        f"{get_ms:.2f} ms; ghost forward+backward {fb:.1f} ms, DP optimizer step {opt:.1f} ms; "
+        f"no-DP forward+backward {pfb:.1f} ms, Adam step {popt:.1f} ms"
     )
 
 
@@ -267,7 +233,7 @@ def main(
     typer.echo(f"model {model.spec} ({n_params:,} parameters)")
     typer.echo(
         f"{users} users, {items} items, torch threads {threads}, Adam, sigma 1, C 1, "
-        f"100 negatives, history <= 50, {rounds} interleaved windows of ~{window_users} "
+        f"{bench_spec(1)}, {rounds} interleaved windows of ~{window_users} "
         "users per variant"
     )
     from simulations.train import quiet_opacus

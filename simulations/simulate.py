@@ -46,15 +46,7 @@ def _comparisons(
     rows: dict[str, dict[str, dict[str, float]]] = {}
     splits: dict[str, Split] = {}
     items: dict[str, torch.Tensor] = {}
-    spec = TrainSpec(
-        steps=cfg.planned_steps(),
-        batch_size=cfg.train.batch_size,
-        negatives=cfg.train.negatives,
-        lr=cfg.train.lr,
-        optimizer=cfg.train.optimizer,
-        max_history=cfg.model.max_history,
-        seed=cfg.seed,
-    )
+    spec = TrainSpec.from_config(cfg, steps=cfg.planned_steps(), seed=cfg.seed)
     ev = {"max_history": cfg.model.max_history, "max_users": cfg.eval.max_users, "seed": cfg.seed}
     for ch in cfg.channels:
         _, inter = load_channel(data_dir, ch)

@@ -35,15 +35,17 @@ def test_shapes() -> None:
     mask = torch.ones(b, seq_len, dtype=torch.bool)
 
     # Execute
-    users = model(hist, mask)
+    users = model(summarize_history(hist, mask))
     profile = model.profile(hist, mask)
     full = model.score_items(profile, torch.randn(n, DIM))
+    several = model(torch.randn(b, 5, 2 * DIM))  # several prefixes per user
 
     # Assert
     assert users.shape == (b, DIM)
     torch.testing.assert_close(users, profile)
     assert full.shape == (b, n)
     assert summarize_history(hist, mask).shape == (b, 2 * DIM)
+    assert several.shape == (b, 5, DIM)
 
 
 def test_param_shapes_lists_every_parameter_and_nothing_indexed_by_item() -> None:
@@ -70,7 +72,7 @@ def test_every_parameter_is_trainable_and_opacus_compatible() -> None:
     from opacus.validators import ModuleValidator
 
     model = RecModel()
-    users = model(torch.randn(3, 5, DIM), torch.ones(3, 5, dtype=torch.bool))  # (3, E)
+    users = model.profile(torch.randn(3, 5, DIM), torch.ones(3, 5, dtype=torch.bool))  # (3, E)
     logits = users @ torch.randn(DIM, 4)  # (3, 4) candidate scores
 
     # Execute
@@ -194,3 +196,46 @@ def test_query_alone_is_the_recent_summary_of_an_empty_history() -> None:
 
     torch.testing.assert_close(summary[0, :DIM], torch.zeros(DIM))
     torch.testing.assert_close(summary[0, DIM:], torch.full((DIM,), 8.0))
+
+
+@pytest.mark.parametrize("max_history", [1, 2, 3, 4, 50])
+def test_summarize_prefixes_equals_summarize_history_of_the_padded_prefixes(
+    max_history: int,
+) -> None:
+    # Prepare: rows of lengths 1..9 and every prefix length 0..len (0 = unused slot).
+    from client.training import pad_histories
+    from shared.data import Sequences
+    from shared.model import summarize_prefixes
+
+    rng = np.random.default_rng(3)
+    items = torch.nn.functional.normalize(torch.randn(40, DIM), dim=1)
+    lengths = np.arange(1, 10)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    seqs = Sequences(
+        np.array([f"u{k}" for k in lengths]), offsets, rng.integers(0, 40, offsets[-1])
+    )
+    rows = np.array([8, 0, 4, 8, 2])
+    cut = np.stack([rng.integers(0, seqs.lengths()[r] + 1, size=6) for r in rows])  # (5, 6)
+
+    # Execute
+    fast = summarize_prefixes(items, seqs, rows, cut, max_history)
+
+    # Assert: slot by slot, the padded-history summary of the same prefix; zeros when unused.
+    assert fast.shape == (5, 6, 2 * DIM)
+    for j, r in enumerate(rows):
+        for p, c in enumerate(cut[j]):
+            if c == 0:
+                assert torch.count_nonzero(fast[j, p]) == 0
+                continue
+            hist, mask = pad_histories(seqs, np.array([r]), np.array([c]), max_history)
+            slow = summarize_history(items[torch.from_numpy(hist)], torch.from_numpy(mask))[0]
+            torch.testing.assert_close(fast[j, p], slow, rtol=0, atol=1e-6)
+
+
+def test_summarize_prefixes_rejects_a_prefix_longer_than_its_row() -> None:
+    from shared.data import Sequences
+    from shared.model import summarize_prefixes
+
+    seqs = Sequences(np.array(["u0"]), np.array([0, 2]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="prefix length"):
+        summarize_prefixes(torch.randn(3, DIM), seqs, np.array([0]), np.array([[3]]), 50)

@@ -16,9 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F  # noqa: N812
 
-from client.training import DPSpec, TrainSpec, UserExamples, _loss_inputs, train_local
+from client.training import (
+    DPSpec,
+    PerUserCrossEntropy,
+    TrainSpec,
+    UserExamples,
+    _loss_inputs,
+    train_local,
+)
 from shared import privacy
 from shared.config import ConfigError, FedrecConfig, check_delta, from_run_config
 from shared.data import Sequences
@@ -67,9 +73,10 @@ def flat_params(model: torch.nn.Module) -> torch.Tensor:
 
 
 def one_batch(n_users: int = 8) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The item matrix and one fixed batch (hist, mask, cands) of ``n_users`` examples."""
+    """The item matrix and one fixed batch (x, cands) of ``n_users`` examples, 4 predictions
+    per user (fewer for short users)."""
     items, seqs = topic_world()
-    examples = UserExamples(seqs, len(items), TrainSpec(negatives=20, max_history=10))
+    examples = UserExamples(seqs, items, TrainSpec(negatives=20, positions=4, max_history=10))
     return items, examples.__getitems__(list(range(n_users)))
 
 
@@ -92,7 +99,7 @@ def make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=lr),
         data_loader=loader,
-        criterion=torch.nn.CrossEntropyLoss(),
+        criterion=PerUserCrossEntropy(),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=False,
@@ -101,7 +108,7 @@ def make_private(
     if mode == "ghost":
         net, opt, criterion, loader = made
     else:
-        (net, opt, loader), criterion = made, torch.nn.CrossEntropyLoss()
+        (net, opt, loader), criterion = made, PerUserCrossEntropy()
     return net, opt, criterion, next(iter(loader))
 
 
@@ -111,7 +118,7 @@ def per_user_grads(model: RecModel, items: torch.Tensor, batch: tuple[torch.Tens
     for i in range(len(batch[0])):
         model.zero_grad()
         logits, labels = _loss_inputs(model, items, tuple(t[i : i + 1] for t in batch))
-        F.cross_entropy(logits, labels).backward()
+        PerUserCrossEntropy()(logits, labels).backward()
         out.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     model.zero_grad()
     return torch.stack(out)
@@ -190,7 +197,7 @@ def test_dp_off_equals_plain_sgd(mode: str) -> None:
 
     # Execute
     logits, labels = _loss_inputs(plain, items, batch)
-    F.cross_entropy(logits, labels).backward()
+    PerUserCrossEntropy()(logits, labels).backward()
     sgd.step()
     logits, labels = _loss_inputs(net, items, b)
     criterion(logits, labels).backward()

@@ -105,7 +105,8 @@ def test_examples_are_prefixes_of_the_training_split_only() -> None:
     # Prepare: held-out items (90+) never occur in the training split.
     full = sequences([[1, 2, 3, 90], [4, 5, 91], [6, 92], [7, 8, 9, 10, 93]])
     split = leave_last_out(full)
-    examples = UserExamples(split.train, 100, TrainSpec(negatives=3, max_history=10))
+    items = torch.nn.functional.normalize(torch.randn(100, DIM), dim=1)
+    examples = UserExamples(split.train, items, TrainSpec(negatives=3, positions=2))
     train_rows = [
         split.train.item_index[s:e].tolist()
         for s, e in zip(split.train.offsets[:-1], split.train.offsets[1:], strict=True)
@@ -115,30 +116,62 @@ def test_examples_are_prefixes_of_the_training_split_only() -> None:
     seen_targets = set()
     for _ in range(50):
         idx = list(range(len(examples)))
-        hist, mask, cands = examples.__getitems__(idx)
+        x, cands = examples.__getitems__(idx)
+        assert x.shape == (3, 2, 2 * DIM) and cands.shape == (3, 2, 4)
         for k, row in enumerate(examples.rows[idx]):
-            prefix = hist[k][mask[k]].tolist()
-            target = int(cands[k, 0])
-            seen_targets.add(target)
-            # Assert: history + target is a prefix of that user's training sequence.
-            assert prefix + [target] == train_rows[row][: len(prefix) + 1]
-            assert len(prefix) >= 1
+            seq = train_rows[row]
+            used = [p for p in range(2) if cands[k, p, 0] >= 0]
+            # Assert: min(positions, len - 1) predictions; each summarises a prefix of the
+            # user's own training sequence and names the item that followed it.
+            assert len(used) == min(2, len(seq) - 1)
+            assert (cands[k, len(used) :] == -1).all()
+            cuts = set()
+            for p in used:
+                target = int(cands[k, p, 0])
+                seen_targets.add(target)
+                t = seq.index(target)  # items are unique per row here
+                assert t >= 1
+                cuts.add(t)
+                mean = items[seq[:t]].mean(0)
+                torch.testing.assert_close(x[k, p, :DIM], mean, rtol=0, atol=1e-6)
+            assert len(cuts) == len(used)  # distinct prefixes
 
     # Assert: u2 ([6] after the split) has no prefix+next pair and is never an example;
-    # no held-out item is ever a training target.
+    # no held-out item is ever a training target; every possible target is drawn.
     assert len(examples) == 3
     assert seen_targets.isdisjoint({90, 91, 92, 93})
     assert seen_targets == {2, 3, 5, 8, 9, 10}
 
 
+def test_draw_prefixes_are_distinct_and_cover_every_position_uniformly() -> None:
+    # Prepare: a user of length 9 has prefixes 1..8; 4 are drawn per access.
+    examples = UserExamples(
+        sequences([[0] * 9, [0, 1]]), torch.randn(2, DIM), TrainSpec(positions=4)
+    )
+
+    # Execute: 4,000 draws for the long user.
+    cut = examples.draw_prefixes(np.full(1000, 9))
+    short = examples.draw_prefixes(np.array([2]))
+
+    # Assert: in [1, 8], distinct per row, each prefix 500 +- 5 sigma times
+    # (binomial sigma = sqrt(1000 * 0.5 * 0.5) = 15.8); the short user has one prefix.
+    assert cut.min() >= 1 and cut.max() <= 8
+    assert all(len(set(r)) == 4 for r in cut.tolist())
+    counts = np.bincount(cut.ravel(), minlength=9)[1:]
+    assert np.abs(counts - 500).max() < 5 * 15.8
+    assert short.tolist() == [[1, 0, 0, 0]]
+
+
 def test_negatives_are_uniform_over_the_catalogue() -> None:
     # Prepare: 20 items; 200 users x 100 negatives = 20,000 draws, 1,000 expected per item.
     n_items = 20
-    examples = UserExamples(sequences([[0, 1]] * 200), n_items, TrainSpec(negatives=100))
+    examples = UserExamples(
+        sequences([[0, 1]] * 200), torch.randn(n_items, DIM), TrainSpec(negatives=100)
+    )
 
     # Execute
-    _, _, cands = examples.__getitems__(list(range(200)))
-    counts = np.bincount(cands[:, 1:].numpy().ravel(), minlength=n_items)
+    _, cands = examples.__getitems__(list(range(200)))
+    counts = np.bincount(cands[:, 0, 1:].numpy().ravel(), minlength=n_items)
 
     # Assert: every item in [0, N) is drawn, none outside, each within 5 sigma of 1,000
     # (binomial sigma = sqrt(20000 * 0.05 * 0.95) = 30.8).
@@ -147,11 +180,30 @@ def test_negatives_are_uniform_over_the_catalogue() -> None:
 
 
 def test_examples_of_an_empty_poisson_batch_are_empty_tensors() -> None:
-    examples = UserExamples(sequences([[0, 1, 2]]), 10, TrainSpec(negatives=4, max_history=5))
+    examples = UserExamples(
+        sequences([[0, 1, 2]]), torch.randn(10, DIM), TrainSpec(negatives=4, positions=3)
+    )
 
-    hist, mask, cands = examples.__getitems__([])
+    x, cands = examples.__getitems__([])
 
-    assert hist.shape == (0, 5) and mask.shape == (0, 5) and cands.shape == (0, 5)
+    assert x.shape == (0, 3, 2 * DIM) and cands.shape == (0, 3, 5)
+
+
+def test_per_user_loss_averages_each_users_predictions_then_the_users() -> None:
+    # Prepare: user 0 has two predictions, one over 2 live candidates (loss ln 2) and one over
+    # 4 equal logits (ln 4); user 1 has one prediction over 4 (ln 4) and a padding slot.
+    logits = torch.zeros(2, 2, 4)
+    logits[0, 0, 2:] = -1e9  # 2 live candidates -> loss ln 2
+    labels = torch.tensor([[0, 1], [3, -1]])
+
+    # Execute
+    per_user = training.PerUserCrossEntropy("none")(logits, labels)
+    mean = training.PerUserCrossEntropy()(logits, labels)
+
+    # Assert: user 0: (ln 2 + ln 4) / 2; user 1: ln 4 (padding ignored); mean of users.
+    expected = torch.tensor([(np.log(2) + np.log(4)) / 2, np.log(4)], dtype=torch.float32)
+    torch.testing.assert_close(per_user, expected)
+    torch.testing.assert_close(mean, expected.mean())
 
 
 # ------------------------------------------------------------------------------ training
@@ -382,9 +434,9 @@ def test_candidate_logits_equal_full_ranking_scores(
 
     # Execute
     with torch.no_grad():
-        users = model(hist, mask)
+        users = model.profile(hist, mask)
         logits = training.candidate_logits(users, items, cands)
-        full = model.score_items(model.profile(hist, mask), items)
+        full = model.score_items(users, items)
 
     # Assert
     torch.testing.assert_close(logits, torch.gather(full, 1, cands), rtol=1e-5, atol=1e-4)
