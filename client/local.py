@@ -30,7 +30,7 @@ from client.training import (
 )
 from shared import privacy, wire
 from shared.config import FedrecConfig, check_delta, from_run_config
-from shared.model import RecModel, build_model, param_shapes
+from shared.model import CrossPlatformModel, build_model, param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _setup(context: Context) -> tuple[FedrecConfig, nodes.Node]:
     return cfg, nodes.resolve_node(dict(context.node_config), cfg)
 
 
-def _model(cfg: FedrecConfig, content: RecordDict, item_dim: int) -> RecModel:
+def _model(cfg: FedrecConfig, content: RecordDict, item_dim: int) -> CrossPlatformModel:
     model = build_model(cfg, item_dim)
     arrays = content[wire.ARRAYS]
     state = {k: torch.from_numpy(np.array(arrays[k].numpy())) for k in arrays.keys()}
@@ -90,7 +90,8 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
     if n_items != len(items):
         raise ValueError(f"{node.channel}: catalogue has {n_items} items, item matrix {len(items)}")
     split = leave_last_out(seqs)
-    model = _model(cfg, content, items.shape[1])
+    federated = _model(cfg, content, items.shape[1])
+    model = federated.channel_model(node.channel)  # the shared tower and this platform's head
     config = content[wire.CONFIG]
     server_round = int(config[wire.SERVER_ROUND])
     mu = float(config.get(wire.PROXIMAL_MU, 0.0))
@@ -198,10 +199,10 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         report.update({wire.EPSILON: math.inf, wire.STEPS: result.steps})
     nodes.save_optimizer(node, context.run_id, result.optimizer_state)
     log.info("%s round %d trained in %.1fs", node.channel, server_round, time.perf_counter() - t0)
-    weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().numpy() for k, v in federated.state_dict().items()}
     return wire.build_reply(
         "train",
-        param_shapes=param_shapes(model),
+        param_shapes=param_shapes(federated),
         arrays=weights,
         metrics={
             wire.TRAIN_LOSS: result.loss,
@@ -217,7 +218,7 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
     items = _items(content, node)
     seqs, _ = nodes.load_sequences(node)
     split = leave_last_out(seqs)
-    model = _model(cfg, content, items.shape[1])
+    model = _model(cfg, content, items.shape[1]).channel_model(node.channel)
     metrics, n = evaluate(
         model_scorer(model, items),
         len(items),

@@ -8,11 +8,12 @@ Must not: import ``client/``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
@@ -21,6 +22,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from server.rundir import RunDir
 from shared import wire
 from shared.config import FedrecConfig
+from shared.model import head_owner
 
 # Error codes with which the SuperLink reports a node it could not reach.
 UNAVAILABLE = {
@@ -48,11 +50,13 @@ class RecordingMixin:
         self.last_privacy: dict[str, dict[str, Any]] = {}
         self.round_status: dict[int, dict[str, str]] = {}
         self.sent: list[Message] = []
+        self.current = ArrayRecord()  # the global arrays of the round being trained
 
     # Flower counts rounds from 1 in every start(); a resumed run continues the numbering.
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.current = arrays
         self.sent = list(
             super().configure_train(server_round + self.round_offset, arrays, config, grid)
         )  # type: ignore[misc]
@@ -177,10 +181,30 @@ class RecordingMixin:
                 }
             )
         self.round_status[round_] = status
+        self._own_heads(kept)
         arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
         if arrays is not None:
             self.run.checkpoint(round_, {k: arrays[k].numpy() for k in arrays.keys()})
         return arrays, metrics
+
+    def _own_heads(self, kept: list[Message]) -> None:
+        """Give every reply the same value for each platform head (its own platform's mean),
+        so the parent strategy's aggregate of a head is that platform's update alone."""
+        replies = [
+            (
+                self._label(m.metadata.src_node_id, m.content)[0],
+                float(m.content[wire.METRICS][wire.NUM_EXAMPLES]),
+                m.content[wire.ARRAYS],
+            )
+            for m in kept
+        ]
+        current = {k: self.current[k].numpy() for k in self.current.keys()}
+        pooled = pool_heads(
+            [(ch, w, {k: a[k].numpy() for k in a.keys()}) for ch, w, a in replies], current
+        )
+        for _, _, arrays in replies:
+            for k, v in pooled.items():
+                arrays[k] = Array(np.ascontiguousarray(v))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -200,6 +224,28 @@ class RecordingMixin:
         odd = {ch: s for ch, s in status.items() if s != "ok"}
         log(INFO, "[fedrec] round %d: %s%s", round_, line, f" | not trained: {odd}" if odd else "")
         return super().aggregate_evaluate(server_round, kept)  # type: ignore[misc]
+
+
+def pool_heads(
+    replies: list[tuple[str, float, Mapping[str, np.ndarray]]],
+    current: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Each platform head's value after a round: the weighted mean over the replies of the
+    platform that owns it (its shards), or ``current`` if that platform sent none.
+
+    Args:
+        replies: (channel, weight, arrays) per accepted train reply.
+        current: the global arrays sent this round.
+    """
+    out: dict[str, np.ndarray] = {}
+    for k, value in current.items():
+        owner = head_owner(k)
+        if owner is None:
+            continue
+        own = [(w, a[k]) for ch, w, a in replies if ch == owner]
+        total = sum(w for w, _ in own)
+        out[k] = sum(w / total * a for w, a in own) if own and total > 0 else value
+    return out
 
 
 def _who(channel: str, shard: int) -> dict[str, Any]:

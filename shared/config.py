@@ -18,6 +18,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedprox")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
 OPTIMIZERS = ("sgd", "adam")
+HEADS = ("channel", "shared")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,7 @@ class StrategyConfig:
 class ModelConfig:
     dim: int = 64
     hidden: int = 0  # width of the profile MLP residual; 0 = none (best under DP here)
+    heads: str = "channel"  # "channel": a head per platform on a shared tower; "shared": one
     max_history: int = 50
 
 
@@ -237,6 +239,8 @@ def check(cfg: FedrecConfig) -> list[str]:
         p.append(f"strategy.proximal-mu must be >= 0. Found {cfg.strategy.proximal_mu}.")
     positive("strategy.server-lr", cfg.strategy.server_lr)
     positive("model.dim", cfg.model.dim)
+    if cfg.model.heads not in HEADS:
+        p.append(f"model.heads must be one of {list(HEADS)}. Found {cfg.model.heads!r}.")
     if cfg.model.hidden < 0:
         p.append(f"model.hidden must be >= 0. Found {cfg.model.hidden}.")
     positive("model.max-history", cfg.model.max_history)

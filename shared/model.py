@@ -23,6 +23,7 @@ Must not: import ``server/`` or ``client/``.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -190,8 +191,64 @@ class RecModel(nn.Module):
         return TAU * self.to_items(self.code(x))
 
 
-def build_model(cfg: FedrecConfig, item_dim: int) -> RecModel:
+SHARED_HEAD = "shared"  # the head's key when every platform shares one (model.heads = "shared")
+
+
+class CrossPlatformModel(nn.Module):
+    """The federated model: one user tower shared by every platform, and a head per platform.
+
+    A head is ``to_items`` (W_o and the text-carried item prior b): how a profile reads in one
+    catalogue's region of the item space. Each platform trains the tower and its own head; the
+    server averages the tower over all platforms and each head over its own platform only, so a
+    small platform's head is not diluted by the others' updates (research/anchors.md §5.7-5.8:
+    per-platform heads against negative transfer). ``model.heads = "shared"`` gives the fully
+    shared model (one head) for comparison.
+
+    Parameter names: ``profile_lin.*`` (``profile_mlp.*``) and ``heads.<channel>.*``.
+    """
+
+    def __init__(self, spec: ModelSpec, channels: tuple[str, ...], per_channel: bool = True):
+        super().__init__()
+        base = RecModel(spec)
+        self.spec, self.per_channel = spec, per_channel
+        self.profile_lin, self.profile_mlp = base.profile_lin, base.profile_mlp
+        keys = channels if per_channel else (SHARED_HEAD,)
+        self.heads = nn.ModuleDict({k: copy.deepcopy(base.to_items) for k in keys})
+
+    def channel_model(self, channel: str) -> RecModel:
+        """``channel``'s model: the shared tower and its head, parameters shared with ``self``
+        (training it trains them)."""
+        key = channel if self.per_channel else SHARED_HEAD
+        if key not in self.heads:
+            raise ValueError(
+                f"the model has no head for channel {channel!r}; it has {sorted(self.heads)}"
+            )
+        m = RecModel(self.spec)
+        m.profile_lin, m.profile_mlp, m.to_items = (
+            self.profile_lin,
+            self.profile_mlp,
+            self.heads[key],
+        )
+        return m
+
+
+def head_owner(name: str) -> str | None:
+    """The channel whose head a parameter belongs to (``heads.<channel>.*``); None if shared."""
+    parts = name.split(".")
+    return parts[1] if parts[0] == "heads" and parts[1] != SHARED_HEAD else None
+
+
+def build_model(cfg: FedrecConfig, item_dim: int) -> CrossPlatformModel:
     """The run's model: every party builds it from the same config, so shapes match."""
+    return CrossPlatformModel(
+        ModelSpec(item_dim=item_dim, dim=cfg.model.dim, hidden=cfg.model.hidden, seed=cfg.seed),
+        cfg.channels,
+        per_channel=cfg.model.heads == "channel",
+    )
+
+
+def build_channel_model(cfg: FedrecConfig, item_dim: int) -> RecModel:
+    """One platform's model on its own (local-only and pooled baselines, ``fedrec train``)."""
     return RecModel(
         ModelSpec(item_dim=item_dim, dim=cfg.model.dim, hidden=cfg.model.hidden, seed=cfg.seed)
     )

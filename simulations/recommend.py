@@ -38,7 +38,9 @@ class Recommender:
             self.codes = self.model.item_codes(self.items)
 
     @classmethod
-    def from_run(cls, run_dir: Path, item_matrix: np.ndarray, item_ids: np.ndarray) -> Recommender:
+    def from_run(
+        cls, run_dir: Path, channel: str, item_matrix: np.ndarray, item_ids: np.ndarray
+    ) -> Recommender:
         import torch
 
         from server.rundir import RunDir
@@ -56,9 +58,13 @@ class Recommender:
         model.load_state_dict(
             {k: torch.from_numpy(v.copy()) for k, v in last[1].items()}, strict=True
         )
-        model.eval()
+        try:
+            channel_model = model.channel_model(channel)
+        except ValueError as exc:
+            raise RecommendError(f"{run_dir}: {exc}") from None
+        channel_model.eval()
         return cls(
-            model,
+            channel_model,
             item_ids,
             torch.from_numpy(np.array(item_matrix, dtype=np.float32)),
             cfg.model.max_history,
@@ -145,7 +151,7 @@ def register(app: typer.Typer) -> None:
         from server.app import encode_catalogues
 
         matrix = encode_catalogues(str(data_dir), (channel,), str(cache_dir or ""))[channel]
-        rec = Recommender.from_run(run_dir, np.asarray(matrix.matrix), catalogue.item_ids)
+        rec = Recommender.from_run(run_dir, channel, np.asarray(matrix.matrix), catalogue.item_ids)
         history = np.zeros(0, dtype=np.int64)
         if user is not None:
             seqs = to_sequences(load_interactions(data_dir, channel, catalogue))

@@ -39,7 +39,7 @@ def _comparisons(
     from shared import privacy
     from shared.data import Sequences, to_sequences
     from shared.datasets import load_channel
-    from shared.model import build_model
+    from shared.model import build_channel_model
     from simulations.baselines import popularity_scorer
 
     torch.set_num_threads(2)
@@ -57,7 +57,7 @@ def _comparisons(
             "popularity": evaluate(popularity_scorer(splits[ch].train, n), n, splits[ch], **ev)[0]
         }
         t = time.perf_counter()
-        model = build_model(cfg, items[ch].shape[1])
+        model = build_channel_model(cfg, items[ch].shape[1])
         users = int((splits[ch].train.lengths() >= 2).sum())
         q = privacy.sample_rate_for(users, spec.batch_size)
         sigma = privacy.plan_noise_multiplier(
@@ -92,7 +92,7 @@ def _comparisons(
         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         np.concatenate([p.item_index + off for p, off in zip(parts, offsets, strict=False)]),
     )
-    model = build_model(cfg, pooled_items.shape[1])
+    model = build_channel_model(cfg, pooled_items.shape[1])
     train_local(
         model, pooled_items, pooled, dataclasses.replace(spec, steps=spec.steps * len(cfg.channels))
     )

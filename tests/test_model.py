@@ -239,3 +239,27 @@ def test_summarize_prefixes_rejects_a_prefix_longer_than_its_row() -> None:
     seqs = Sequences(np.array(["u0"]), np.array([0, 2]), np.array([0, 1]))
     with pytest.raises(ValueError, match="prefix length"):
         summarize_prefixes(torch.randn(3, DIM), seqs, np.array([0]), np.array([[3]]), 50)
+
+
+def test_cross_platform_model_shares_the_tower_and_keeps_a_head_per_platform() -> None:
+    from shared.model import CrossPlatformModel, head_owner
+
+    model = CrossPlatformModel(ModelSpec(dim=8), ("shop", "bank"))
+    shop, bank = model.channel_model("shop"), model.channel_model("bank")
+
+    # Training a platform's model trains the federated model's tower and that head only.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (shop.profile(torch.randn(2, 3, DIM), torch.ones(2, 3, dtype=torch.bool)) ** 2).sum().backward()
+    with torch.no_grad():
+        for p in shop.parameters():
+            p -= p.grad
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+    assert changed == {"profile_lin.weight", "heads.shop.weight", "heads.shop.bias"}
+    assert bank.profile_lin is shop.profile_lin and bank.to_items is not shop.to_items
+    assert [head_owner(k) for k in model.state_dict()] == [None, "shop", "shop", "bank", "bank"]
+    with pytest.raises(ValueError, match="no head for channel 'travel'"):
+        model.channel_model("travel")
+    shared = CrossPlatformModel(ModelSpec(dim=8), ("shop", "bank"), per_channel=False)
+    assert shared.channel_model("shop").to_items is shared.channel_model("travel").to_items
+    assert [head_owner(k) for k in shared.state_dict()] == [None, None, None]

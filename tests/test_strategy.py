@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.rundir import RunDir
-from server.strategy import make_strategy
+from server.strategy import make_strategy, pool_heads
 from shared import hashlog, wire
 from shared.config import FedrecConfig, StrategyConfig
 
@@ -132,3 +132,66 @@ def test_config_selects_the_strategy(name: str, cls: str) -> None:
 
     # Assert
     assert type(strategy).__name__ == cls
+
+
+def test_pool_heads_averages_each_head_over_its_own_platform_only() -> None:
+    # Prepare: two ecommerce shards (weights 1, 3), one finance reply; social sent nothing.
+    current = {
+        "profile_lin.weight": np.zeros(2),
+        "heads.ecommerce.bias": np.zeros(2),
+        "heads.finance.bias": np.zeros(2),
+        "heads.social.bias": np.full(2, 7.0),
+    }
+
+    def arrays(value: float) -> dict[str, np.ndarray]:
+        return {k: np.full(2, value) for k in current}
+
+    replies = [("ecommerce", 1.0, arrays(1.0)), ("ecommerce", 3.0, arrays(5.0))]
+    replies.append(("finance", 10.0, arrays(-2.0)))
+
+    # Execute
+    pooled = pool_heads(replies, current)
+
+    # Assert: (1*1 + 3*5) / 4 = 4 for ecommerce's head, finance's own value, social unchanged;
+    # the shared tower is left to the strategy.
+    assert set(pooled) == {"heads.ecommerce.bias", "heads.finance.bias", "heads.social.bias"}
+    assert np.allclose(pooled["heads.ecommerce.bias"], 4.0)
+    assert np.allclose(pooled["heads.finance.bias"], -2.0)
+    assert np.allclose(pooled["heads.social.bias"], 7.0)
+
+
+def test_a_platform_head_is_not_diluted_by_the_other_platforms(tmp_path) -> None:
+    # Prepare: a shared tower "w" and a head per platform; each platform changes only its own
+    # head (the others come back as sent), as a client training the tower and its head does.
+    shapes = {"w": (2,), "heads.ecommerce.b": (2,), "heads.finance.b": (2,)}
+    strategy = make_strategy(FedrecConfig(min_nodes=1))
+    strategy.setup_recording(
+        RunDir(tmp_path / "run"), shapes, {1: ("ecommerce", 0), 2: ("finance", 0)}
+    )
+    from flwr.app import Array, ArrayRecord
+
+    strategy.current = ArrayRecord({k: Array(np.zeros(2, np.float32)) for k in shapes})
+
+    def reply(channel: str, value: float, users: int) -> RecordDict:
+        arrays = {k: np.zeros(2, np.float32) for k in shapes}
+        arrays["w"][:] = value
+        arrays[f"heads.{channel}.b"][:] = value
+        return wire.build_reply(
+            "train",
+            param_shapes=shapes,
+            arrays=arrays,
+            metrics={wire.TRAIN_LOSS: 1.0, wire.NUM_EXAMPLES: users},
+            privacy={wire.EPSILON: 1.5, wire.STEPS: 10, wire.DP_ENABLED: True},
+            info={wire.CHANNEL: channel},
+        )
+
+    # Execute: ecommerce (300 users) moves to 1, finance (100 users) to 4.
+    arrays, _ = strategy.aggregate_train(
+        1, [_reply(1, reply("ecommerce", 1.0, 300)), _reply(2, reply("finance", 4.0, 100))]
+    )
+
+    # Assert: the tower is the weighted mean (1*300 + 4*100) / 400 = 1.75; each head is its
+    # own platform's value, where plain FedAvg would give finance's head 4*100/400 = 1.
+    assert np.allclose(arrays["w"].numpy(), 1.75)
+    assert np.allclose(arrays["heads.ecommerce.b"].numpy(), 1.0)
+    assert np.allclose(arrays["heads.finance.b"].numpy(), 4.0)

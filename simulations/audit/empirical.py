@@ -246,12 +246,14 @@ def score_run(
     from shared.data import to_sequences
     from shared.datasets import load_channel
 
-    cfg, initial, final = _final_model(run_dir, matrices)
-    # the canaries are added to gradients, so the model moves along -u_j: use initial − final
-    delta = _flat(initial) - _flat(final)
-    shapes = [tuple(p.shape) for p in final.parameters()]
+    cfg, initial_all, final_all = _final_model(run_dir, matrices)
     out: dict[str, dict[str, Any]] = {}
     for ch, sec in secrets["channels"].items():
+        # what this channel trained: the shared tower and its head (canaries live there)
+        initial, final = initial_all.channel_model(ch), final_all.channel_model(ch)
+        # the canaries are added to gradients, so the model moves along -u_j: use initial − final
+        delta = _flat(initial) - _flat(final)
+        shapes = [tuple(p.shape) for p in final.parameters()]
         items = torch.from_numpy(np.array(matrices[ch].matrix, dtype=np.float32))  # writable copy
         score = model_scorer(final, items)
         res: dict[str, Any] = {
