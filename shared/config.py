@@ -246,6 +246,7 @@ def check(cfg: FedrecConfig) -> list[str]:
     positive("model.max-history", cfg.model.max_history)
     positive("train.local-steps", cfg.train.local_steps)
     positive("train.batch-size", cfg.train.batch_size)
+    positive("train.positions", cfg.train.positions)
     if cfg.train.negatives < 0:
         p.append(
             f"train.negatives must be >= 0 (0: softmax over the whole catalogue). Found {cfg.train.negatives}."

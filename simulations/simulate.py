@@ -92,10 +92,8 @@ def _comparisons(
         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         np.concatenate([p.item_index + off for p, off in zip(parts, offsets, strict=False)]),
     )
-    model = build_channel_model(cfg, pooled_items.shape[1])
-    train_local(
-        model, pooled_items, pooled, dataclasses.replace(spec, steps=spec.steps * len(cfg.channels))
-    )
+    model = build_channel_model(cfg, pooled_items.shape[1])  # as many steps as one platform's
+    train_local(model, pooled_items, pooled, spec)
     for ch in cfg.channels:
         rows[ch]["pooled centralised (no DP)"] = evaluate(
             model_scorer(model, items[ch]), len(items[ch]), splits[ch], **ev

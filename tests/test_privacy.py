@@ -458,13 +458,16 @@ def test_sample_rate_matches_opacus_loader_arithmetic() -> None:
 
 def test_run_config_value_problems_are_reported_together() -> None:
     bad = {"strategy": "fedsgd", "dp.target-delta": 1.5, "train.batch-size": 0}
+    bad |= {"model.heads": "per-user", "train.positions": 0}
 
     with pytest.raises(ConfigError) as info:
         from_run_config(bad)
 
-    assert len(info.value.problems) == 3
+    assert len(info.value.problems) == 5
     text = str(info.value)
     assert "'fedsgd'" in text and "1.5" in text and "train.batch-size" in text
+    assert "model.heads must be one of ['channel', 'shared']. Found 'per-user'" in text
+    assert "train.positions" in text
 
 
 def test_unknown_keys_and_bad_values_are_reported_at_once() -> None:
