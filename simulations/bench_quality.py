@@ -8,7 +8,7 @@ NDCG@10(DP, largest ε) / NDCG@10(no DP).
 
 Run::
 
-    python -m simulations.bench_quality --data worlds/synthetic [--items DIR] [--steps 300]
+    python -m simulations.bench_quality --data worlds/synthetic [--items DIR] [--steps 150]
     python -m simulations.bench_quality --tiny /tmp/tiny   # self-contained smoke run
 
 ``--tiny`` writes a small dataset with 384-d topic-structured item vectors standing in for the
@@ -208,12 +208,15 @@ def main(
     ] = None,
     channels: Annotated[str | None, typer.Option(help="Comma-separated channels [all].")] = None,
     no_pooled: Annotated[bool, typer.Option("--no-pooled", help="Skip the pooled scope.")] = False,
-    steps: Annotated[int, typer.Option(min=1)] = 300,
-    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    steps: Annotated[
+        int, typer.Option(min=1, help="As many as a run's rounds x local steps.")
+    ] = 150,
+    batch_size: Annotated[int, typer.Option(min=1)] = 512,
     lr: float = 0.003,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
     max_grad_norm: Annotated[float, typer.Option(help="Per-user clipping bound C.")] = 1.0,
-    negatives: Annotated[int, typer.Option(min=1)] = 100,
+    negatives: Annotated[int, typer.Option(min=0, help="0: softmax over the catalogue.")] = 0,
+    positions: Annotated[int, typer.Option(min=1, help="Predictions per user per step.")] = 16,
     epsilons: Annotated[str, typer.Option(help="Target ε values.")] = "1,4,8",
     delta: float = 1e-5,
     max_eval_users: Annotated[int, typer.Option(min=1)] = 2000,
@@ -240,6 +243,7 @@ def main(
         lr=lr,
         optimizer=optimizer,
         negatives=negatives,
+        positions=positions,
         seed=seed,
     )
     datasets = [write_tiny_dataset(tiny)] if tiny is not None else [data, *(extra or [])]
