@@ -1,6 +1,8 @@
-"""The shared model: a user-profile tower and a scorer over constant item vectors.
+"""The model: a user-profile tower and a scorer over constant item vectors.
 
-Owns: the one architecture that every channel trains and the server aggregates. Item vectors
+Owns: the one architecture that every channel trains and the server aggregates
+(:class:`CrossPlatformModel`: a shared tower, ``W_o`` and ``b`` per platform; each platform
+trains its :class:`RecModel` view), and the history summaries it reads. Item vectors
 come from the central text encoder and are inputs, never parameters: there is no per-user or
 per-item embedding table, so nothing in the weights is indexed by a user or an item.
 
