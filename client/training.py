@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class TrainSpec:
     steps: int = 20
     batch_size: int = 128
-    negatives: int = 100
+    negatives: int = 0  # as TrainConfig: softmax over the whole catalogue
     positions: int = 16
     lr: float = 0.003
     optimizer: str = "adam"
@@ -150,8 +150,8 @@ class UserExamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, seqs: Sequences, items: torch.Tensor, spec: TrainSpec) -> None:
-        lengths = seqs.lengths()
-        self.rows = np.flatnonzero(lengths >= 2)  # need a prefix and a next item
+        self.lengths = seqs.lengths()
+        self.rows = np.flatnonzero(self.lengths >= 2)  # need a prefix and a next item
         self.seqs, self.items, self.spec = seqs, items, spec
         self.rng = np.random.default_rng(spec.seed)
 
@@ -163,7 +163,7 @@ class UserExamples(torch.utils.data.Dataset):
 
     def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
         rows = self.rows[np.asarray(idx, dtype=np.int64)]
-        cut = self.draw_prefixes(self.seqs.lengths()[rows])  # (B, P), 0 = unused
+        cut = self.draw_prefixes(self.lengths[rows])  # (B, P), 0 = unused
         x = summarize_prefixes(self.items, self.seqs, rows, cut, self.spec.max_history)
         used = cut > 0
         nxt = self.seqs.item_index[self.seqs.offsets[rows][:, None] + np.where(used, cut, 0)]

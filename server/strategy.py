@@ -190,6 +190,9 @@ class RecordingMixin:
     def _own_heads(self, kept: list[Message]) -> None:
         """Give every reply the same value for each platform head (its own platform's mean),
         so the parent strategy's aggregate of a head is that platform's update alone."""
+        heads = [k for k in self.current.keys() if head_owner(k) is not None]
+        if not heads:  # model.heads = "shared"
+            return
         replies = [
             (
                 self._label(m.metadata.src_node_id, m.content)[0],
@@ -198,9 +201,9 @@ class RecordingMixin:
             )
             for m in kept
         ]
-        current = {k: self.current[k].numpy() for k in self.current.keys()}
+        current = {k: self.current[k].numpy() for k in heads}
         pooled = pool_heads(
-            [(ch, w, {k: a[k].numpy() for k in a.keys()}) for ch, w, a in replies], current
+            [(ch, w, {k: a[k].numpy() for k in heads}) for ch, w, a in replies], current
         )
         for _, _, arrays in replies:
             for k, v in pooled.items():

@@ -90,13 +90,13 @@ def summarize_prefixes(
     cut = np.asarray(cut, dtype=np.int64)
     if np.any(cut > seqs.lengths()[rows][:, None]) or np.any(cut < 0):
         raise ValueError("a prefix length is outside [0, length of its row]")
-    starts = seqs.offsets[rows][:, None]  # (B, 1)
+    starts = np.broadcast_to(seqs.offsets[rows][:, None], cut.shape).ravel()  # per window
 
     def window_mean(width: int) -> torch.Tensor:
         lo = np.maximum(cut - width, 0).ravel()
         counts = cut.ravel() - lo  # items per window
         ends = np.cumsum(counts)
-        first = (starts + np.zeros_like(cut)).ravel() + lo  # first item position per window
+        first = starts + lo  # first item position per window
         pos = np.arange(ends[-1] if len(ends) else 0) + np.repeat(first - (ends - counts), counts)
         with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
             warnings.simplefilter("ignore", UserWarning)

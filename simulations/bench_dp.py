@@ -30,7 +30,6 @@ import typer
 if TYPE_CHECKING:
     import torch
 
-    from client.training import TrainSpec
     from shared.data import Sequences
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -53,18 +52,6 @@ def synthetic_sequences(users: int, items: int, seed: int = 0) -> tuple[torch.Te
     return torch.from_numpy(vectors), Sequences(names, offsets, flat)
 
 
-def bench_spec(batch_size: int, seed: int = 0) -> TrainSpec:
-    from client.training import TrainSpec
-    from shared.config import TrainConfig
-
-    return TrainSpec(
-        batch_size=batch_size,
-        seed=seed,
-        negatives=TrainConfig.negatives,
-        positions=TrainConfig.positions,
-    )
-
-
 class Variant:
     """One model + optimizer + loader, stepped like ``train_local``."""
 
@@ -79,13 +66,13 @@ class Variant:
     ) -> None:
         import torch
 
-        from client.training import PerUserCrossEntropy, UserExamples, _collate
+        from client.training import PerUserCrossEntropy, TrainSpec, UserExamples, _collate
         from shared.model import RecModel
 
         torch.manual_seed(seed)
         self.name, self.items = name, items
         model = RecModel()
-        examples = UserExamples(seqs, items, bench_spec(batch_size, seed))
+        examples = UserExamples(seqs, items, TrainSpec(batch_size=batch_size, seed=seed))
         loader = torch.utils.data.DataLoader(
             examples,
             batch_size=batch_size,
@@ -173,9 +160,9 @@ def run_ratio(
 def profile(items: torch.Tensor, seqs: Sequences, batch_size: int, repeats: int) -> None:
     """Where one ghost-mode DP step spends its time, against the same step without DP."""
 
-    from client.training import PerUserCrossEntropy, UserExamples, _loss_inputs
+    from client.training import PerUserCrossEntropy, TrainSpec, UserExamples, _loss_inputs
 
-    examples = UserExamples(seqs, items, bench_spec(batch_size))
+    examples = UserExamples(seqs, items, TrainSpec(batch_size=batch_size))
     rng = np.random.default_rng(1)
     idx = iter(
         [rng.choice(len(examples), size=batch_size, replace=False).tolist() for _ in range(repeats)]
@@ -225,6 +212,7 @@ def main(
     import torch
 
     torch.set_num_threads(threads)
+    from client.training import TrainSpec
     from shared.model import RecModel
 
     vectors, seqs = synthetic_sequences(users, items)
@@ -233,7 +221,7 @@ def main(
     typer.echo(f"model {model.spec} ({n_params:,} parameters)")
     typer.echo(
         f"{users} users, {items} items, torch threads {threads}, Adam, sigma 1, C 1, "
-        f"{bench_spec(1)}, {rounds} interleaved windows of ~{window_users} "
+        f"{TrainSpec()}, {rounds} interleaved windows of ~{window_users} "
         "users per variant"
     )
     from simulations.train import quiet_opacus

@@ -261,30 +261,20 @@ def main(
             enc = items_dir if (items_dir is not None and ds == data) else ds / "encoded"
             typer.echo(f"{ds}: channels {names}; {dataclasses.asdict(spec)}; {ModelSpec()}")
             parts = {ch: load_channel_data(ds, ch, enc) for ch in names}
+            if len(names) > 1 and not no_pooled:
+                parts["pooled"] = pooled(parts)
             rows = [
                 bench_scope(
-                    *parts[ch],
+                    *scope,
                     spec,
                     epsilons=eps,
                     delta=delta,
                     max_eval_users=max_eval_users,
                     max_grad_norm=max_grad_norm,
-                    name=ch,
+                    name=name,
                 )
-                for ch in names
+                for name, scope in parts.items()
             ]
-            if len(names) > 1 and not no_pooled:
-                rows.append(
-                    bench_scope(
-                        *pooled(parts),
-                        spec,
-                        epsilons=eps,
-                        delta=delta,
-                        max_eval_users=max_eval_users,
-                        max_grad_norm=max_grad_norm,
-                        name="pooled",
-                    )
-                )
             typer.echo(
                 f"\n### {ds} (δ={delta:g}, {steps} steps, batch {batch_size}, lr {lr:g}, "
                 f"full ranking, NDCG@10 / HR@10)\n"

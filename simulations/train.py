@@ -244,17 +244,9 @@ def register(app: typer.Typer) -> None:
                 raise fail(exc) from None
 
         from client.training import TrainSpec, evaluate
-        from shared.config import TrainConfig
         from simulations.baselines import popularity_scorer, text_similarity_scorer
 
-        spec = TrainSpec(
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            negatives=TrainConfig.negatives,
-            positions=TrainConfig.positions,
-        )
+        spec = TrainSpec(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
         n = len(item_vectors)
         ev = {"max_history": spec.max_history, "max_users": max_eval_users, "seed": seed}
         try:
