@@ -27,6 +27,7 @@ from simulations.audit.empirical import (
     AuditPlan,
     build_audited_dataset,
     canary_cosines,
+    canary_items,
     one_run_guesses,
     one_run_scores,
 )
@@ -111,7 +112,7 @@ def test_audit_keys_need_dp_and_are_recorded_in_the_run_config() -> None:
         from_run_config({"audit.canaries": -1})
 
 
-def test_one_run_scores_subtract_the_mean_over_other_targets() -> None:
+def test_one_run_scores_subtract_the_means_over_other_targets_and_histories() -> None:
     # Prepare: 3 canaries, targets 0, 1, 2; row i of the score matrix is history i
     table = np.array([[5.0, 1.0, 3.0], [0.0, 2.0, 4.0], [1.0, 1.0, 1.0]])
 
@@ -121,8 +122,33 @@ def test_one_run_scores_subtract_the_mean_over_other_targets() -> None:
     # Execute
     y = one_run_scores(score, np.array([[0], [1], [2]]), np.array([0, 1, 2]))
 
-    # Assert: 5 - (1+3)/2 = 3; 2 - (0+4)/2 = 0; 1 - (1+1)/2 = 0
-    np.testing.assert_allclose(y, [3.0, 0.0, 0.0])
+    # Assert, by hand: y_i = own - row mean of the others - column mean of the others
+    #   5 - (1+3)/2 - (0+1)/2 = 2.5; 2 - (0+4)/2 - (1+1)/2 = -1; 1 - (1+1)/2 - (3+4)/2 = -3.5
+    np.testing.assert_allclose(y, [2.5, -1.0, -3.5])
+
+
+@pytest.mark.parametrize(("n", "m", "length"), [(250, 200, 1), (100, 30, 3), (12, 11, 1)])
+def test_canaries_share_no_history_item_and_no_target(n: int, m: int, length: int) -> None:
+    # Execute
+    hist, target = canary_items(np.random.default_rng(0), n, m, length)
+
+    # Assert: (250, 200) is the default world's finance size, where independent draws
+    # collided; (12, 11) is the tightest fit
+    assert hist.shape == (m, length) and target.shape == (m,)
+    assert len(np.unique(hist)) == m * length
+    assert len(np.unique(target)) == m
+    assert not (hist == target[:, None]).any()
+    assert hist.max() < n and target.max() < n
+
+
+def test_canaries_on_a_too_small_catalogue_still_keep_targets_out_of_their_history() -> None:
+    # Execute: 10 canaries of 2 items cannot have distinct histories in 8 items
+    hist, target = canary_items(np.random.default_rng(0), 8, 10, 2)
+
+    # Assert
+    assert hist.shape == (10, 2)
+    assert not (hist == target[:, None]).any()
+    assert all(len(set(h)) == 2 for h in hist.tolist())
 
 
 def test_one_run_guesses_are_pre_registered_and_fit_m() -> None:

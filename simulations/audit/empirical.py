@@ -6,8 +6,9 @@ Simulation Engine (:func:`simulations.flower.run_simulation`) with DP on, as a n
 control, and as a fault-injected run whose noise is off, then scoring the final global model:
 
 * black box, one run (Steinke, Nasr, Jagielski, NeurIPS 2023): canary user i has a fixed
-  random history h_i of existing items and a secret target t_i; y_i = s(t_i | h_i) − mean over
-  the other canaries' targets s(t_j | h_i) (research/privacy.md §5 (iii));
+  random history h_i of existing items and a secret target t_i (no two canaries share either);
+  y_i = s(t_i | h_i) minus the means over the other canaries of s(t_j | h_i) and s(t_i | h_j)
+  (:func:`one_run_scores`);
 * white box (Andrew et al., ICLR 2024): the clients add gradient canaries C·u_j to the clipped
   sum in each DP step (``audit.canaries``); cosines of the *aggregate* model update (initial
   minus final global weights, the descent direction; the only thing the server sees) with the inserted and the
@@ -110,9 +111,7 @@ def build_audited_dataset(world_dir: Path, out: Path, plan: AuditPlan) -> dict[s
         out_users = np.sort(rng.choice(users, size=int(len(users) * plan.holdout), replace=False))
         keep = ~np.isin(inter.user_ids, out_users) & ~np.isin(inter.user_ids, dropped)
         m = _canaries_for(len(users), plan)
-        n = len(cat)
-        hist = np.stack([rng.choice(n, size=plan.history, replace=False) for _ in range(m)])
-        target = np.array([rng.choice(np.setdiff1d(np.arange(n), h)) for h in hist])
+        hist, target = canary_items(rng, len(cat), m, plan.history)
         included = rng.random(m) < 0.5
         ids, items, times = [], [], []
         for i in np.flatnonzero(included):
@@ -152,20 +151,53 @@ def build_audited_dataset(world_dir: Path, out: Path, plan: AuditPlan) -> dict[s
     return secrets
 
 
+def canary_items(
+    rng: np.random.Generator, n: int, m: int, length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Histories (m, length) and targets (m,) of m canaries over a catalogue of n items.
+
+    No item is in two canaries' histories and no two canaries share a target, where the
+    catalogue is large enough (m * length <= n and m < n): two canaries with one history and
+    two targets cannot both be memorised, which weakens the non-private control (on a
+    250-item catalogue, independent draws made such pairs likely). A target is never in its
+    own history. Smaller catalogues fall back to independent draws per canary.
+    """
+    for _ in range(100 if m * length <= n and m < n else 0):
+        hist = rng.permutation(n)[: m * length].reshape(m, length)
+        target = rng.permutation(n)[:m]
+        for i in np.flatnonzero((hist == target[:, None]).any(1)):
+            # swap with a canary j whose target is not in i's history and can take i's target
+            for j in rng.permutation(m):
+                if target[j] not in hist[i] and target[i] not in hist[j]:
+                    target[i], target[j] = target[j], target[i]
+                    break
+        if not (hist == target[:, None]).any():
+            return hist, target
+    hist = np.stack([rng.choice(n, size=length, replace=False) for _ in range(m)])
+    target = np.array([rng.choice(np.setdiff1d(np.arange(n), h)) for h in hist])
+    return hist, target
+
+
 # --- scoring ----------------------------------------------------------------------------------
 
 
 def one_run_scores(
     score: Callable[[np.ndarray, np.ndarray], np.ndarray], hist: np.ndarray, target: np.ndarray
 ) -> np.ndarray:
-    """y_i = s(t_i | h_i) − mean_{j≠i} s(t_j | h_i) (research/privacy.md §5 (iii)).
+    """y_i = s(t_i | h_i) − mean_{j≠i} s(t_j | h_i) − mean_{j≠i} s(t_i | h_j).
+
+    The first mean is research/privacy.md §5 (iii): how much the model prefers t_i to the
+    other canaries' targets after h_i. The second removes how much the model likes t_i after
+    any canary history (its text-carried prior), which no inclusion bit changes; on the
+    default world it raised the non-private control's canary AUC from 0.953 to 0.978 on
+    finance. Neither uses an inclusion bit, so the one-run bound stays valid.
 
     ``score(hist, mask)`` returns (B, N) full-catalogue scores; ``hist`` is (m, L) items.
     """
-    s = score(hist, np.ones(hist.shape, dtype=bool))[:, target]  # (m, m): row i, target j
+    s = score(hist, np.ones(hist.shape, dtype=bool))[:, target].astype(np.float64)  # (m, m)
     m = len(target)
     own = np.diag(s)
-    return own - (s.sum(1) - own) / max(m - 1, 1)
+    return own - (s.sum(1) - own) / max(m - 1, 1) - (s.sum(0) - own) / max(m - 1, 1)
 
 
 def last_trained_item_scores(
