@@ -141,14 +141,20 @@ def test_canaries_share_no_history_item_and_no_target(n: int, m: int, length: in
     assert hist.max() < n and target.max() < n
 
 
-def test_canaries_on_a_too_small_catalogue_still_keep_targets_out_of_their_history() -> None:
-    # Execute: 10 canaries of 2 items cannot have distinct histories in 8 items
-    hist, target = canary_items(np.random.default_rng(0), 8, 10, 2)
+def test_canaries_on_a_small_catalogue_spread_items_evenly() -> None:
+    # Execute: 300 canaries over the default world's 250 finance items
+    hist, target = canary_items(np.random.default_rng(0), 250, 300, 1)
 
-    # Assert
-    assert hist.shape == (10, 2)
+    # Assert: every item is in one or two histories and is one or two canaries' target
+    assert set(np.bincount(hist.ravel(), minlength=250).tolist()) == {1, 2}
+    assert set(np.bincount(target, minlength=250).tolist()) == {1, 2}
     assert not (hist == target[:, None]).any()
-    assert all(len(set(h)) == 2 for h in hist.tolist())
+
+
+def test_canaries_that_cannot_be_made_are_refused() -> None:
+    # Execute / Assert: a 3-item history cannot avoid its target in a 3-item catalogue
+    with pytest.raises(ValueError, match="cannot make 2 canaries of 3 history items over 3"):
+        canary_items(np.random.default_rng(0), 3, 2, 3)
 
 
 def test_one_run_guesses_are_pre_registered_and_fit_m() -> None:

@@ -62,7 +62,7 @@ MIA_MAX_USERS = 2000  # per group and channel
 
 @dataclass(frozen=True)
 class AuditPlan:
-    """Sizes of the audit. ``canaries`` None: min(300, max(50, users // 10)) per channel.
+    """Sizes of the audit. ``canaries`` None: min(300, max(50, users // 5)) per channel.
 
     ``max_users`` subsamples each channel's real users first: a smaller population makes the
     white-box audit able to see a noise-off run (see the module notes).
@@ -80,7 +80,9 @@ class AuditPlan:
 
 
 def _canaries_for(users: int, plan: AuditPlan) -> int:
-    return plan.canaries if plan.canaries is not None else min(300, max(50, users // 10))
+    # 300 leaves 100 canaries to abstain on between the largest guesses (k = 100 each way): a
+    # few ranked out of place there cost nothing (finance: 200 canaries certified 2.6, not 3)
+    return plan.canaries if plan.canaries is not None else min(300, max(50, users // 5))
 
 
 def build_audited_dataset(world_dir: Path, out: Path, plan: AuditPlan) -> dict[str, Any]:
@@ -156,15 +158,22 @@ def canary_items(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Histories (m, length) and targets (m,) of m canaries over a catalogue of n items.
 
-    No item is in two canaries' histories and no two canaries share a target, where the
-    catalogue is large enough (m * length <= n and m < n): two canaries with one history and
-    two targets cannot both be memorised, which weakens the non-private control (on a
-    250-item catalogue, independent draws made such pairs likely). A target is never in its
-    own history. Smaller catalogues fall back to independent draws per canary.
+    Items are dealt from shuffled decks, so no item is in more histories, and no item is more
+    canaries' target, than ``ceil(m * length / n)`` and ``ceil(m / n)``: none at all when the
+    catalogue is large enough. Two included canaries with one history and two targets cannot
+    both be memorised, which weakens the non-private control; on the default world's
+    250-item finance catalogue, independent draws made such pairs common. A target is never in
+    its own history, and a history never repeats an item.
     """
-    for _ in range(100 if m * length <= n and m < n else 0):
-        hist = rng.permutation(n)[: m * length].reshape(m, length)
-        target = rng.permutation(n)[:m]
+
+    def deal(size: int) -> np.ndarray:
+        return np.concatenate([rng.permutation(n) for _ in range(-(-size // n))])[:size]
+
+    for _ in range(100):
+        hist = deal(m * length).reshape(m, length)
+        if any(len(set(h)) < length for h in hist.tolist()):
+            continue  # a history spans two decks and repeats an item
+        target = deal(m)
         for i in np.flatnonzero((hist == target[:, None]).any(1)):
             # swap with a canary j whose target is not in i's history and can take i's target
             for j in rng.permutation(m):
@@ -173,9 +182,10 @@ def canary_items(
                     break
         if not (hist == target[:, None]).any():
             return hist, target
-    hist = np.stack([rng.choice(n, size=length, replace=False) for _ in range(m)])
-    target = np.array([rng.choice(np.setdiff1d(np.arange(n), h)) for h in hist])
-    return hist, target
+    raise ValueError(
+        f"cannot make {m} canaries of {length} history items over {n} catalogue items; "
+        "use fewer canaries or a shorter canary history"
+    )
 
 
 # --- scoring ----------------------------------------------------------------------------------
