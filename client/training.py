@@ -189,16 +189,24 @@ def _collate(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 class PerUserCrossEntropy(nn.Module):
     """Cross-entropy averaged over each user's predictions (label -1 = padding), then reduced
     over users by ``reduction`` ("mean", "sum" or "none" for per-user losses, which is how
-    Opacus's ghost clipping calls it)."""
+    Opacus's ghost clipping calls it).
+
+    ``logits`` is (B, P, C), or packed (M, C): one row per used prediction, in the row-major
+    order of ``labels >= 0``, as :func:`_loss_inputs` gives for a full-catalogue softmax.
+    """
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
         self.reduction = reduction
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce = nn.functional.cross_entropy(
-            logits.flatten(0, 1), labels.flatten().clamp(min=0), reduction="none"
-        ).view(labels.shape)  # (B, P)
+        if logits.dim() == labels.dim() + 1:
+            ce = nn.functional.cross_entropy(
+                logits.flatten(0, 1), labels.flatten().clamp(min=0), reduction="none"
+            ).view(labels.shape)  # (B, P)
+        else:
+            packed = nn.functional.cross_entropy(logits, labels[labels >= 0], reduction="none")
+            ce = logits.new_zeros(labels.shape).masked_scatter(labels >= 0, packed)  # (B, P)
         used = (labels >= 0).to(ce.dtype)
         per_user = (ce * used).sum(1) / used.sum(1).clamp(min=1.0)  # (B,)
         if self.reduction == "none":
@@ -223,12 +231,17 @@ FULL_SCORE_MAX = 20_000
 def _loss_inputs(
     model: nn.Module, items: torch.Tensor, batch: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) for :class:`PerUserCrossEntropy`: (B, P, C), (B, P) with -1 = padding."""
+    """(logits, labels) for :class:`PerUserCrossEntropy`, labels (B, P) with -1 = padding.
+
+    With sampled negatives, logits are (B, P, 1+K). With none, the softmax runs over the whole
+    public catalogue and logits are packed, (used predictions, N): a (B, P, N) block would
+    spend most of its time on padding for short histories (81% of finance's slots at P = 16).
+    """
     x, cands = batch
     users = model(x)  # (B, P, E)
     used = cands[..., 0] >= 0
     if cands.shape[-1] == 1:  # no sampled negatives: softmax over the whole public catalogue
-        return users @ items.T, torch.where(used, cands[..., 0], -1)  # (B, P, N), (B, P)
+        return users[used] @ items.T, torch.where(used, cands[..., 0], -1)  # (M, N), (B, P)
     logits = candidate_logits(users, items, cands.clamp(min=0))  # (B, P, 1+K)
     collide = cands[..., 1:] == cands[..., :1]  # a negative that is the target is no negative
     logits = torch.cat([logits[..., :1], logits[..., 1:].masked_fill(collide, -1e4)], dim=-1)

@@ -22,7 +22,7 @@ from client.training import (
     train_local,
 )
 from shared.data import Sequences
-from shared.model import RecModel
+from shared.model import ModelSpec, RecModel
 from simulations.baselines import popularity_scorer, text_similarity_scorer
 
 if TYPE_CHECKING:
@@ -204,6 +204,31 @@ def test_per_user_loss_averages_each_users_predictions_then_the_users() -> None:
     expected = torch.tensor([(np.log(2) + np.log(4)) / 2, np.log(4)], dtype=torch.float32)
     torch.testing.assert_close(per_user, expected)
     torch.testing.assert_close(mean, expected.mean())
+    # the packed form (one row per used prediction, row-major) gives the same losses
+    packed = logits[labels >= 0]  # (3, 4)
+    torch.testing.assert_close(training.PerUserCrossEntropy("none")(packed, labels), expected)
+
+
+def test_full_softmax_loss_inputs_are_packed_and_match_the_padded_logits() -> None:
+    # Prepare: 3 users of 4 positions, 2 of them with padding; no sampled negatives
+    torch.manual_seed(0)
+    model, items = RecModel(ModelSpec(item_dim=DIM, dim=4)), torch.randn(7, DIM)
+    x = torch.randn(3, 4, 2 * DIM)
+    cands = torch.tensor([[1, 2, 3, 4], [5, -1, -1, -1], [6, 0, -1, -1]]).unsqueeze(-1)
+
+    # Execute
+    logits, labels = training._loss_inputs(model, items, (x, cands))
+    loss = training.PerUserCrossEntropy("none")(logits, labels)
+
+    # Assert: 7 used predictions, each row the padded model's full-catalogue scores
+    used = cands[..., 0] >= 0
+    assert logits.shape == (7, 7)
+    with torch.no_grad():
+        padded = model(x) @ items.T  # (3, 4, 7)
+        torch.testing.assert_close(logits.detach(), padded[used])
+        torch.testing.assert_close(
+            loss, training.PerUserCrossEntropy("none")(padded, labels), rtol=1e-5, atol=1e-6
+        )
 
 
 # ------------------------------------------------------------------------------ training
