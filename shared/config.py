@@ -18,7 +18,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedprox")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
 OPTIMIZERS = ("sgd", "adam")
-HEADS = ("channel", "shared")
+HEADS = ("channel-tower", "channel", "shared")
 
 
 class ConfigError(ValueError):
@@ -41,7 +41,9 @@ class StrategyConfig:
 class ModelConfig:
     dim: int = 64
     hidden: int = 0  # width of the profile MLP residual; 0 = none (best under DP here)
-    heads: str = "channel"  # "channel": a head per platform on a shared tower; "shared": one
+    # "channel-tower": per platform, a head and a tower added to the shared tower;
+    # "channel": a head per platform on the shared tower; "shared": one head, all shared
+    heads: str = "channel-tower"
     max_history: int = 50
 
 

@@ -46,6 +46,7 @@ class ModelSpec:
     dim: int = 64
     hidden: int = 0
     seed: int = 0
+    own_tower: bool = False  # a platform's own tower, added to the shared one (zero at start)
 
 
 def summarize_history(
@@ -129,6 +130,7 @@ class RecModel(nn.Module):
             if spec.hidden > 0
             else None
         )
+        self.profile_own = nn.Linear(2 * e, d, bias=False) if spec.own_tower else None
         self.to_items = nn.Linear(d, e)  # W_o and the item prior b
         self.reset_parameters()
 
@@ -141,6 +143,8 @@ class RecModel(nn.Module):
         self.profile_lin.weight.copy_(torch.cat([0.5 * s * q.T, 0.5 * s * q.T], dim=1))
         self.to_items.weight.copy_(s * q)
         self.to_items.bias.zero_()
+        if self.profile_own is not None:
+            self.profile_own.weight.zero_()
         if self.profile_mlp is None:
             return
         for layer in (self.profile_mlp[0], self.profile_mlp[2]):
@@ -158,6 +162,8 @@ class RecModel(nn.Module):
     def code(self, x: torch.Tensor) -> torch.Tensor:
         """History summaries (..., 2E) -> profiles (..., D)."""
         p = self.profile_lin(x)
+        if self.profile_own is not None:
+            p = p + self.profile_own(x)
         if self.profile_mlp is not None:
             p = p + self.profile_mlp(x)
         return p
@@ -200,11 +206,14 @@ class CrossPlatformModel(nn.Module):
     """The federated model: one user tower shared by every platform, and a head per platform.
 
     A head is ``to_items`` (W_o and the text-carried item prior b): how a profile reads in one
-    catalogue's region of the item space. Each platform trains the tower and its own head; the
-    server averages the tower over all platforms and each head over its own platform only, so a
-    small platform's head is not diluted by the others' updates (research/anchors.md §5.7-5.8:
-    per-platform heads against negative transfer). ``model.heads = "shared"`` gives the fully
-    shared model (one head) for comparison.
+    catalogue's region of the item space; with ``spec.own_tower`` it also holds
+    ``profile_own``, the platform's own tower, whose output adds to the shared tower's
+    (a shared-plus-specific split in the spirit of STAR, Sheng et al. 2021). It starts at zero,
+    so the model starts as the shared tower alone. Each platform trains the tower and its own
+    head; the server averages the tower over all platforms and each head over its own platform
+    only, so a small platform's head is not diluted by the others' updates
+    (research/anchors.md §5.7-5.8: per-platform parts against negative transfer).
+    ``model.heads = "shared"`` gives the fully shared model (one head) for comparison.
 
     Parameter names: ``profile_lin.*`` (``profile_mlp.*``) and ``heads.<channel>.*``.
     """
@@ -215,7 +224,10 @@ class CrossPlatformModel(nn.Module):
         self.spec, self.per_channel = spec, per_channel
         self.profile_lin, self.profile_mlp = base.profile_lin, base.profile_mlp
         keys = channels if per_channel else (SHARED_HEAD,)
-        self.heads = nn.ModuleDict({k: copy.deepcopy(base.to_items) for k in keys})
+        head = nn.ModuleDict({"to_items": base.to_items})
+        if base.profile_own is not None:
+            head["profile_own"] = base.profile_own
+        self.heads = nn.ModuleDict({k: copy.deepcopy(head) for k in keys})
 
     def channel_model(self, channel: str) -> RecModel:
         """``channel``'s model: the shared tower and its head, parameters shared with ``self``
@@ -226,11 +238,9 @@ class CrossPlatformModel(nn.Module):
                 f"the model has no head for channel {channel!r}; it has {sorted(self.heads)}"
             )
         m = RecModel(self.spec)
-        m.profile_lin, m.profile_mlp, m.to_items = (
-            self.profile_lin,
-            self.profile_mlp,
-            self.heads[key],
-        )
+        m.profile_lin, m.profile_mlp = self.profile_lin, self.profile_mlp
+        m.to_items = self.heads[key]["to_items"]
+        m.profile_own = self.heads[key]["profile_own"] if self.spec.own_tower else None
         return m
 
 
@@ -240,20 +250,27 @@ def head_owner(name: str) -> str | None:
     return parts[1] if parts[0] == "heads" and parts[1] != SHARED_HEAD else None
 
 
+def model_spec(cfg: FedrecConfig, item_dim: int) -> ModelSpec:
+    return ModelSpec(
+        item_dim=item_dim,
+        dim=cfg.model.dim,
+        hidden=cfg.model.hidden,
+        seed=cfg.seed,
+        own_tower=cfg.model.heads == "channel-tower",
+    )
+
+
 def build_model(cfg: FedrecConfig, item_dim: int) -> CrossPlatformModel:
     """The run's model: every party builds it from the same config, so shapes match."""
     return CrossPlatformModel(
-        ModelSpec(item_dim=item_dim, dim=cfg.model.dim, hidden=cfg.model.hidden, seed=cfg.seed),
-        cfg.channels,
-        per_channel=cfg.model.heads == "channel",
+        model_spec(cfg, item_dim), cfg.channels, per_channel=cfg.model.heads != "shared"
     )
 
 
 def build_channel_model(cfg: FedrecConfig, item_dim: int) -> RecModel:
-    """One platform's model on its own (local-only and pooled baselines, ``fedrec train``)."""
-    return RecModel(
-        ModelSpec(item_dim=item_dim, dim=cfg.model.dim, hidden=cfg.model.hidden, seed=cfg.seed)
-    )
+    """One platform's model on its own (local-only and pooled baselines): the same
+    architecture as one platform's view of :func:`build_model`, own tower included."""
+    return RecModel(model_spec(cfg, item_dim))
 
 
 def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -255,7 +255,11 @@ def test_cross_platform_model_shares_the_tower_and_keeps_a_head_per_platform() -
             p -= p.grad
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
 
-    assert changed == {"profile_lin.weight", "heads.shop.weight", "heads.shop.bias"}
+    assert changed == {
+        "profile_lin.weight",
+        "heads.shop.to_items.weight",
+        "heads.shop.to_items.bias",
+    }
     assert bank.profile_lin is shop.profile_lin and bank.to_items is not shop.to_items
     assert [head_owner(k) for k in model.state_dict()] == [None, "shop", "shop", "bank", "bank"]
     with pytest.raises(ValueError, match="no head for channel 'travel'"):
@@ -263,3 +267,29 @@ def test_cross_platform_model_shares_the_tower_and_keeps_a_head_per_platform() -
     shared = CrossPlatformModel(ModelSpec(dim=8), ("shop", "bank"), per_channel=False)
     assert shared.channel_model("shop").to_items is shared.channel_model("travel").to_items
     assert [head_owner(k) for k in shared.state_dict()] == [None, None, None]
+
+
+def test_own_towers_start_at_zero_add_to_the_shared_tower_and_stay_per_platform() -> None:
+    from shared.model import CrossPlatformModel
+
+    spec = ModelSpec(dim=8, own_tower=True)
+    model = CrossPlatformModel(spec, ("shop", "bank"))
+    shop, bank = model.channel_model("shop"), model.channel_model("bank")
+    x = torch.randn(4, 2 * DIM)
+
+    # At the start the own tower is zero: the model is the shared tower alone.
+    torch.testing.assert_close(shop.code(x), shop.profile_lin(x))
+
+    # Training shop's model moves shop's own tower, not bank's; the tower adds to the shared one.
+    (shop(x) ** 2).sum().backward()
+    with torch.no_grad():
+        for p in shop.parameters():
+            p -= 1e-3 * p.grad
+    assert shop.profile_own is model.heads["shop"]["profile_own"]
+    assert shop.profile_own.weight.abs().sum() > 0 and bank.profile_own.weight.abs().sum() == 0
+    torch.testing.assert_close(shop.code(x), shop.profile_lin(x) + shop.profile_own(x))
+    assert sorted(k for k in model.state_dict() if k.startswith("heads.shop")) == [
+        "heads.shop.profile_own.weight",
+        "heads.shop.to_items.bias",
+        "heads.shop.to_items.weight",
+    ]

@@ -466,7 +466,10 @@ def test_run_config_value_problems_are_reported_together() -> None:
     assert len(info.value.problems) == 5
     text = str(info.value)
     assert "'fedsgd'" in text and "1.5" in text and "train.batch-size" in text
-    assert "model.heads must be one of ['channel', 'shared']. Found 'per-user'" in text
+    assert (
+        "model.heads must be one of ['channel-tower', 'channel', 'shared']. Found 'per-user'"
+        in text
+    )
     assert "train.positions" in text
 
 

@@ -24,7 +24,9 @@ def _run(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, torch.nn.Module]
     cfg = FedrecConfig(channels=("shop", "bank"))
     model = build_model(cfg, DIM)
     with torch.no_grad():  # make the two platforms' heads differ, as training would
-        model.heads["bank"].bias.add_(torch.randn(DIM, generator=torch.Generator().manual_seed(1)))
+        model.heads["bank"]["to_items"].bias.add_(
+            torch.randn(DIM, generator=torch.Generator().manual_seed(1))
+        )
     run = RunDir(tmp_path / "run")
     run.start(cfg.to_run_config(), list(cfg.channels), param_shapes(model))
     run.checkpoint(1, {k: np.zeros_like(v.numpy()) for k, v in model.state_dict().items()})
