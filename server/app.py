@@ -123,7 +123,7 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(cfg, item_dim)
     shapes = param_shapes(model)
     offset, initial = 0, {k: v.numpy() for k, v in model.state_dict().items()}
-    if cfg.resume and (last := run.last_checkpoint()) is not None:
+    if cfg.resume and (last := run.last_checkpoint(shapes)) is not None:
         offset, initial = last
         log(INFO, "[fedrec] resuming after round %d from %s", offset, run.path / "checkpoints")
     else:

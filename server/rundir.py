@@ -117,13 +117,40 @@ class RunDir:
         os.replace(tmp, path)
         return path
 
-    def last_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
+    def last_checkpoint(
+        self, shapes: dict[str, tuple[int, ...]] | None = None
+    ) -> tuple[int, dict[str, np.ndarray]] | None:
+        """(round, arrays) of the newest checkpoint, or None if there is none.
+
+        With ``shapes`` (the model's parameter names and shapes), a checkpoint that does not
+        fit the model raises ``ValueError`` naming the differences: it was written under
+        another model configuration, and resuming from it would fail on every node.
+        """
         from safetensors.numpy import load_file
 
         found = sorted((self.path / "checkpoints").glob("round-*.safetensors"))
         if not found:
             return None
-        return int(found[-1].stem.split("-")[1]), load_file(found[-1])
+        arrays = load_file(found[-1])
+        if shapes is not None:
+            problems = [f"{k}: missing" for k in sorted(set(shapes) - set(arrays))]
+            problems += [f"{k}: not in the model" for k in sorted(set(arrays) - set(shapes))]
+            problems += [
+                f"{k}: shape {tuple(arrays[k].shape)}, the model has {tuple(shapes[k])}"
+                for k in sorted(set(arrays) & set(shapes))
+                if tuple(arrays[k].shape) != tuple(shapes[k])
+            ]
+            if problems:
+                shown = "; ".join(problems[:4]) + (
+                    f"; and {len(problems) - 4} more" * (len(problems) > 4)
+                )
+                raise ValueError(
+                    f"{found[-1]}: this checkpoint does not fit the run's model ({shown}). It "
+                    "was written with another model configuration (model.heads, model.dim, "
+                    "model.hidden or channels). Resume with the configuration in "
+                    f"{self.path / 'config.json'}, or start a new run-dir."
+                )
+        return int(found[-1].stem.split("-")[1]), arrays
 
     def results(self, obj: dict[str, Any]) -> None:
         heads = {name: hashlog.head(self.path / name) for name in (LEDGER, EGRESS)}

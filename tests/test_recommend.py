@@ -1,6 +1,7 @@
 """``fedrec recommend``'s serving path (simulations/recommend.py) on a hand-made run directory:
 it loads the last checkpoint, serves a platform with its own head, excludes seen items,
-blends a query, ranks items added after training (cold start) and refuses bad requests."""
+blends a query, ranks items added after training (cold start) and refuses bad requests; and
+the run directory's check that a checkpoint fits the model before a run resumes from it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from server.rundir import RunDir
-from shared.config import FedrecConfig
+from shared.config import FedrecConfig, ModelConfig
 from shared.model import build_model, param_shapes
 from simulations.recommend import Recommender, RecommendError
 
@@ -106,3 +107,28 @@ def test_bad_requests_are_refused_with_the_reason(tmp_path: Path) -> None:
         rec.recommend(np.array([1, N_ITEMS]))
     with pytest.raises(RecommendError, match="no checkpoint"):
         Recommender.from_run(tmp_path, "bank", items, ids)
+
+
+def test_resuming_from_a_checkpoint_of_another_model_names_the_differences(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a run whose checkpoints hold the default model (own towers per platform)
+    run_dir, *_ = _run(tmp_path)
+    run = RunDir(run_dir)
+    heads_only = param_shapes(
+        build_model(
+            FedrecConfig(channels=("shop", "bank"), model=ModelConfig(heads="channel")), DIM
+        )
+    )
+
+    # Execute / Assert: the same model resumes; a heads-only model is told what differs
+    assert (
+        run.last_checkpoint(
+            param_shapes(build_model(FedrecConfig(channels=("shop", "bank")), DIM))
+        )[0]
+        == 2
+    )
+    with pytest.raises(ValueError, match="does not fit the run's model") as err:
+        run.last_checkpoint(heads_only)
+    assert "heads.bank.profile_own.weight: not in the model" in str(err.value)
+    assert "config.json" in str(err.value)
