@@ -1,13 +1,13 @@
 """The model: a user-profile tower and a scorer over constant item vectors.
 
 Owns: the one architecture that every channel trains and the server aggregates
-(:class:`CrossPlatformModel`: a shared tower, ``W_o`` and ``b`` per platform; each platform
-trains its :class:`RecModel` view), and the history summaries it reads. Item vectors
+(:class:`CrossPlatformModel`: a shared tower W_h; per platform ``W_o``, ``b`` and its own
+tower W_c; each platform trains its :class:`RecModel` view), and the history summaries it reads. Item vectors
 come from the central text encoder and are inputs, never parameters: there is no per-user or
 per-item embedding table, so nothing in the weights is indexed by a user or an item.
 
 Design (DP utility decides it, see research/privacy.md §1):
-  * profile  p = W_h x + MLP(x),  x = [mean(h), recent(h)]        (B, D)
+  * profile  p = W_h x + W_c x + MLP(x),  x = [mean(h), recent(h)]  (B, D); W_c starts at 0
   * query    u = tau * (W_o p + b)                                (B, E)  back in item space
   * score    s(c) = <u, c>  = tau * <W_o^T c, p> + tau * <b, c>    for each item vector c
 This is a dot-product scorer with a trainable projection of item vectors (``W_o^T c``), an
