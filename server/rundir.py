@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from shared import hashlog
+from shared.wire import shape_problems
 
 LEDGER = "privacy-ledger.jsonl"
 EGRESS = "egress.jsonl"
@@ -133,13 +134,7 @@ class RunDir:
             return None
         arrays = load_file(found[-1])
         if shapes is not None:
-            problems = [f"{k}: missing" for k in sorted(set(shapes) - set(arrays))]
-            problems += [f"{k}: not in the model" for k in sorted(set(arrays) - set(shapes))]
-            problems += [
-                f"{k}: shape {tuple(arrays[k].shape)}, the model has {tuple(shapes[k])}"
-                for k in sorted(set(arrays) & set(shapes))
-                if tuple(arrays[k].shape) != tuple(shapes[k])
-            ]
+            problems = shape_problems({k: v.shape for k, v in arrays.items()}, shapes)
             if problems:
                 shown = "; ".join(problems[:4]) + (
                     f"; and {len(problems) - 4} more" * (len(problems) > 4)

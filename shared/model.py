@@ -251,6 +251,7 @@ def head_owner(name: str) -> str | None:
 
 
 def model_spec(cfg: FedrecConfig, item_dim: int) -> ModelSpec:
+    """The architecture the run config names (own towers for ``model.heads = channel-tower``)."""
     return ModelSpec(
         item_dim=item_dim,
         dim=cfg.model.dim,

@@ -110,6 +110,23 @@ def bucket_count(n: int) -> int:
     return int(math.ceil(n / COUNT_BUCKET) * COUNT_BUCKET)
 
 
+def shape_problems(
+    got: Mapping[str, tuple[int, ...]], param_shapes: Mapping[str, tuple[int, ...]]
+) -> list[str]:
+    """How ``got`` (array name -> shape) differs from exactly the model's parameters."""
+    out: list[str] = []
+    if set(got) != set(param_shapes):
+        extra = sorted(set(got) - set(param_shapes))
+        missing = sorted(set(param_shapes) - set(got))
+        out.append(f"arrays must be exactly the model parameters; extra {extra}, missing {missing}")
+    for k in sorted(set(got) & set(param_shapes)):
+        if tuple(got[k]) != tuple(param_shapes[k]):
+            out.append(
+                f"array {k!r} has shape {tuple(got[k])}, the model's is {tuple(param_shapes[k])}"
+            )
+    return out
+
+
 def _violations(
     kind: str, records: Mapping[str, Any], param_shapes: Mapping[str, tuple[int, ...]]
 ) -> list[str]:
@@ -127,19 +144,7 @@ def _violations(
             continue
         if keys is None:  # model parameters: exactly the model's names and shapes
             got = {k: tuple(int(d) for d in record[k].shape) for k in record.keys()}
-            if set(got) != set(param_shapes):
-                extra = sorted(set(got) - set(param_shapes))
-                missing = sorted(set(param_shapes) - set(got))
-                out.append(
-                    f"{kind} reply: arrays must be exactly the model parameters; "
-                    f"extra {extra}, missing {missing}"
-                )
-            for k in sorted(set(got) & set(param_shapes)):
-                if got[k] != tuple(param_shapes[k]):
-                    out.append(
-                        f"{kind} reply: array {k!r} has shape {got[k]}, "
-                        f"the model's is {tuple(param_shapes[k])}"
-                    )
+            out += [f"{kind} reply: {p}" for p in shape_problems(got, param_shapes)]
         else:
             for k in record.keys():
                 if k not in keys:

@@ -130,5 +130,8 @@ def test_resuming_from_a_checkpoint_of_another_model_names_the_differences(
     )
     with pytest.raises(ValueError, match="does not fit the run's model") as err:
         run.last_checkpoint(heads_only)
-    assert "heads.bank.profile_own.weight: not in the model" in str(err.value)
+    assert (
+        "extra ['heads.bank.profile_own.weight', 'heads.shop.profile_own.weight'], missing []"
+        in str(err.value)
+    )
     assert "config.json" in str(err.value)

@@ -22,9 +22,9 @@ against everything else in the update. With DP noise that is mostly the noise, a
 μ ≈ q·√T / σ, the claim's own GDP μ (an under-estimate here: FedAvg over channels and Adam
 dilute it). Without noise it is only the other users' gradients projected on a random
 direction in P dimensions: measured on the default world (P = 123,264 per platform) the
-noise-off run gets ε estimates of 157 to 403 against a claim of 8 (3 seeds). Few parameters and many users with
-aligned gradients weaken it (roughly μ ∝ √P / (N·g), g the norm of their mean clipped
-gradient); ``AuditPlan.max_users`` shrinks N.
+noise-off run gets ε estimates of 157 to 403 against a claim of 8 (3 seeds). Few parameters
+and many users with aligned gradients weaken it (roughly μ ∝ √P / (N·g), g the norm of their
+mean clipped gradient); ``AuditPlan.max_users`` shrinks N.
 
 Layout of ``out``: ``data/`` (what the clients read), ``secrets/`` (inclusion bits, canary
 targets, held-out users: the auditor's only, never under ``data/``), ``runs/<name>/`` (run
@@ -80,8 +80,9 @@ class AuditPlan:
 
 
 def _canaries_for(users: int, plan: AuditPlan) -> int:
-    # 300 leaves 100 canaries to abstain on between the largest guesses (k = 100 each way): a
-    # few ranked out of place there cost nothing (finance: 200 canaries certified 2.6, not 3)
+    # 300 leaves 100 canaries to abstain on between the largest guesses (k = 100 each way), so
+    # a few ranked out of place there cost nothing. Finance's control certified 3.29-3.64 over
+    # 3 seeds with 300 canaries and per-platform towers (2.58 with 200 and a shared tower).
     return plan.canaries if plan.canaries is not None else min(300, max(50, users // 5))
 
 
@@ -198,9 +199,10 @@ def one_run_scores(
 
     The first mean is research/privacy.md §5 (iii): how much the model prefers t_i to the
     other canaries' targets after h_i. The second removes how much the model likes t_i after
-    any canary history (its text-carried prior), which no inclusion bit changes; on the
-    default world it raised the non-private control's canary AUC from 0.953 to 0.978 on
-    finance. Neither uses an inclusion bit, so the one-run bound stays valid.
+    any canary history (mostly its text-carried prior); rescoring one non-private control run
+    on the default world, it raised finance's canary AUC from 0.953 to 0.978. The score reads
+    only the trained model and the canary set, never an inclusion bit, so the one-run bound
+    stays valid.
 
     ``score(hist, mask)`` returns (B, N) full-catalogue scores; ``hist`` is (m, L) items.
     """
