@@ -18,6 +18,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedprox")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
 OPTIMIZERS = ("sgd", "adam")
+SCORE_DTYPES = ("auto", "float32", "bfloat16")
 HEADS = ("channel-tower", "channel", "shared")
 
 
@@ -55,6 +56,9 @@ class TrainConfig:
     positions: int = 16  # next-item predictions per user per step, averaged before clipping
     lr: float = 0.003
     optimizer: str = "adam"
+    # dtype of the (predictions x catalogue) scores in training: "auto" takes bfloat16 where
+    # the CPU has native bfloat16 matrix instructions (about 3x faster there), else float32
+    scores_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -254,6 +258,10 @@ def check(cfg: FedrecConfig) -> list[str]:
             f"train.negatives must be >= 0 (0: softmax over the whole catalogue). Found {cfg.train.negatives}."
         )
     positive("train.lr", cfg.train.lr)
+    if cfg.train.scores_dtype not in SCORE_DTYPES:
+        p.append(
+            f"train.scores-dtype must be one of {list(SCORE_DTYPES)}. Found {cfg.train.scores_dtype!r}."
+        )
     if cfg.train.optimizer not in OPTIMIZERS:
         p.append(
             f"train.optimizer must be one of {list(OPTIMIZERS)}. Found {cfg.train.optimizer!r}."

@@ -5,8 +5,9 @@ model, optimizer and loader, and is timed in short windows that alternate betwee
 round after round (the order rotates every round), so load from other processes hits all
 variants alike. Reported: median users/s per variant, and the median over rounds of the
 per-round time ratio DP / no DP. The training step is the one ``client.training.train_local``
-runs: ``UserExamples`` batches (Poisson-sampled under DP), ``_loss_inputs``,
-``PerUserCrossEntropy``, Adam, σ = 1, C = 1, the run config's negatives and positions.
+runs (``train_step``): ``UserExamples`` batches (Poisson-sampled under DP), the default model
+(per-platform tower included), ``LinearizedLoss``, Adam, σ = 1, C = 1, full-catalogue softmax
+with scores in ``--scores-dtype``.
 
 ``--profile`` adds where one step's time goes (data pipeline, forward+backward, optimizer).
 
@@ -62,16 +63,17 @@ class Variant:
         items: torch.Tensor,
         seqs: Sequences,
         batch_size: int,
+        low_precision: bool,
         seed: int = 0,
     ) -> None:
         import torch
 
-        from client.training import PerUserCrossEntropy, TrainSpec, UserExamples, _collate
-        from shared.model import RecModel
+        from client.training import LinearizedLoss, TrainSpec, UserExamples, _collate
+        from shared.model import ModelSpec, RecModel
 
         torch.manual_seed(seed)
-        self.name, self.items = name, items
-        model = RecModel()
+        self.name, self.items, self.low_precision = name, items, low_precision
+        model = RecModel(ModelSpec(own_tower=True))
         examples = UserExamples(seqs, items, TrainSpec(batch_size=batch_size, seed=seed))
         loader = torch.utils.data.DataLoader(
             examples,
@@ -81,7 +83,7 @@ class Variant:
             generator=torch.Generator().manual_seed(seed),
         )
         self.optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        self.criterion: Callable[..., torch.Tensor] = PerUserCrossEntropy()
+        self.criterion: Callable[..., torch.Tensor] = LinearizedLoss()
         self.net: torch.nn.Module = model
         if mode is not None:
             from opacus import PrivacyEngine
@@ -108,13 +110,11 @@ class Variant:
             yield from self.loader
 
     def step(self) -> int:
-        from client.training import _loss_inputs
+        from client.training import train_step
 
         batch = next(self.batches)
-        self.optimizer.zero_grad(set_to_none=True)
-        logits, labels = _loss_inputs(self.net, self.items, batch)
-        self.criterion(logits, labels).backward()
-        self.optimizer.step()
+        args = (self.net, self.optimizer, self.criterion, self.items, batch, self.low_precision)
+        train_step(*args)
         return len(batch[0])
 
     def window(self, steps: int) -> float:
@@ -131,12 +131,13 @@ def run_ratio(
     modes: list[str],
     rounds: int,
     window_users: int,
+    low_precision: bool,
 ) -> list[tuple[str, float, float]]:
     """(variant, median users/s, median per-round time ratio vs no DP) per variant."""
-    variants = [Variant("no DP", None, items, seqs, batch_size)]
+    variants = [Variant("no DP", None, items, seqs, batch_size, low_precision)]
     for mode in modes:
         try:
-            variants.append(Variant(f"DP {mode}", mode, items, seqs, batch_size))
+            variants.append(Variant(f"DP {mode}", mode, items, seqs, batch_size, low_precision))
             variants[-1].window(1)  # warm-up; also proves the mode works on this model
         except Exception as exc:  # noqa: BLE001 - a mode that fails is reported, not fatal
             typer.echo(f"  B={batch_size} {mode}: failed ({type(exc).__name__}: {exc})")
@@ -157,10 +158,11 @@ def run_ratio(
     ]
 
 
-def profile(items: torch.Tensor, seqs: Sequences, batch_size: int, repeats: int) -> None:
+def profile(
+    items: torch.Tensor, seqs: Sequences, batch_size: int, repeats: int, low_precision: bool
+) -> None:
     """Where one ghost-mode DP step spends its time, against the same step without DP."""
-
-    from client.training import PerUserCrossEntropy, TrainSpec, UserExamples, _loss_inputs
+    from client.training import TrainSpec, UserExamples, output_grads
 
     examples = UserExamples(seqs, items, TrainSpec(batch_size=batch_size))
     rng = np.random.default_rng(1)
@@ -171,27 +173,31 @@ def profile(items: torch.Tensor, seqs: Sequences, batch_size: int, repeats: int)
     batches = [examples.__getitems__(next(idx)) for _ in range(repeats)]
     get_ms = (time.perf_counter() - start) / repeats * 1e3
 
-    def steps(v: Variant, criterion: Callable[..., torch.Tensor]) -> tuple[float, float]:
+    def steps(v: Variant) -> tuple[float, float, float]:
         v.window(1)
-        fb, opt = [], []
-        for batch in batches:
+        scores, model, opt = [], [], []
+        for x, cands in batches:
             v.optimizer.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            logits, labels = _loss_inputs(v.net, items, batch)
-            criterion(logits, labels).backward()
+            users = v.net(x)
             t1 = time.perf_counter()
+            _, grads = output_grads(users, items, cands, low_precision)
+            t2 = time.perf_counter()
+            v.criterion(users, grads).backward()
+            t3 = time.perf_counter()
             v.optimizer.step()
-            fb.append(t1 - t0)
-            opt.append(time.perf_counter() - t1)
-        return statistics.median(fb) * 1e3, statistics.median(opt) * 1e3
+            scores.append(t2 - t1)
+            model.append(t1 - t0 + t3 - t2)
+            opt.append(time.perf_counter() - t3)
+        return tuple(statistics.median(t) * 1e3 for t in (scores, model, opt))  # type: ignore[return-value]
 
-    ghost = Variant("DP ghost", "ghost", items, seqs, batch_size)
-    fb, opt = steps(ghost, ghost.criterion)
-    pfb, popt = steps(Variant("no DP", None, items, seqs, batch_size), PerUserCrossEntropy())
+    dp = steps(Variant("DP ghost", "ghost", items, seqs, batch_size, low_precision))
+    plain = steps(Variant("no DP", None, items, seqs, batch_size, low_precision))
     typer.echo(
         f"  B={batch_size} per step (median of {repeats}): UserExamples.__getitems__ "
-        f"{get_ms:.2f} ms; ghost forward+backward {fb:.1f} ms, DP optimizer step {opt:.1f} ms; "
-        f"no-DP forward+backward {pfb:.1f} ms, Adam step {popt:.1f} ms"
+        f"{get_ms:.2f} ms; catalogue scores forward+backward {dp[0]:.1f} ms (DP) / "
+        f"{plain[0]:.1f} ms (no DP); model forward+backward {dp[1]:.1f} / {plain[1]:.1f} ms; "
+        f"optimizer step {dp[2]:.1f} / {plain[2]:.1f} ms"
     )
 
 
@@ -204,6 +210,9 @@ def main(
     rounds: Annotated[int, typer.Option(min=1, help="Timed windows per variant.")] = 5,
     window_users: Annotated[int, typer.Option(min=1, help="Users per timed window.")] = 1024,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
+    scores_dtype: Annotated[
+        str, typer.Option(help="auto, float32 or bfloat16 (train.scores-dtype).")
+    ] = "auto",
     profile_steps: Annotated[
         int, typer.Option("--profile", help="Also profile this many steps (0: skip).")
     ] = 0,
@@ -212,15 +221,16 @@ def main(
     import torch
 
     torch.set_num_threads(threads)
-    from client.training import TrainSpec
-    from shared.model import RecModel
+    from client.training import TrainSpec, resolve_scores_dtype
+    from shared.model import ModelSpec, RecModel
 
+    dtype = resolve_scores_dtype(scores_dtype)
     vectors, seqs = synthetic_sequences(users, items)
-    model = RecModel()
+    model = RecModel(ModelSpec(own_tower=True))
     n_params = sum(p.numel() for p in model.parameters())
     typer.echo(f"model {model.spec} ({n_params:,} parameters)")
     typer.echo(
-        f"{users} users, {items} items, torch threads {threads}, Adam, sigma 1, C 1, "
+        f"{users} users, {items} items, torch threads {threads}, scores {dtype}, Adam, sigma 1, C 1, "
         f"{TrainSpec()}, {rounds} interleaved windows of ~{window_users} "
         "users per variant"
     )
@@ -228,15 +238,16 @@ def main(
 
     with quiet_opacus():
         for b in (int(x) for x in batch_sizes.split(",")):
+            low = dtype == "bfloat16"
             results = run_ratio(
-                vectors, seqs, b, [m for m in modes.split(",") if m], rounds, window_users
+                vectors, seqs, b, [m for m in modes.split(",") if m], rounds, window_users, low
             )
             typer.echo(f"\n| B={b} | median users/s | median time ratio vs no DP |")
             typer.echo("|---|---|---|")
             for name, speed, ratio in results:
                 typer.echo(f"| {name} | {speed:,.0f} | {ratio:.2f}x |")
             if profile_steps:
-                profile(vectors, seqs, b, profile_steps)
+                profile(vectors, seqs, b, profile_steps, low)
 
 
 if __name__ == "__main__":

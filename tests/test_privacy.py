@@ -19,10 +19,12 @@ import torch
 
 from client.training import (
     DPSpec,
+    LinearizedLoss,
     PerUserCrossEntropy,
     TrainSpec,
     UserExamples,
     _loss_inputs,
+    output_grads,
     train_local,
 )
 from shared import privacy
@@ -88,6 +90,7 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     lr: float = 0.1,
+    loss: torch.nn.Module | None = None,
 ):  # noqa: ANN202
     """Opacus on ``model`` with a loader that yields exactly ``batch`` (no Poisson sampling)."""
     from opacus import PrivacyEngine
@@ -99,7 +102,7 @@ def make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=lr),
         data_loader=loader,
-        criterion=PerUserCrossEntropy(),
+        criterion=loss or PerUserCrossEntropy(),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=False,
@@ -183,6 +186,42 @@ def test_dp_gradient_is_the_mean_of_clipped_per_user_gradients(mode: str) -> Non
     # Assert: research/privacy.md §2 measured 3-4e-5 relative error for every mode.
     assert norms.min() < c < norms.max()
     torch.testing.assert_close(grad, clip(brute, c).mean(0), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("low_precision", [False, True])
+def test_ghost_clipping_through_the_linearized_loss_clips_each_user_exactly(
+    low_precision: bool,
+) -> None:
+    # Prepare: the training path (LinearizedLoss, full-catalogue softmax, optionally bfloat16
+    # scores); C below every per-user norm, so each user's clipped gradient has norm exactly C.
+    items, seqs = topic_world()
+    spec = TrainSpec(negatives=0, positions=4, max_history=10)
+    batch = UserExamples(seqs, items, spec).__getitems__(list(range(8)))
+    model = RecModel()
+    x, cands = batch
+    brute_model = copy.deepcopy(model)
+    _, grads = output_grads(brute_model(x), items, cands, low_precision)
+    brute = []
+    for i in range(len(x)):  # user i's gradient of <output_i, G_i>: J_i^T G_i
+        brute_model.zero_grad()
+        LinearizedLoss()(brute_model(x[i : i + 1]), grads[i : i + 1]).backward()
+        brute.append(torch.cat([p.grad.flatten() for p in brute_model.parameters()]))
+    brute = torch.stack(brute)
+    c = 0.5 * float(brute.norm(dim=1).min())
+    net, opt, criterion, b = make_private(
+        model, batch, mode="ghost", noise_multiplier=0.0, max_grad_norm=c, loss=LinearizedLoss()
+    )
+
+    # Execute
+    users = net(b[0])
+    _, g = output_grads(users, items, b[1], low_precision)
+    criterion(users, g).backward()
+    opt.pre_step()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    # Assert: the update is the mean of the per-user gradients, each scaled to norm C
+    torch.testing.assert_close(grad, clip(brute, c).mean(0), rtol=1e-4, atol=1e-7)
+    assert float(grad.norm()) <= c * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
@@ -458,12 +497,12 @@ def test_sample_rate_matches_opacus_loader_arithmetic() -> None:
 
 def test_run_config_value_problems_are_reported_together() -> None:
     bad = {"strategy": "fedsgd", "dp.target-delta": 1.5, "train.batch-size": 0}
-    bad |= {"model.heads": "per-user", "train.positions": 0}
+    bad |= {"model.heads": "per-user", "train.positions": 0, "train.scores-dtype": "fp16"}
 
     with pytest.raises(ConfigError) as info:
         from_run_config(bad)
 
-    assert len(info.value.problems) == 5
+    assert len(info.value.problems) == 6
     text = str(info.value)
     assert "'fedsgd'" in text and "1.5" in text and "train.batch-size" in text
     assert (
@@ -471,6 +510,7 @@ def test_run_config_value_problems_are_reported_together() -> None:
         in text
     )
     assert "train.positions" in text
+    assert "train.scores-dtype must be one of ['auto', 'float32', 'bfloat16']. Found 'fp16'" in text
 
 
 def test_unknown_keys_and_bad_values_are_reported_at_once() -> None:

@@ -231,6 +231,55 @@ def test_full_softmax_loss_inputs_are_packed_and_match_the_padded_logits() -> No
         )
 
 
+@pytest.mark.parametrize("negatives", [0, 5])
+def test_linearized_loss_has_the_gradient_of_the_per_user_loss(negatives: int) -> None:
+    # Prepare: two copies of one model, a batch with padding, full softmax or sampled negatives
+    items, seqs = topic_world(n_users=16)
+    spec = TrainSpec(negatives=negatives, positions=4, max_history=10)
+    x, cands = UserExamples(seqs, items, spec).__getitems__(list(range(16)))
+    direct, linear = RecModel(ModelSpec(own_tower=True)), RecModel(ModelSpec(own_tower=True))
+    with torch.no_grad():  # a trained-looking own tower, so every parameter gets a gradient
+        for m in (direct, linear):
+            m.profile_own.weight.copy_(
+                torch.linspace(-0.01, 0.01, m.profile_own.weight.numel()).view_as(
+                    m.profile_own.weight
+                )
+            )
+
+    # Execute
+    logits, labels = training.candidate_scores(direct(x), items, cands)
+    loss = training.PerUserCrossEntropy("none")(logits, labels)
+    loss.mean().backward()
+    users = linear(x)
+    per_user, grads = training.output_grads(users, items, cands)
+    training.LinearizedLoss()(users, grads).backward()
+
+    # Assert: same per-user losses, same gradient for every parameter
+    torch.testing.assert_close(per_user, loss.detach())
+    for (name, a), b in zip(direct.named_parameters(), linear.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_low_precision_scores_stay_close_to_float32() -> None:
+    # Prepare
+    items, seqs = topic_world(n_users=16)
+    x, cands = UserExamples(seqs, items, TrainSpec(positions=4)).__getitems__(list(range(16)))
+    users = RecModel()(x).detach()
+
+    # Execute
+    full, labels = training.candidate_scores(users, items, cands)
+    low, _ = training.candidate_scores(users, items, cands, low_precision=True)
+    g_full = training.output_grads(users, items, cands)[1]
+    g_low = training.output_grads(users, items, cands, low_precision=True)[1]
+
+    # Assert: bfloat16 keeps 8 bits of mantissa: logits within 1% of their scale, gradients
+    # pointing the same way; float32 stays the default.
+    assert low.dtype == full.dtype == torch.float32
+    assert (low - full).abs().max() <= 0.01 * full.abs().max()
+    cos = torch.nn.functional.cosine_similarity(g_low.flatten(1), g_full.flatten(1), dim=1)
+    assert cos.min() > 0.999
+
+
 # ------------------------------------------------------------------------------ training
 
 
@@ -465,3 +514,17 @@ def test_candidate_logits_equal_full_ranking_scores(
 
     # Assert
     torch.testing.assert_close(logits, torch.gather(full, 1, cands), rtol=1e-5, atol=1e-4)
+
+
+def test_scores_dtype_auto_follows_the_cpu(tmp_path: Path) -> None:
+    # Prepare: cpuinfo files with and without native bfloat16 dot products
+    with_bf16, without = tmp_path / "a", tmp_path / "b"
+    with_bf16.write_text("flags\t: fpu avx2 avx512f avx512_bf16\n")
+    without.write_text("flags\t: fpu avx2 avx512f\n")
+
+    # Execute / Assert: explicit choices pass through; auto reads the CPU's flags
+    assert training.resolve_scores_dtype("float32", with_bf16) == "float32"
+    assert training.resolve_scores_dtype("bfloat16", without) == "bfloat16"
+    assert training.resolve_scores_dtype("auto", with_bf16) == "bfloat16"
+    assert training.resolve_scores_dtype("auto", without) == "float32"
+    assert training.resolve_scores_dtype("auto", tmp_path / "missing") == "float32"
