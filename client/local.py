@@ -198,7 +198,9 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         )
         report.update({wire.EPSILON: math.inf, wire.STEPS: result.steps})
     nodes.save_optimizer(node, context.run_id, result.optimizer_state)
-    log.info("%s round %d trained in %.1fs", node.channel, server_round, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    nodes.record_timing(node, server_round, "train", seconds)
+    log.info("%s round %d trained in %.1fs", node.channel, server_round, seconds)
     weights = {k: v.detach().numpy() for k, v in federated.state_dict().items()}
     return wire.build_reply(
         "train",
@@ -215,6 +217,7 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
 
 def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
     cfg, node = _setup(context)
+    t0 = time.perf_counter()
     items = _items(content, node)
     seqs, _ = nodes.load_sequences(node)
     split = leave_last_out(seqs)
@@ -227,6 +230,8 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
         max_users=cfg.eval.max_users,
         seed=cfg.seed,
     )
+    server_round = int(content[wire.CONFIG].get(wire.SERVER_ROUND, 0))
+    nodes.record_timing(node, server_round, "evaluate", time.perf_counter() - t0)
     return wire.build_reply(
         "evaluate",
         metrics={**metrics, wire.NUM_EXAMPLES: wire.bucket_count(n)},

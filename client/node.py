@@ -11,6 +11,7 @@ Must not: import ``server/``; read another channel's interactions.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import zlib
@@ -27,6 +28,7 @@ from shared.data import Sequences, to_sequences
 
 STATE_KEY = "privacy"  # context.state ConfigRecord holding the accountant
 LEDGER = "privacy-ledger.jsonl"
+TIMINGS = "timings.jsonl"  # node-local: seconds each handler took (never sent)
 
 
 class NodeConfigError(ValueError):
@@ -91,6 +93,16 @@ def _load_sequences(data_dir: str, channel: str, mtime: float) -> tuple[Sequence
 
     catalogue = load_catalogue(data_dir, channel)
     return to_sequences(load_interactions(data_dir, channel, catalogue)), len(catalogue)
+
+
+def record_timing(node: Node, server_round: int, phase: str, seconds: float) -> None:
+    """Append how long this node's ``phase`` handler took; stays on the node's disk (timing
+    depends on Poisson batch sizes, so it is not sent). Simulation reads it to split a round's
+    wall time into the nodes' own work and Flower's overhead."""
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"round": server_round, "phase": phase, "seconds": round(seconds, 4)})
+    with (node.state_dir / TIMINGS).open("a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
 
 
 def load_sequences(node: Node) -> tuple[Sequences, int]:

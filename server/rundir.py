@@ -4,7 +4,8 @@ Layout (the audit reads exactly this)::
 
     config.json            run config, versions, channels, start time
     model.json             parameter names and shapes (what a train reply may carry)
-    metrics.jsonl          one line per (round, channel, phase)
+    metrics.jsonl          one line per (round, channel, phase); channel "server", phase
+                           "timing": each round's train and evaluate wall seconds
     privacy-ledger.jsonl   hash-chained: ε per channel per round (trained / refused / missing)
     egress.jsonl           hash-chained: every reply received (keys, shapes, dtypes, bytes, sha256)
     checkpoints/round-NNNN.safetensors

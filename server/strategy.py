@@ -8,6 +8,7 @@ Must not: import ``client/``.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
@@ -32,6 +33,9 @@ UNAVAILABLE = {
 }
 
 
+SERVER = "server"  # metrics.jsonl "channel" of the server's own per-round timing
+
+
 class RecordingMixin:
     """Checks, records and checkpoints around the parent strategy's aggregation."""
 
@@ -51,12 +55,15 @@ class RecordingMixin:
         self.round_status: dict[int, dict[str, str]] = {}
         self.sent: list[Message] = []
         self.current = ArrayRecord()  # the global arrays of the round being trained
+        self.started = 0.0  # when the current phase's messages went out (time.monotonic)
+        self.train_seconds = 0.0
 
     # Flower counts rounds from 1 in every start(); a resumed run continues the numbering.
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = arrays
+        self.started = time.monotonic()
         self.sent = list(
             super().configure_train(server_round + self.round_offset, arrays, config, grid)
         )  # type: ignore[misc]
@@ -65,6 +72,7 @@ class RecordingMixin:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.started = time.monotonic()
         self.sent = list(
             super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
         )  # type: ignore[misc]
@@ -185,6 +193,7 @@ class RecordingMixin:
         arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
         if arrays is not None:
             self.run.checkpoint(round_, {k: arrays[k].numpy() for k in arrays.keys()})
+        self.train_seconds = time.monotonic() - self.started
         return arrays, metrics
 
     def _own_heads(self, kept: list[Message]) -> None:
@@ -225,7 +234,18 @@ class RecordingMixin:
         )
         status = self.round_status.get(round_, {})
         odd = {ch: s for ch, s in status.items() if s != "ok"}
-        log(INFO, "[fedrec] round %d: %s%s", round_, line, f" | not trained: {odd}" if odd else "")
+        times = {"train-seconds": self.train_seconds}
+        times["evaluate-seconds"] = time.monotonic() - self.started
+        self.run.metrics(round_, SERVER, "timing", times)
+        log(
+            INFO,
+            "[fedrec] round %d: %s%s (train %.1fs, evaluate %.1fs)",
+            round_,
+            line,
+            f" | not trained: {odd}" if odd else "",
+            times["train-seconds"],
+            times["evaluate-seconds"],
+        )
         return super().aggregate_evaluate(server_round, kept)  # type: ignore[misc]
 
 

@@ -112,7 +112,44 @@ def _federated(run_dir: Path, cfg: Any, nodes: int, console: Any) -> dict[str, d
             console.print("  [red]" + line)
 
     run_simulation(run_dir, cfg.to_run_config(), num_nodes=nodes, on_line=show)
+    rounds = flower_overhead(run_dir)
+    if len(rounds) > 1:
+        later = sorted(r["overhead"] for r in rounds[1:])
+        console.print(
+            f"  Flower's overhead per round beyond the nodes' own work: median "
+            f"{later[len(later) // 2]:.2f}s, max {later[-1]:.2f}s (rounds 2-{len(rounds)}); "
+            f"round 1 {rounds[0]['overhead']:.2f}s (starts the actors)"
+        )
     return json.loads((run_dir / "results.json").read_text())["channels"]
+
+
+def flower_overhead(run_dir: Path) -> list[dict[str, float]]:
+    """Per round: each phase's wall time on the server, the slowest node's handler time in it
+    (from the nodes' own ``timings.jsonl``), and ``overhead``, the sum over both phases of
+    wall minus slowest node: message delivery, (de)serialisation, actor dispatch and
+    aggregation. Nodes run in parallel, one actor each (``run_simulation``)."""
+    wall: dict[int, dict[str, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e.get("phase") == "timing":
+            wall[int(e["round"])] = e["metrics"]
+    slowest: dict[tuple[int, str], float] = {}
+    for path in sorted((run_dir / "nodes").glob("*/timings.jsonl")):
+        for line in path.read_text().splitlines():
+            e = json.loads(line)
+            key = (int(e["round"]), str(e["phase"]))
+            slowest[key] = max(slowest.get(key, 0.0), float(e["seconds"]))
+    out = []
+    for r, w in sorted(wall.items()):
+        row = {"round": r}
+        for phase in ("train", "evaluate"):
+            row[f"{phase}_wall"] = float(w[f"{phase}-seconds"])
+            row[f"{phase}_slowest_node"] = slowest.get((r, phase), 0.0)
+        row["overhead"] = sum(
+            row[f"{p}_wall"] - row[f"{p}_slowest_node"] for p in ("train", "evaluate")
+        )
+        out.append(row)
+    return out
 
 
 def simulate(

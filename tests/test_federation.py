@@ -17,6 +17,7 @@ import pytest
 from shared import hashlog, privacy, wire
 from shared.config import FedrecConfig, from_run_config
 from simulations.flower import processes_with_env, run_simulation
+from simulations.simulate import flower_overhead
 from tests.tiny import save_tiny_bert, write_small_world
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
@@ -85,6 +86,34 @@ def _config(
     )
 
 
+def test_flower_overhead_is_phase_wall_minus_the_slowest_node(tmp_path: Path) -> None:
+    # Prepare: server timings for 2 rounds; two nodes' own handler times (hand-made)
+    timing = {"train-seconds": 10.0, "evaluate-seconds": 2.0}
+    lines = [
+        {"round": r, "channel": "server", "phase": "timing", "metrics": timing} for r in (1, 2)
+    ]
+    lines.append({"round": 1, "channel": "a", "phase": "evaluate", "metrics": {"ndcg@10": 0.1}})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    for node, train, ev in (("a", 9.5, 1.0), ("b", 7.0, 1.5)):
+        (tmp_path / "nodes" / node).mkdir(parents=True)
+        rows = [
+            {"round": r, "phase": p, "seconds": t}
+            for r in (1, 2)
+            for p, t in (("train", train), ("evaluate", ev))
+        ]
+        (tmp_path / "nodes" / node / "timings.jsonl").write_text(
+            "\n".join(json.dumps(x) for x in rows)
+        )
+
+    # Execute
+    rounds = flower_overhead(tmp_path)
+
+    # Assert: (10 - 9.5) + (2 - 1.5) = 1.0 s per round
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["train_slowest_node"] == 9.5 and rounds[0]["evaluate_slowest_node"] == 1.5
+    assert all(r["overhead"] == pytest.approx(1.0) for r in rounds)
+
+
 def test_two_rounds_then_resume_refuses_past_budget(
     world: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -123,6 +152,12 @@ def test_two_rounds_then_resume_refuses_past_budget(
     assert hashlog.verify(run_dir / "egress.jsonl", results["log_heads"]["egress.jsonl"]).ok
     assert (run_dir / "checkpoints" / "round-0002.safetensors").exists()
     assert processes_with_env("FLWR_HOME", str(run_dir / ".flwr")) == []
+    # every round's phases were timed by the server and by each node (on the node's disk)
+    rounds = flower_overhead(run_dir)
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        for phase in ("train", "evaluate"):
+            assert 0 < r[f"{phase}_slowest_node"] <= r[f"{phase}_wall"]
 
     # Execute: resume to 3 rounds in a fresh simulation (fresh context.state)
     run_simulation(run_dir, _config(world, run_dir, 3, target, True).to_run_config(), 3)

@@ -237,6 +237,8 @@ def _utility(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ch, values = e.get("channel"), e.get("metrics")
         if not isinstance(ch, str) or not isinstance(values, Mapping):
             continue
+        if e.get("phase") not in ("evaluate", "train"):  # e.g. the server's "timing" lines
+            continue
         slot = out.setdefault(ch, {"round": None, "evaluate": {}, "num_examples_train": None})
         if e.get("phase") == "evaluate":
             slot["round"], slot["evaluate"] = e.get("round"), dict(values)
