@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -192,48 +193,21 @@ class ItemEncoder:
                 "from a model hub at run time."
             )
         _check_pooling(model_dir)
-
-        # Belt and braces with local_files_only: nothing below may reach a hub.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        import tokenizers
-        import torch
-        import transformers
-        from transformers import AutoModel, AutoTokenizer
-
-        try:
-            with _quiet_transformers():
-                tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-                model, info = AutoModel.from_pretrained(
-                    model_dir, local_files_only=True, dtype=torch.float32, output_loading_info=True
-                )
-        except (OSError, ValueError, KeyError) as exc:
-            raise EncoderError(f"Could not load the item encoder from {model_dir}: {exc}") from exc
-        # Missing weights would be randomly initialised on every load: same fingerprint,
-        # different outputs. The pooler is never used.
-        missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
-        if missing or info["mismatched_keys"]:
-            raise EncoderError(
-                f"{model_dir}: the weights do not match the model config (missing: "
-                f"{missing[:5]}, mismatched: {sorted(info['mismatched_keys'])[:5]})."
-            )
-        limit = getattr(model.config, "max_position_embeddings", None)
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        limit = config.get("max_position_embeddings")
         if limit is not None and max_length > limit:
             raise ValueError(
                 f"max_length must be <= the model's max_position_embeddings ({limit}). "
                 f"Found {max_length}."
             )
-        if tokenizer.pad_token_id is None:
-            raise EncoderError(f"{model_dir}: the tokenizer has no padding token.")
+        if not isinstance(config.get("hidden_size"), int):
+            raise EncoderError(f"{model_dir / 'config.json'} has no integer hidden_size.")
 
         self.model_dir = model_dir
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = device
-        self._tokenizer = tokenizer
-        self._model = model.to(device).eval()
-        self._pad_id = int(tokenizer.pad_token_id)
-        self._token_types = "token_type_ids" in tokenizer.model_input_names
-        self.dim = int(model.config.hidden_size)
+        self.dim = int(config["hidden_size"])
         settings = {
             "encoder": ENCODER_VERSION,
             "pooling": "mean",
@@ -241,12 +215,55 @@ class ItemEncoder:
             "max_length": max_length,
             "dtype": "float32",
             # Tokenisation rules live in these libraries, not only in the files.
-            "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__,
+            "transformers": importlib.metadata.version("transformers"),
+            "tokenizers": importlib.metadata.version("tokenizers"),
             "files": _model_files(model_dir),
         }
         canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         self.fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+        self._loaded: tuple[Any, Any, int, bool] | None = None
+
+    def _load(self) -> tuple[Any, Any, int, bool]:
+        """(tokenizer, model, pad id, uses token types), loaded on first use: a run whose
+        catalogues are all in the cache never imports transformers (about 6 s)."""
+        if self._loaded is not None:
+            return self._loaded
+        # Belt and braces with local_files_only: nothing below may reach a hub.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            with _quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+                model, info = AutoModel.from_pretrained(
+                    self.model_dir,
+                    local_files_only=True,
+                    dtype=torch.float32,
+                    output_loading_info=True,
+                )
+        except (OSError, ValueError, KeyError) as exc:
+            raise EncoderError(
+                f"Could not load the item encoder from {self.model_dir}: {exc}"
+            ) from exc
+        # Missing weights would be randomly initialised on every load: same fingerprint,
+        # different outputs. The pooler is never used.
+        missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
+        if missing or info["mismatched_keys"]:
+            raise EncoderError(
+                f"{self.model_dir}: the weights do not match the model config (missing: "
+                f"{missing[:5]}, mismatched: {sorted(info['mismatched_keys'])[:5]})."
+            )
+        if tokenizer.pad_token_id is None:
+            raise EncoderError(f"{self.model_dir}: the tokenizer has no padding token.")
+        token_types = "token_type_ids" in tokenizer.model_input_names
+        self._loaded = (
+            tokenizer,
+            model.to(self.device).eval(),
+            int(tokenizer.pad_token_id),
+            token_types,
+        )
+        return self._loaded
 
     def __repr__(self) -> str:
         return (
@@ -271,10 +288,11 @@ class ItemEncoder:
 
         import torch
 
+        tokenizer = self._load()[0]
         with torch.inference_mode(), _progress(len(texts), progress) as advance:
             for start in range(0, len(texts), _SORT_CHUNK):
                 chunk = texts[start : start + _SORT_CHUNK]
-                ids = self._tokenizer(
+                ids = tokenizer(
                     chunk,
                     truncation=True,
                     max_length=self.max_length,
@@ -292,8 +310,9 @@ class ItemEncoder:
     def _forward(self, batch: list[list[int]]) -> np.ndarray:
         import torch
 
+        _, model, pad_id, token_types = self._load()
         width = max(len(x) for x in batch)
-        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)  # (B, T)
+        input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)  # (B, T)
         mask = np.zeros((len(batch), width), dtype=np.int64)  # (B, T)
         for i, ids in enumerate(batch):
             input_ids[i, : len(ids)] = ids
@@ -301,9 +320,9 @@ class ItemEncoder:
         ids_t = torch.from_numpy(input_ids).to(self.device)
         mask_t = torch.from_numpy(mask).to(self.device)
         inputs = {"input_ids": ids_t, "attention_mask": mask_t}
-        if self._token_types:
+        if token_types:
             inputs["token_type_ids"] = torch.zeros_like(ids_t)
-        hidden = self._model(**inputs).last_hidden_state  # (B, T, D)
+        hidden = model(**inputs).last_hidden_state  # (B, T, D)
         weights = mask_t.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)  # (B, D)
         pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)  # (B, D)

@@ -155,7 +155,7 @@ def run_simulation(
             assert proc.stdout is not None
             start = time.monotonic()
             for line in proc.stdout:
-                log_fh.write(line)
+                log_fh.write(f"{time.monotonic() - start:8.2f}s {line}")  # seconds since launch
                 tail = (tail + [line.rstrip()])[-40:]
                 if on_line is not None:
                     on_line(line.rstrip())

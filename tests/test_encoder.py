@@ -178,9 +178,10 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path: Path, tiny_dir
     config["num_hidden_layers"] = 3
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
 
-    # Execute / Assert
+    # Execute / Assert: the weights load (and are checked) when first needed
+    encoder = ItemEncoder(folder)
     with pytest.raises(EncoderError, match="do not match"):
-        ItemEncoder(folder)
+        encoder.encode(["a red bicycle"])
 
 
 # ----------------------------------------------------------------------------------- cache
@@ -199,6 +200,20 @@ def test_cache_encodes_only_new_texts(tmp_path: Path, tiny: ItemEncoder) -> None
     # Assert
     assert counting.calls == [texts]
     np.testing.assert_array_equal(first, second)
+
+
+def test_a_fully_cached_catalogue_never_loads_the_weights(tmp_path: Path, tiny_dir: Path) -> None:
+    # Prepare: one encoder fills the cache
+    texts = ["red shoe", "blue coffee mug"]
+    first = EncodingCache(tmp_path).encode_items(ItemEncoder(tiny_dir, max_length=64), texts)
+
+    # Execute: a fresh encoder (another process) with the same files and settings
+    fresh = ItemEncoder(tiny_dir, max_length=64)
+    second = EncodingCache(tmp_path).encode_items(fresh, texts)
+
+    # Assert: same vectors, read from the cache; the transformer was never loaded
+    np.testing.assert_array_equal(first, second)
+    assert fresh._loaded is None
 
 
 def test_changed_text_is_encoded_alone_and_changes_only_its_row(
