@@ -43,7 +43,7 @@ class TrainSpec:
     steps: int = 20
     batch_size: int = 128
     negatives: int = 0  # as TrainConfig: softmax over the whole catalogue
-    positions: int = 16
+    positions: int = 12
     lr: float = 0.003
     optimizer: str = "adam"
     scores_dtype: str = "auto"  # as TrainConfig.scores_dtype

@@ -53,7 +53,7 @@ class TrainConfig:
     local_steps: int = 30
     batch_size: int = 512
     negatives: int = 0  # 0: softmax over the whole public catalogue
-    positions: int = 16  # next-item predictions per user per step, averaged before clipping
+    positions: int = 12  # next-item predictions per user per step, averaged before clipping
     lr: float = 0.003
     optimizer: str = "adam"
     # dtype of the (predictions x catalogue) scores in training: "auto" takes bfloat16 where
