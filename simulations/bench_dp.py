@@ -231,7 +231,7 @@ def main(
     typer.echo(f"model {model.spec} ({n_params:,} parameters)")
     typer.echo(
         f"{users} users, {items} items, torch threads {threads}, scores {dtype}, Adam, sigma 1, C 1, "
-        f"{TrainSpec()}, {rounds} interleaved windows of ~{window_users} "
+        f"{TrainSpec(scores_dtype=dtype)}, {rounds} interleaved windows of ~{window_users} "
         "users per variant"
     )
     from simulations.train import quiet_opacus
