@@ -208,7 +208,7 @@ class PerUserCrossEntropy(nn.Module):
     Opacus's ghost clipping calls it).
 
     ``logits`` is (B, P, C), or packed (M, C): one row per used prediction, in the row-major
-    order of ``labels >= 0``, as :func:`_loss_inputs` gives for a full-catalogue softmax.
+    order of ``labels >= 0``, as :func:`candidate_scores` gives for a full-catalogue softmax.
     """
 
     def __init__(self, reduction: str = "mean") -> None:
@@ -242,14 +242,6 @@ def candidate_logits(users: torch.Tensor, items: torch.Tensor, cands: torch.Tens
 
 
 FULL_SCORE_MAX = 20_000
-
-
-def _loss_inputs(
-    model: nn.Module, items: torch.Tensor, batch: tuple[torch.Tensor, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) for :class:`PerUserCrossEntropy` of ``model``'s output on ``batch``."""
-    x, cands = batch
-    return candidate_scores(model(x), items, cands)
 
 
 def candidate_scores(

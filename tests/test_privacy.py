@@ -23,7 +23,7 @@ from client.training import (
     PerUserCrossEntropy,
     TrainSpec,
     UserExamples,
-    _loss_inputs,
+    candidate_scores,
     output_grads,
     train_local,
 )
@@ -120,7 +120,7 @@ def per_user_grads(model: RecModel, items: torch.Tensor, batch: tuple[torch.Tens
     out = []
     for i in range(len(batch[0])):
         model.zero_grad()
-        logits, labels = _loss_inputs(model, items, tuple(t[i : i + 1] for t in batch))
+        logits, labels = candidate_scores(model(batch[0][i : i + 1]), items, batch[1][i : i + 1])
         PerUserCrossEntropy()(logits, labels).backward()
         out.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     model.zero_grad()
@@ -145,7 +145,7 @@ def test_per_user_gradients_are_clipped_to_max_grad_norm() -> None:
     )
 
     # Execute
-    logits, labels = _loss_inputs(net, items, b)
+    logits, labels = candidate_scores(net(b[0]), items, b[1])
     criterion(logits, labels).backward()
     opt.step()
     n = len(batch[0])
@@ -178,7 +178,7 @@ def test_dp_gradient_is_the_mean_of_clipped_per_user_gradients(mode: str) -> Non
     )
 
     # Execute
-    logits, labels = _loss_inputs(net, items, b)
+    logits, labels = candidate_scores(net(b[0]), items, b[1])
     criterion(logits, labels).backward()
     opt.pre_step()  # clip, accumulate, add (zero) noise, scale by the expected batch size
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -235,10 +235,10 @@ def test_dp_off_equals_plain_sgd(mode: str) -> None:
     sgd = torch.optim.SGD(plain.parameters(), lr=0.1)
 
     # Execute
-    logits, labels = _loss_inputs(plain, items, batch)
+    logits, labels = candidate_scores(plain(batch[0]), items, batch[1])
     PerUserCrossEntropy()(logits, labels).backward()
     sgd.step()
-    logits, labels = _loss_inputs(net, items, b)
+    logits, labels = candidate_scores(net(b[0]), items, b[1])
     criterion(logits, labels).backward()
     opt.step()
 

@@ -217,7 +217,7 @@ def test_full_softmax_loss_inputs_are_packed_and_match_the_padded_logits() -> No
     cands = torch.tensor([[1, 2, 3, 4], [5, -1, -1, -1], [6, 0, -1, -1]]).unsqueeze(-1)
 
     # Execute
-    logits, labels = training._loss_inputs(model, items, (x, cands))
+    logits, labels = training.candidate_scores(model(x), items, cands)
     loss = training.PerUserCrossEntropy("none")(logits, labels)
 
     # Assert: 7 used predictions, each row the padded model's full-catalogue scores
