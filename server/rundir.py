@@ -32,6 +32,7 @@ from shared.wire import shape_problems
 LEDGER = "privacy-ledger.jsonl"
 EGRESS = "egress.jsonl"
 METRICS = "metrics.jsonl"
+TIMING_CHANNEL, TIMING_PHASE = "server", "timing"  # metrics.jsonl lines of round wall times
 
 
 def now() -> str:

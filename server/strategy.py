@@ -20,7 +20,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from server.rundir import RunDir
+from server.rundir import TIMING_CHANNEL, TIMING_PHASE, RunDir
 from shared import wire
 from shared.config import FedrecConfig
 from shared.model import head_owner
@@ -31,9 +31,6 @@ UNAVAILABLE = {
     ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
     ErrorCode.MESSAGE_UNAVAILABLE,
 }
-
-
-SERVER = "server"  # metrics.jsonl "channel" of the server's own per-round timing
 
 
 class RecordingMixin:
@@ -236,7 +233,7 @@ class RecordingMixin:
         odd = {ch: s for ch, s in status.items() if s != "ok"}
         times = {"train-seconds": self.train_seconds}
         times["evaluate-seconds"] = time.monotonic() - self.started
-        self.run.metrics(round_, SERVER, "timing", times)
+        self.run.metrics(round_, TIMING_CHANNEL, TIMING_PHASE, times)
         log(
             INFO,
             "[fedrec] round %d: %s%s (train %.1fs, evaluate %.1fs)",

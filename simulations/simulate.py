@@ -128,13 +128,16 @@ def flower_overhead(run_dir: Path) -> list[dict[str, float]]:
     (from the nodes' own ``timings.jsonl``), and ``overhead``, the sum over both phases of
     wall minus slowest node: message delivery, (de)serialisation, actor dispatch and
     aggregation. Nodes run in parallel, one actor each (``run_simulation``)."""
+    from client.node import TIMINGS
+    from server.rundir import METRICS, TIMING_PHASE
+
     wall: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in (run_dir / METRICS).read_text().splitlines():
         e = json.loads(line)
-        if e.get("phase") == "timing":
+        if e.get("phase") == TIMING_PHASE:
             wall[int(e["round"])] = e["metrics"]
     slowest: dict[tuple[int, str], float] = {}
-    for path in sorted((run_dir / "nodes").glob("*/timings.jsonl")):
+    for path in sorted((run_dir / "nodes").glob(f"*/{TIMINGS}")):
         for line in path.read_text().splitlines():
             e = json.loads(line)
             key = (int(e["round"]), str(e["phase"]))
