@@ -45,6 +45,7 @@ class TrainSpec:
     negatives: int = 0  # as TrainConfig: softmax over the whole catalogue
     positions: int = 12
     lr: float = 0.003
+    head_lr_scale: float = 2.5  # as TrainConfig.head_lr_scale
     optimizer: str = "adam"
     scores_dtype: str = "auto"  # as TrainConfig.scores_dtype
     max_history: int = 50
@@ -62,6 +63,7 @@ class TrainSpec:
             negatives=t.negatives,
             positions=t.positions,
             lr=t.lr,
+            head_lr_scale=t.head_lr_scale,
             optimizer=t.optimizer,
             scores_dtype=t.scores_dtype,
             max_history=cfg.model.max_history,
@@ -321,10 +323,23 @@ def train_step(
     return per_user
 
 
+HEAD_PROJECTION = "to_items.weight"  # W_o: learns at lr x TrainSpec.head_lr_scale
+
+
 def _optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    """Adam or SGD with two parameter groups: everything at ``spec.lr``, and the head's
+    projection W_o at ``spec.lr * spec.head_lr_scale``."""
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if n != HEAD_PROJECTION], "lr": spec.lr},
+        {
+            "params": [p for n, p in named if n == HEAD_PROJECTION],
+            "lr": spec.lr * spec.head_lr_scale,
+        },
+    ]
     if spec.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=spec.lr)
-    return torch.optim.SGD(model.parameters(), lr=spec.lr)
+        return torch.optim.Adam(groups, lr=spec.lr)
+    return torch.optim.SGD(groups, lr=spec.lr)
 
 
 def _cycle(loader: torch.utils.data.DataLoader, steps: int):  # noqa: ANN202

@@ -55,6 +55,9 @@ class TrainConfig:
     negatives: int = 0  # 0: softmax over the whole public catalogue
     positions: int = 12  # next-item predictions per user per step, averaged before clipping
     lr: float = 0.003
+    # the head's projection W_o (``to_items.weight``) learns at lr x this: under DP-SGD its
+    # noise costs most, and it learns too slowly at the shared rate (README, "The model")
+    head_lr_scale: float = 2.5
     optimizer: str = "adam"
     # dtype of the (predictions x catalogue) scores in training: "auto" takes bfloat16 where
     # the CPU has native bfloat16 matrix instructions (about 3x faster there), else float32
@@ -258,6 +261,7 @@ def check(cfg: FedrecConfig) -> list[str]:
             f"train.negatives must be >= 0 (0: softmax over the whole catalogue). Found {cfg.train.negatives}."
         )
     positive("train.lr", cfg.train.lr)
+    positive("train.head-lr-scale", cfg.train.head_lr_scale)
     if cfg.train.scores_dtype not in SCORE_DTYPES:
         p.append(
             f"train.scores-dtype must be one of {list(SCORE_DTYPES)}. Found {cfg.train.scores_dtype!r}."

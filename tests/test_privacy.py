@@ -255,12 +255,15 @@ def _zero_gradient_world() -> tuple[torch.Tensor, Sequences]:
 
 
 def test_noise_std_is_sigma_times_c_over_expected_batch_size() -> None:
-    # Prepare: 64 users, B = 8 -> sample_rate 1/8, expected batch 8; plain SGD, lr 1.
+    # Prepare: 64 users, B = 8 -> sample_rate 1/8, expected batch 8; plain SGD, lr 1 for
+    # every parameter (the head's projection too).
     items, seqs = _zero_gradient_world()
     model = RecModel()
     before = flat_params(model)
     sigma, c = 2.0, 0.5
-    spec = TrainSpec(steps=1, batch_size=8, negatives=10, optimizer="sgd", lr=1.0)
+    spec = TrainSpec(
+        steps=1, batch_size=8, negatives=10, optimizer="sgd", lr=1.0, head_lr_scale=1.0
+    )
     state = PrivacyState(accountant="rdp", delta=1e-5)
 
     # Execute
@@ -498,18 +501,19 @@ def test_sample_rate_matches_opacus_loader_arithmetic() -> None:
 def test_run_config_value_problems_are_reported_together() -> None:
     bad = {"strategy": "fedsgd", "dp.target-delta": 1.5, "train.batch-size": 0}
     bad |= {"model.heads": "per-user", "train.positions": 0, "train.scores-dtype": "fp16"}
+    bad |= {"train.head-lr-scale": -1.0}
 
     with pytest.raises(ConfigError) as info:
         from_run_config(bad)
 
-    assert len(info.value.problems) == 6
+    assert len(info.value.problems) == 7
     text = str(info.value)
     assert "'fedsgd'" in text and "1.5" in text and "train.batch-size" in text
     assert (
         "model.heads must be one of ['channel-tower', 'channel', 'shared']. Found 'per-user'"
         in text
     )
-    assert "train.positions" in text
+    assert "train.positions" in text and "train.head-lr-scale" in text
     assert "train.scores-dtype must be one of ['auto', 'float32', 'bfloat16']. Found 'fp16'" in text
 
 

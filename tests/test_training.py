@@ -313,6 +313,30 @@ def test_train_local_learns_what_text_similarity_cannot() -> None:
     assert after["ndcg@10"] > 0.25
 
 
+def test_head_projection_learns_at_head_lr_scale_times_the_rest() -> None:
+    # Prepare: the same first SGD step (same seed, same batch) at head-lr-scale 1 and 3.
+    items, seqs = topic_world(shift=1)
+    split = leave_last_out(seqs)
+    deltas = []
+    for scale in (1.0, 3.0):
+        model = RecModel()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        spec = TrainSpec(
+            steps=1, batch_size=32, negatives=20, optimizer="sgd", lr=0.1, head_lr_scale=scale
+        )
+
+        # Execute
+        train_local(model, items, split.train, spec)
+        deltas.append({k: v - before[k] for k, v in model.state_dict().items()})
+
+    # Assert: W_o moved 3x as far; every other parameter (b included) moved the same.
+    (slow, fast) = deltas
+    assert float(slow["to_items.weight"].norm()) > 0
+    assert torch.allclose(fast["to_items.weight"], 3 * slow["to_items.weight"], atol=1e-7)
+    for name in ("profile_lin.weight", "to_items.bias"):
+        assert torch.allclose(fast[name], slow[name], atol=1e-7), name
+
+
 # ------------------------------------------------------------------------------ evaluation
 
 
