@@ -27,12 +27,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from shared.config import FedrecConfig
+
 if TYPE_CHECKING:
     import torch
 
     from client.training import Split, TrainSpec
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+RUN = FedrecConfig()  # the defaults of a run: the benchmark trains as one channel would
 
 
 def write_tiny_dataset(
@@ -210,13 +213,18 @@ def main(
     no_pooled: Annotated[bool, typer.Option("--no-pooled", help="Skip the pooled scope.")] = False,
     steps: Annotated[
         int, typer.Option(min=1, help="As many as a run's rounds x local steps.")
-    ] = 150,
-    batch_size: Annotated[int, typer.Option(min=1)] = 512,
-    lr: float = 0.003,
-    optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
+    ] = RUN.planned_steps(),
+    batch_size: Annotated[int, typer.Option(min=1)] = RUN.train.batch_size,
+    lr: float = RUN.train.lr,
+    head_lr_scale: Annotated[
+        float, typer.Option(help="The head's projection learns at lr x this.")
+    ] = RUN.train.head_lr_scale,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = RUN.train.optimizer,
     max_grad_norm: Annotated[float, typer.Option(help="Per-user clipping bound C.")] = 1.0,
     negatives: Annotated[int, typer.Option(min=0, help="0: softmax over the catalogue.")] = 0,
-    positions: Annotated[int, typer.Option(min=1, help="Predictions per user per step.")] = 16,
+    positions: Annotated[
+        int, typer.Option(min=1, help="Predictions per user per step.")
+    ] = RUN.train.positions,
     epsilons: Annotated[str, typer.Option(help="Target ε values.")] = "1,4,8",
     delta: float = 1e-5,
     max_eval_users: Annotated[int, typer.Option(min=1)] = 2000,
@@ -241,6 +249,7 @@ def main(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
+        head_lr_scale=head_lr_scale,
         optimizer=optimizer,
         negatives=negatives,
         positions=positions,
