@@ -56,7 +56,8 @@ class TrainConfig:
     positions: int = 12  # next-item predictions per user per step, averaged before clipping
     lr: float = 0.003
     # the head's projection W_o (``to_items.weight``) learns at lr x this: under DP-SGD its
-    # noise costs most, and it learns too slowly at the shared rate (README, "The model")
+    # noise costs most, and it learns too slowly at the shared rate (README, "Where DP-SGD
+    # costs quality")
     head_lr_scale: float = 2.5
     optimizer: str = "adam"
     # dtype of the (predictions x catalogue) scores in training: "auto" takes bfloat16 where
