@@ -101,9 +101,7 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         seed=cfg.seed * 100_003 + server_round * 101 + node.shard,
         proximal_mu=mu,
     )
-    global_params = (
-        {k: v.detach().clone() for k, v in model.state_dict().items()} if mu > 0 else None
-    )
+    global_params = model.state_dict() if mu > 0 else None  # train_local copies it
     report: dict[str, float | int | str | bool] = {wire.DP_ENABLED: cfg.dp.enabled}
     if cfg.dp.enabled:
         state_record = context.state.config_records.get(nodes.STATE_KEY)

@@ -434,15 +434,23 @@ def train_local(
             raise RuntimeError(f"Opacus samples at {loader.sample_rate}, planned {sample_rate}")
         if grad_hook is not None:
             _install_grad_hook(optimizer, grad_hook)
-    anchor = {k: v.detach().clone() for k, v in global_params.items()} if global_params else None
+    anchor = None
+    if global_params and spec.proximal_mu > 0:
+        # (parameter, its global value, its group's learning rate): the proximal step moves
+        # each parameter at the rate its data gradient does (W_o at lr x head_lr_scale).
+        lr_of = {id(p): g["lr"] for g in base_optimizer.param_groups for p in g["params"]}
+        anchor = [
+            (p, global_params[name].detach().clone(), lr_of[id(p)])
+            for name, p in model.named_parameters()
+        ]
     low_precision = resolve_scores_dtype(spec.scores_dtype) == "bfloat16"
     losses: list[float] = []
     for batch in _cycle(loader, spec.steps):
         per_user = train_step(net, optimizer, criterion, items, batch, low_precision)
-        if anchor is not None and spec.proximal_mu > 0:
+        if anchor is not None:
             with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.sub_(spec.lr * spec.proximal_mu * (p - anchor[name]))
+                for p, global_value, lr in anchor:
+                    p.sub_(lr * spec.proximal_mu * (p - global_value))
         if len(per_user):
             losses.append(float(per_user.mean()))
     epsilon = 0.0

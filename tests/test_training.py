@@ -337,6 +337,32 @@ def test_head_projection_learns_at_head_lr_scale_times_the_rest() -> None:
         assert torch.allclose(fast[name], slow[name], atol=1e-7), name
 
 
+def test_proximal_step_pulls_each_parameter_at_its_own_learning_rate() -> None:
+    # Prepare: the same SGD step from the same start with mu = 0 and mu = 0.5, the global
+    # model 0.1 away from the start. The proximal step after it is w -= lr_group * mu * (w - g).
+    items, seqs = topic_world(shift=1)
+    split = leave_last_out(seqs)
+    start = RecModel().state_dict()
+    global_params = {k: v + 0.1 for k, v in start.items()}
+    after = []
+    for mu in (0.0, 0.5):
+        model = RecModel()
+        spec = TrainSpec(
+            steps=1, batch_size=32, negatives=20, optimizer="sgd", lr=0.1, proximal_mu=mu
+        )
+
+        # Execute
+        train_local(model, items, split.train, spec, global_params=global_params)
+        after.append(model.state_dict())
+
+    # Assert: W_o is pulled at lr x head_lr_scale (0.25), the rest at lr (0.1).
+    plain, prox = after
+    for name in plain:
+        lr = 0.1 * (spec.head_lr_scale if name == "to_items.weight" else 1.0)
+        expected = plain[name] - lr * 0.5 * (plain[name] - global_params[name])
+        assert torch.allclose(prox[name], expected, atol=1e-6), name
+
+
 # ------------------------------------------------------------------------------ evaluation
 
 
