@@ -29,6 +29,7 @@ from shared.data import Sequences, to_sequences
 STATE_KEY = "privacy"  # context.state ConfigRecord holding the accountant
 LEDGER = "privacy-ledger.jsonl"
 TIMINGS = "timings.jsonl"  # node-local: seconds each handler took (never sent)
+NODES = "nodes"  # simulation: <run dir>/nodes/<channel>[-<shard>] is each node's disk
 
 
 class NodeConfigError(ValueError):
@@ -81,7 +82,7 @@ def resolve_node(node_config: dict[str, Any], cfg: FedrecConfig) -> Node:
     return Node(
         channel,
         Path(cfg.data_dir),
-        Path(cfg.run_dir) / "nodes" / f"{channel}{suffix}",
+        Path(cfg.run_dir) / NODES / f"{channel}{suffix}",
         shard,
         shards,
     )

@@ -220,15 +220,19 @@ def main(
         float, typer.Option(help="The head's projection learns at lr x this.")
     ] = RUN.train.head_lr_scale,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = RUN.train.optimizer,
-    max_grad_norm: Annotated[float, typer.Option(help="Per-user clipping bound C.")] = 1.0,
-    negatives: Annotated[int, typer.Option(min=0, help="0: softmax over the catalogue.")] = 0,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="Per-user clipping bound C.")
+    ] = RUN.dp.max_grad_norm,
+    negatives: Annotated[
+        int, typer.Option(min=0, help="0: softmax over the catalogue.")
+    ] = RUN.train.negatives,
     positions: Annotated[
         int, typer.Option(min=1, help="Predictions per user per step.")
     ] = RUN.train.positions,
     epsilons: Annotated[str, typer.Option(help="Target ε values.")] = "1,4,8",
-    delta: float = 1e-5,
-    max_eval_users: Annotated[int, typer.Option(min=1)] = 2000,
-    seed: int = 0,
+    delta: float = RUN.dp.target_delta,
+    max_eval_users: Annotated[int, typer.Option(min=1)] = RUN.eval.max_users,
+    seed: int = RUN.seed,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
 ) -> None:
     """Popularity, text similarity, no DP and DP at each ε: NDCG@10 / HR@10 per scope."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,10 @@ def _federated(run_dir: Path, cfg: Any, nodes: int, console: Any) -> dict[str, d
     run_simulation(run_dir, cfg.to_run_config(), num_nodes=nodes, on_line=show)
     rounds = flower_overhead(run_dir)
     if len(rounds) > 1:
-        later = sorted(r["overhead"] for r in rounds[1:])
+        later = [r["overhead"] for r in rounds[1:]]
         console.print(
             f"  Flower's overhead per round beyond the nodes' own work: median "
-            f"{later[len(later) // 2]:.2f}s, max {later[-1]:.2f}s (rounds 2-{len(rounds)}); "
+            f"{statistics.median(later):.2f}s, max {max(later):.2f}s (rounds 2-{len(rounds)}); "
             f"round 1 {rounds[0]['overhead']:.2f}s (starts the actors)"
         )
     return json.loads((run_dir / "results.json").read_text())["channels"]
@@ -128,7 +129,7 @@ def flower_overhead(run_dir: Path) -> list[dict[str, float]]:
     (from the nodes' own ``timings.jsonl``), and ``overhead``, the sum over both phases of
     wall minus slowest node: message delivery, (de)serialisation, actor dispatch and
     aggregation. Nodes run in parallel, one actor each (``run_simulation``)."""
-    from client.node import TIMINGS
+    from client.node import NODES, TIMINGS
     from server.rundir import METRICS, TIMING_PHASE
 
     wall: dict[int, dict[str, float]] = {}
@@ -137,7 +138,7 @@ def flower_overhead(run_dir: Path) -> list[dict[str, float]]:
         if e.get("phase") == TIMING_PHASE:
             wall[int(e["round"])] = e["metrics"]
     slowest: dict[tuple[int, str], float] = {}
-    for path in sorted((run_dir / "nodes").glob(f"*/{TIMINGS}")):
+    for path in sorted((run_dir / NODES).glob(f"*/{TIMINGS}")):
         for line in path.read_text().splitlines():
             e = json.loads(line)
             key = (int(e["round"]), str(e["phase"]))
