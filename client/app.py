@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from client import local
+from fedrec.client import local
 
 app = ClientApp()
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from client import node as nodes
-from client.training import (
+from fedrec.client import node as nodes
+from fedrec.client.training import (
     DPSpec,
     TrainSpec,
     canary_directions,
@@ -28,9 +28,9 @@ from client.training import (
     model_scorer,
     train_local,
 )
-from shared import privacy, wire
-from shared.config import FedrecConfig, check_delta, from_run_config
-from shared.model import CrossPlatformModel, build_model, param_shapes
+from fedrec.shared import privacy, wire
+from fedrec.shared.config import FedrecConfig, check_delta, from_run_config
+from fedrec.shared.model import CrossPlatformModel, build_model, param_shapes
 
 log = logging.getLogger(__name__)
 

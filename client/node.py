@@ -11,9 +11,8 @@ Must not: import ``server/``; read another channel's interactions.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from shared import privacy
-from shared.config import FedrecConfig
-from shared.data import Sequences, to_sequences
+from fedrec.shared import privacy
+from fedrec.shared.config import FedrecConfig
+from fedrec.shared.data import Sequences, to_sequences
+from fedrec.shared.fsio import atomic_write_bytes
 
 STATE_KEY = "privacy"  # context.state ConfigRecord holding the accountant
 LEDGER = "privacy-ledger.jsonl"
@@ -90,7 +90,7 @@ def resolve_node(node_config: dict[str, Any], cfg: FedrecConfig) -> Node:
 
 @lru_cache(maxsize=4)
 def _load_sequences(data_dir: str, channel: str, mtime: float) -> tuple[Sequences, int]:
-    from shared.datasets import load_catalogue, load_interactions
+    from fedrec.shared.datasets import load_catalogue, load_interactions
 
     catalogue = load_catalogue(data_dir, channel)
     return to_sequences(load_interactions(data_dir, channel, catalogue)), len(catalogue)
@@ -134,11 +134,9 @@ def items_path(node: Node, fingerprint: str) -> Path:
 def save_items(node: Node, fingerprint: str, matrix: np.ndarray) -> Path:
     """Cache the channel's item matrix on the node's disk (write, then rename)."""
     path = items_path(node, fingerprint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(matrix, dtype=np.float32))
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(matrix, dtype=np.float32))
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -159,12 +157,9 @@ def save_optimizer(node: Node, run_id: int, state: dict[str, Any] | None) -> Non
 
     if state is None:
         return
-    path = _optimizer_path(node, run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(_optimizer_path(node, run_id), buffer.getvalue())
 
 
 def cached_fingerprints(node: Node) -> list[str]:

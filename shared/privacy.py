@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared import hashlog
+from fedrec.shared import hashlog
 
 Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 

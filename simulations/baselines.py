@@ -22,8 +22,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from client.training import ScoreFn
-    from shared.data import Sequences
+    from fedrec.client.training import ScoreFn
+    from fedrec.shared.data import Sequences
 
 
 def popularity_scorer(train: Sequences, n_items: int) -> ScoreFn:

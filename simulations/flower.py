@@ -1,17 +1,17 @@
-"""Drive Flower's own engines from fedrec commands, and leave nothing running.
+"""Run fedrec in Flower's Simulation Engine, and leave nothing running.
 
 ``run_simulation`` calls ``flwr run <app> --stream`` with a private ``FLWR_HOME`` (so the
 managed SuperLink, its state and its installed apps belong to this run only), from a neutral
-working directory (Ray puts the SuperLink's cwd on workers' sys.path, research/flower.md
-§1.4), with runtime dependency installation off (§9.1); afterwards it stops every process
-that carries that ``FLWR_HOME``.
+working directory (Ray puts the SuperLink's working directory on its workers' ``sys.path``,
+where a stray ``server.py`` or ``client.py`` would shadow ours), with runtime dependency
+installation off (everything is installed already); afterwards it stops every process that
+carries that ``FLWR_HOME``.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,95 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-APP_DIR = Path(__file__).resolve().parent.parent
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (held open together while choosing)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for one run's Flower processes: its own FLWR_HOME and its own local
-    SuperLink ports (the managed SuperLink otherwise always takes 39091/39093, and two runs
-    at once would share it)."""
-    env = dict(os.environ)
-    http_port, control_port = free_ports(2)
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
-        RAY_DEDUP_LOGS="1",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
-        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-    )
-    return env
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v) if not (isinstance(v, float) and v != v) else "nan"
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_overrides(path: Path, run_config: dict[str, Any]) -> Path:
-    lines = [f'"{k}" = {_toml_value(v)}' for k, v in sorted(run_config.items())]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def processes_with_env(key: str, value: str) -> list[int]:
-    """PIDs whose environment has ``key=value`` (Linux /proc)."""
-    needle = f"{key}={value}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle in env:
-            pids.append(int(entry.name))
-    return pids
-
-
-def stop_processes(flwr_home: Path, grace: float = 5.0) -> int:
-    """SIGTERM, then SIGKILL, every process started for this FLWR_HOME; returns how many."""
-    pids = processes_with_env("FLWR_HOME", str(flwr_home))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            pids = [p for p in pids if Path(f"/proc/{p}").exists() and _alive(p)]
-            if not pids:
-                return 0
-            time.sleep(0.2)
-    return len(pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+from fedrec.deploy.flower import (
+    app_project,
+    flower_env,
+    stop_processes,
+    write_overrides,
+)
 
 
 def run_simulation(
@@ -125,13 +42,13 @@ def run_simulation(
     overrides = write_overrides(run_dir / "run-config.toml", run_config)
     flwr = Path(sys.executable).with_name("flwr")
     # One Ray actor per node (up to twice the cores): a round's nodes then run at once instead
-    # of the third queueing behind the two actors Ray gives 2 cores (research/flower.md §3.3),
-    # and a phase's wall time minus its slowest node is Flower's own overhead.
+    # of the third queueing behind the two actors Ray gives 2 cores by default, and a phase's
+    # wall time minus its slowest node is Flower's own overhead.
     actors = min(num_nodes, 2 * (os.cpu_count() or 1))
     cmd = [
         str(flwr),
         "run",
-        str(APP_DIR),
+        str(app_project(flwr_home / "app")),
         "--stream",
         "--federation-config",
         f"num-supernodes={num_nodes} client-resources-num-cpus=1 init-args-num-cpus={actors}",

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data import Catalogue, Interactions
+from fedrec.shared.data import Catalogue, Interactions
 
 logger = logging.getLogger(__name__)
 
@@ -503,7 +503,7 @@ def load_scenario(
     )
     source = {
         "scenario": scenario,
-        "generator": "simulations.movielens",
+        "generator": "fedrec.simulations.movielens",
         "origin": "GroupLens MovieLens, see shared/data/SOURCES.md",
         "licence": "MovieLens terms: non-commercial research only, no redistribution",
         "domains": [list(pair) for pair in DEFAULT_DOMAINS],

@@ -28,7 +28,7 @@ def _comparisons(
     import numpy as np
     import torch
 
-    from client.training import (
+    from fedrec.client.training import (
         DPSpec,
         Split,
         TrainSpec,
@@ -37,11 +37,11 @@ def _comparisons(
         model_scorer,
         train_local,
     )
-    from shared import privacy
-    from shared.data import Sequences, to_sequences
-    from shared.datasets import load_channel
-    from shared.model import build_channel_model
-    from simulations.baselines import popularity_scorer
+    from fedrec.shared import privacy
+    from fedrec.shared.data import Sequences, to_sequences
+    from fedrec.shared.datasets import load_channel
+    from fedrec.shared.model import build_channel_model
+    from fedrec.simulations.baselines import popularity_scorer
 
     torch.set_num_threads(2)
     rows: dict[str, dict[str, dict[str, float]]] = {}
@@ -104,7 +104,7 @@ def _comparisons(
 
 
 def _federated(run_dir: Path, cfg: Any, nodes: int, console: Any) -> dict[str, dict[str, Any]]:
-    from simulations.flower import run_simulation
+    from fedrec.simulations.flower import run_simulation
 
     def show(line: str) -> None:
         if "[fedrec]" in line:
@@ -129,8 +129,8 @@ def flower_overhead(run_dir: Path) -> list[dict[str, float]]:
     (from the nodes' own ``timings.jsonl``), and ``overhead``, the sum over both phases of
     wall minus slowest node: message delivery, (de)serialisation, actor dispatch and
     aggregation. Nodes run in parallel, one actor each (``run_simulation``)."""
-    from client.node import NODES, TIMINGS
-    from server.rundir import METRICS, TIMING_PHASE
+    from fedrec.client.node import NODES, TIMINGS
+    from fedrec.server.rundir import METRICS, TIMING_PHASE
 
     wall: dict[int, dict[str, float]] = {}
     for line in (run_dir / METRICS).read_text().splitlines():
@@ -171,7 +171,7 @@ def simulate(
 ) -> dict[str, Any]:
     from rich.console import Console
 
-    from shared.config import ConfigError
+    from fedrec.shared.config import ConfigError, parse_value
 
     console = Console()
     t0 = time.perf_counter()
@@ -202,7 +202,7 @@ def simulate(
         f"[bold]fedrec simulate[/]: {scenario} at {data_dir}; channels {', '.join(channels)}; "
         f"{cfg.num_server_rounds} rounds × {cfg.train.local_steps} local steps; run dir {out}"
     )
-    from server.app import encode_catalogues
+    from fedrec.server.app import encode_catalogues
 
     t = time.perf_counter()
     matrices = encode_catalogues(str(data_dir), cfg.channels, cfg.cache_dir, cfg.encoder_dir)
@@ -244,7 +244,7 @@ def simulate(
         "wall_seconds": time.perf_counter() - t0,
         "delta": cfg.dp.target_delta,
     }
-    from server.rundir import write_json
+    from fedrec.server.rundir import write_json
 
     write_json(out / "summary.json", summary)
     console.print(
@@ -274,10 +274,10 @@ def print_tables(rows: dict[str, dict[str, dict[str, Any]]], console: Any) -> No
 def preflight(run_config: dict[str, Any], data_dir: Path) -> Any:
     """Check the run config *and* what it implies for the data, reporting every problem at
     once: config errors, channels the dataset does not have, δ ≥ 1/users on a channel."""
-    from client.training import leave_last_out
-    from shared.config import ConfigError, check_delta, from_run_config
-    from shared.data import to_sequences
-    from shared.datasets import load_channel, load_manifest
+    from fedrec.client.training import leave_last_out
+    from fedrec.shared.config import ConfigError, check_delta, from_run_config
+    from fedrec.shared.data import to_sequences
+    from fedrec.shared.datasets import load_channel, load_manifest
 
     problems: list[str] = []
     cfg = None
@@ -302,17 +302,8 @@ def preflight(run_config: dict[str, Any], data_dir: Path) -> Any:
     return cfg
 
 
-def parse_value(text: str) -> Any:
-    import tomllib
-
-    try:
-        return tomllib.loads(f"v = {text}")["v"] if text else ""
-    except tomllib.TOMLDecodeError:
-        return text  # a bare string such as a path: --set encoder-dir=/models/x
-
-
 def dataset_channels(data_dir: Path) -> list[str]:
-    from shared.datasets import load_manifest
+    from fedrec.shared.datasets import load_manifest
 
     return list(load_manifest(data_dir).channels)
 
@@ -324,10 +315,10 @@ def ensure_data(data: Path | None, scenario: str, seed: int, console: Any) -> Pa
     if (path / "manifest.json").exists():
         return path
     console.print(f"building the {scenario} dataset at {path}")
-    from shared.datasets import write_dataset
+    from fedrec.shared.datasets import write_dataset
 
     if scenario == "synthetic":
-        from simulations.world import WorldConfig, generate_world
+        from fedrec.simulations.world import WorldConfig, generate_world
 
         world = generate_world(WorldConfig(seed=seed))
         cats, inter, source, extra = (
@@ -337,7 +328,7 @@ def ensure_data(data: Path | None, scenario: str, seed: int, console: Any) -> Pa
             world.ground_truth_files(),
         )
     else:
-        from simulations.movielens import load_scenario
+        from fedrec.simulations.movielens import load_scenario
 
         cats, inter, source = load_scenario(scenario, None)
         extra = None

@@ -44,8 +44,8 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from shared.config import ConfigError
-from shared.data import Catalogue, Interactions
+from fedrec.shared.config import ConfigError
+from fedrec.shared.data import Catalogue, Interactions
 
 logger = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ class World:
         """Provenance for the dataset manifest."""
         return {
             "scenario": "synthetic",
-            "generator": "simulations.world",
+            "generator": "fedrec.simulations.world",
             "generator_version": 1,
             "config": dataclasses.asdict(self.config),
             "ground_truth": sorted(self.ground_truth_files()),
@@ -880,7 +880,7 @@ def generate_world(cfg: WorldConfig | None = None) -> World:
 
 def write_world(world: World, out_dir: str | Path) -> Path:
     """Write the world as a dataset (``shared.datasets`` layout) with its ground truth."""
-    from shared.datasets import write_dataset
+    from fedrec.shared.datasets import write_dataset
 
     return write_dataset(
         out_dir,
@@ -996,7 +996,7 @@ def register(app: typer.Typer) -> None:
             if given:
                 console.print(f"[red]{', '.join(given)} only apply to --scenario synthetic.[/red]")
                 raise typer.Exit(2)
-            from simulations.movielens import load_scenario, scenario_dir
+            from fedrec.simulations.movielens import load_scenario, scenario_dir
 
             folder = scenario_dir(name, data_root)
             if not folder.is_dir():
@@ -1012,7 +1012,7 @@ def register(app: typer.Typer) -> None:
                 raise typer.Exit(1) from None
             extra = None
 
-        from shared.datasets import write_dataset
+        from fedrec.shared.datasets import write_dataset
 
         # atomic: built under a temporary sibling, then renamed over any existing folder
         path = write_dataset(

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from simulations.audit import accounting
-from simulations.audit.accounting import (
+from fedrec.audit import accounting
+from fedrec.audit.accounting import (
     audit_channel,
     composed_worst_case,
     epsilon_pld,

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from simulations.audit.cli import register
+from fedrec.audit.cli import register
 from tests.test_audit_rundir import FAST_PLD, make_run_dir, rewrite_line
 
 

@@ -6,8 +6,8 @@ import copy
 import json
 from pathlib import Path
 
-from shared import hashlog
-from simulations.audit import egress
+from fedrec.audit import egress
+from fedrec.shared import hashlog
 from tests.test_audit_rundir import (
     PARAM_SHAPES,
     REFUSED_CODE,

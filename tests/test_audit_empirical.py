@@ -10,19 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.training import (
-    DPSpec,
-    TrainSpec,
-    canary_directions,
-    canary_grad_hook,
-    train_local,
-)
-from shared import privacy
-from shared.config import ConfigError, from_run_config
-from shared.data import Sequences
-from shared.model import ModelSpec, RecModel
-from simulations.audit import stats
-from simulations.audit.empirical import (
+from fedrec.audit import stats
+from fedrec.audit.empirical import (
     CANARY_PREFIX,
     AuditPlan,
     build_audited_dataset,
@@ -31,6 +20,17 @@ from simulations.audit.empirical import (
     one_run_guesses,
     one_run_scores,
 )
+from fedrec.client.training import (
+    DPSpec,
+    TrainSpec,
+    canary_directions,
+    canary_grad_hook,
+    train_local,
+)
+from fedrec.shared import privacy
+from fedrec.shared.config import ConfigError, from_run_config
+from fedrec.shared.data import Sequences
+from fedrec.shared.model import ModelSpec, RecModel
 
 EPSILON, DELTA = 8.0, 1e-5
 
@@ -174,7 +174,7 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_inclusion_bits_never_reach_the_clients_files(small_world: Path, tmp_path: Path) -> None:
     # Prepare
-    from shared.datasets import load_channel
+    from fedrec.shared.datasets import load_channel
 
     # Execute
     secrets = build_audited_dataset(
@@ -217,7 +217,7 @@ def test_end_to_end_in_the_simulation_engine(
     # Prepare
     import socket
 
-    from simulations.audit.empirical import run_empirical_audit
+    from fedrec.audit.empirical import run_empirical_audit
     from tests.tiny import save_tiny_bert
 
     # Flower's managed local SuperLink listens on fixed ports (39091, 39093) unless told

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from shared import hashlog, wire
-from simulations.audit import accounting
-from simulations.audit.report import build_report
+from fedrec.audit import accounting
+from fedrec.audit.report import build_report
+from fedrec.shared import hashlog, wire
 
 PARAM_SHAPES = {"user.weight": [4, 3], "user.bias": [4]}
 FAST_PLD = 1e-3  # coarser PLD cross-check in tests: ~10x faster, still an upper bound

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from simulations.audit import stats
+from fedrec.audit import stats
 
 
 def test_one_run_sanity_delta_zero() -> None:

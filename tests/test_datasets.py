@@ -1,4 +1,4 @@
-"""Tests for shared/datasets.py: the dataset format, loaders, validation and atomic writing.
+"""Tests for shared/datasets.py: the dataset format, loaders, validation and writing.
 
 Fixtures are hand-written under tests/data/: ``tiny/`` is a good two-channel dataset;
 ``bad_items/`` and ``bad_interactions/`` hold one problem per channel; ``bad_manifest/`` one
@@ -15,14 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import datasets
-from shared.data import Catalogue, Interactions
-from shared.datasets import (
+from fedrec.shared import datasets
+from fedrec.shared.data import Catalogue, Interactions
+from fedrec.shared.datasets import (
     DataError,
     DataErrors,
-    atomic_dir,
-    atomic_write_bytes,
-    atomic_write_text,
     load_catalogue,
     load_channel,
     load_interactions,
@@ -362,63 +359,6 @@ def test_write_rejects_extra_files_outside_or_over_the_dataset(tmp_path, path):
             source={},
             extra_files={path: b"x"},
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic writing
-
-
-def test_atomic_dir_exception_keeps_existing_folder_and_removes_temp(tmp_path):
-    # Prepare: an existing dataset folder.
-    final = tmp_path / "ds"
-    final.mkdir()
-    (final / "manifest.json").write_text("old")
-
-    # Execute
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_dir(final) as tmp:
-            (tmp / "manifest.json").write_text("new")
-            raise RuntimeError("boom")
-
-    # Assert
-    assert (final / "manifest.json").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
-
-
-def test_atomic_dir_success_replaces_existing_folder(tmp_path):
-    # Prepare
-    final = tmp_path / "ds"
-    final.mkdir()
-    (final / "stale.txt").write_text("old")
-
-    # Execute
-    with atomic_dir(final) as tmp:
-        (tmp / "manifest.json").write_text("new")
-
-    # Assert
-    assert sorted(p.name for p in final.iterdir()) == ["manifest.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
-
-
-def test_atomic_write_bytes_replaces_file_and_leaves_no_temp(tmp_path):
-    # Prepare
-    target = tmp_path / "state.json"
-    target.write_bytes(b"old")
-
-    # Execute
-    atomic_write_bytes(target, b"new")
-
-    # Assert
-    assert target.read_bytes() == b"new"
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
-
-
-def test_atomic_write_text_is_utf8(tmp_path):
-    # Execute
-    atomic_write_text(tmp_path / "a.txt", "café")
-
-    # Assert
-    assert (tmp_path / "a.txt").read_bytes() == "café".encode()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Deployment runtime with real processes: ``flower-superlink`` (TLS, SuperNode authentication,
 state in a file) and one ``flower-supernode`` per platform on 127.0.0.1, driven by
-``simulations.deploy`` exactly as ``fedrec deploy local`` drives them.
+``fedrec.deploy.local`` exactly as ``fedrec deploy local`` drives them.
 
 The fast tests check the pieces (certificates, the per-platform data split, the commands).
 The ``e2e`` tests share one SuperLink and three platforms (module fixture) and run in file
@@ -27,9 +27,7 @@ from typing import Any
 
 import pytest
 
-from shared import hashlog, privacy, wire
-from shared.config import from_run_config
-from simulations.deploy import (
+from fedrec.deploy.local import (
     DEPLOYMENT_ENV,
     LocalDeployment,
     make_certs,
@@ -39,6 +37,8 @@ from simulations.deploy import (
     superlink_command,
     supernode_command,
 )
+from fedrec.shared import hashlog, privacy, wire
+from fedrec.shared.config import from_run_config
 from tests.tiny import save_tiny_bert, write_small_world
 
 CHANNELS = ("ecommerce", "finance", "social")
@@ -173,7 +173,7 @@ def test_certs_are_what_flower_reads(tmp_path: Path) -> None:
 
 
 def test_each_platform_gets_only_its_own_data(world: dict[str, Any]) -> None:
-    from shared.datasets import load_catalogue, load_channel, load_manifest
+    from fedrec.shared.datasets import load_catalogue, load_channel, load_manifest
 
     # Execute: the split the module fixture made
     coordinator, platforms = world["coordinator"], world["platforms"]

@@ -17,18 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from server import encoder as enc
-from server.encoder import (
-    EncoderError,
-    EncodingCache,
-    ItemEncoder,
-    ItemMatrix,
-    ItemMatrixError,
-    encode_catalogue,
-    load_item_matrix,
-    save_item_matrix,
-)
-from shared.data import Catalogue
+from fedrec.server import encoder as enc
+from fedrec.server.encoder import EncoderError, EncodingCache, ItemEncoder, encode_catalogue
+from fedrec.shared import items as item_file
+from fedrec.shared.data import Catalogue
+from fedrec.shared.items import ItemMatrix, ItemMatrixError, load_item_matrix, save_item_matrix
 from tests.tiny import WORDS, save_tiny_bert
 
 if TYPE_CHECKING:
@@ -347,7 +340,7 @@ def test_loading_a_file_with_the_wrong_dtype_names_the_file(tmp_path: Path) -> N
     m = _item_matrix()
     np.savez(
         path,
-        format=np.array(enc.ITEM_MATRIX_FORMAT),
+        format=np.array(item_file.ITEM_MATRIX_FORMAT),
         channel=np.array("shop"),
         item_ids=m.item_ids,
         matrix=m.matrix.astype(np.float64),
@@ -365,7 +358,7 @@ def test_loading_a_damaged_matrix_fails_on_the_fingerprint(tmp_path: Path) -> No
     path = tmp_path / "m.npz"
     np.savez(
         path,
-        format=np.array(enc.ITEM_MATRIX_FORMAT),
+        format=np.array(item_file.ITEM_MATRIX_FORMAT),
         channel=np.array("shop"),
         item_ids=m.item_ids,
         matrix=m.matrix * 2,
@@ -494,7 +487,7 @@ def _fedrec(args: list[str]) -> Result:
     import typer.main
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from fedrec.cli.main import app
 
     # typer runs a lone command without its name; drop the name while `encode` is the only
     # command registered in the app (cli.py has no callback to force a group).

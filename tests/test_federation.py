@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import hashlog, privacy, wire
-from shared.config import FedrecConfig, from_run_config
-from simulations.flower import processes_with_env, run_simulation
-from simulations.simulate import flower_overhead
+from fedrec.deploy.flower import processes_with_env
+from fedrec.shared import hashlog, privacy, wire
+from fedrec.shared.config import FedrecConfig, from_run_config
+from fedrec.simulations.flower import run_simulation
+from fedrec.simulations.simulate import flower_overhead
 from tests.tiny import save_tiny_bert, write_small_world
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
@@ -30,9 +31,9 @@ STEPS, BATCH, SIGMA = (
 
 
 def _users_per_channel(data: Path, channels: tuple[str, ...]) -> dict[str, int]:
-    from client.training import leave_last_out
-    from shared.data import to_sequences
-    from shared.datasets import load_channel
+    from fedrec.client.training import leave_last_out
+    from fedrec.shared.data import to_sequences
+    from fedrec.shared.datasets import load_channel
 
     out = {}
     for ch in channels:

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from shared import wire
-from shared.metrics import metrics_from_ranks, rank_of_target, sample_negatives, sampled_rank
+from fedrec.shared import wire
+from fedrec.shared.metrics import metrics_from_ranks, rank_of_target, sample_negatives, sampled_rank
 
 NOTHING_SEEN = [np.zeros(0, dtype=np.int64)]
 

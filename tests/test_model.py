@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.model import RECENT, ModelSpec, RecModel, param_shapes, summarize_history
+from fedrec.shared.model import RECENT, ModelSpec, RecModel, param_shapes, summarize_history
 
 torch.set_num_threads(1)
 
@@ -203,9 +203,9 @@ def test_summarize_prefixes_equals_summarize_history_of_the_padded_prefixes(
     max_history: int,
 ) -> None:
     # Prepare: rows of lengths 1..9 and every prefix length 0..len (0 = unused slot).
-    from client.training import pad_histories
-    from shared.data import Sequences
-    from shared.model import summarize_prefixes
+    from fedrec.client.training import pad_histories
+    from fedrec.shared.data import Sequences
+    from fedrec.shared.model import summarize_prefixes
 
     rng = np.random.default_rng(3)
     items = torch.nn.functional.normalize(torch.randn(40, DIM), dim=1)
@@ -233,8 +233,8 @@ def test_summarize_prefixes_equals_summarize_history_of_the_padded_prefixes(
 
 
 def test_summarize_prefixes_rejects_a_prefix_longer_than_its_row() -> None:
-    from shared.data import Sequences
-    from shared.model import summarize_prefixes
+    from fedrec.shared.data import Sequences
+    from fedrec.shared.model import summarize_prefixes
 
     seqs = Sequences(np.array(["u0"]), np.array([0, 2]), np.array([0, 1]))
     with pytest.raises(ValueError, match="prefix length"):
@@ -242,7 +242,7 @@ def test_summarize_prefixes_rejects_a_prefix_longer_than_its_row() -> None:
 
 
 def test_cross_platform_model_shares_the_tower_and_keeps_a_head_per_platform() -> None:
-    from shared.model import CrossPlatformModel, head_owner
+    from fedrec.shared.model import CrossPlatformModel, head_owner
 
     model = CrossPlatformModel(ModelSpec(dim=8), ("shop", "bank"))
     shop, bank = model.channel_model("shop"), model.channel_model("bank")
@@ -270,7 +270,7 @@ def test_cross_platform_model_shares_the_tower_and_keeps_a_head_per_platform() -
 
 
 def test_own_towers_start_at_zero_add_to_the_shared_tower_and_stay_per_platform() -> None:
-    from shared.model import CrossPlatformModel
+    from fedrec.shared.model import CrossPlatformModel
 
     spec = ModelSpec(dim=8, own_tower=True)
     model = CrossPlatformModel(spec, ("shop", "bank"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.movielens import (
+from fedrec.simulations.movielens import (
     DATA_ENV,
     assign_domains,
     cross_domain,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.training import (
+from fedrec.client.training import (
     DPSpec,
     LinearizedLoss,
     PerUserCrossEntropy,
@@ -28,11 +28,11 @@ from client.training import (
     output_grads,
     train_local,
 )
-from shared import privacy
-from shared.config import ConfigError, FedrecConfig, check_delta, from_run_config
-from shared.data import Sequences
-from shared.model import RecModel
-from shared.privacy import (
+from fedrec.shared import privacy
+from fedrec.shared.config import ConfigError, FedrecConfig, check_delta, from_run_config
+from fedrec.shared.data import Sequences
+from fedrec.shared.model import RecModel
+from fedrec.shared.privacy import (
     BudgetExceeded,
     PrivacyConfigError,
     PrivacyState,

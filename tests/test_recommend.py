@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from server.rundir import RunDir
-from shared.config import FedrecConfig, ModelConfig
-from shared.model import build_model, param_shapes
-from simulations.recommend import Recommender, RecommendError
+from fedrec.server.rundir import RunDir
+from fedrec.serving.recommend import Recommender, RecommendError
+from fedrec.shared.config import FedrecConfig, ModelConfig
+from fedrec.shared.model import build_model, param_shapes
 
 DIM = 384
 N_ITEMS = 40

@@ -8,10 +8,10 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.rundir import RunDir
-from server.strategy import make_strategy, pool_heads
-from shared import hashlog, wire
-from shared.config import FedrecConfig, StrategyConfig
+from fedrec.server.rundir import RunDir
+from fedrec.server.strategy import make_strategy, pool_heads
+from fedrec.shared import hashlog, wire
+from fedrec.shared.config import FedrecConfig, StrategyConfig
 
 SHAPES = {"w": (2, 2), "b": (2,)}
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from client import training
-from client.training import (
+from fedrec.client import training
+from fedrec.client.training import (
     Split,
     TrainSpec,
     UserExamples,
@@ -21,9 +21,9 @@ from client.training import (
     pad_histories,
     train_local,
 )
-from shared.data import Sequences
-from shared.model import ModelSpec, RecModel
-from simulations.baselines import popularity_scorer, text_similarity_scorer
+from fedrec.shared.data import Sequences
+from fedrec.shared.model import ModelSpec, RecModel
+from fedrec.simulations.baselines import popularity_scorer, text_similarity_scorer
 
 if TYPE_CHECKING:
     from click.testing import Result
@@ -450,7 +450,7 @@ def test_text_similarity_is_cosine_to_the_mean_history() -> None:
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One channel 'shop': 150 users, 48 items, encoded matrices under encoded/."""
-    from simulations.bench_quality import write_tiny_dataset
+    from fedrec.simulations.bench.quality import write_tiny_dataset
 
     return write_tiny_dataset(
         tmp_path_factory.mktemp("data") / "tiny", channels=("shop",), users=150, items=48
@@ -462,7 +462,7 @@ def fedrec_train(args: list[str]) -> Result:
     import typer
     from typer.testing import CliRunner
 
-    from simulations import train
+    from fedrec.cli import train
 
     app = typer.Typer()
     app.callback()(lambda: None)  # a group, so the command is invoked by name
@@ -584,8 +584,8 @@ def test_scores_dtype_auto_follows_the_cpu(tmp_path: Path) -> None:
 def test_dp_training_steps_through_empty_poisson_batches() -> None:
     # Prepare: 8 users sampled at q = 1/8, so a step draws nobody with probability
     # (7/8)^8 = 0.34; 20 steps see at least one empty batch except with probability 2e-4.
-    from client.training import DPSpec
-    from shared import privacy
+    from fedrec.client.training import DPSpec
+    from fedrec.shared import privacy
 
     items, seqs = topic_world(n_users=8)
     state = privacy.PrivacyState("rdp", 1e-5)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.config import ConfigError
-from shared.data import to_sequences
-from simulations.world import (
+from fedrec.shared.config import ConfigError
+from fedrec.shared.data import to_sequences
+from fedrec.simulations.world import (
     INTEREST_NAMES,
     ChannelSpec,
     World,
@@ -224,7 +224,7 @@ def test_ground_truth_lives_outside_every_channel_folder(small):
 
 def test_write_world_puts_ground_truth_apart_and_loads_back(small, tmp_path):
     # Prepare
-    datasets = pytest.importorskip("shared.datasets")
+    datasets = pytest.importorskip("fedrec.shared.datasets")
 
     # Execute
     out = write_world(small, tmp_path / "w")
@@ -351,14 +351,14 @@ def test_default_world_is_learnable_but_not_trivial(default_world, channel):
 def _cli():
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from fedrec.cli.main import app
 
     return CliRunner(), app
 
 
 def test_cli_writes_small_world_and_prints_table(tmp_path):
     # Prepare
-    pytest.importorskip("shared.datasets")
+    pytest.importorskip("fedrec.shared.datasets")
     runner, app = _cli()
     out = tmp_path / "w"
 
@@ -393,7 +393,7 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path):
 
 def test_cli_force_replaces_existing_output(tmp_path):
     # Prepare
-    pytest.importorskip("shared.datasets")
+    pytest.importorskip("fedrec.shared.datasets")
     runner, app = _cli()
     out = tmp_path / "w"
     out.mkdir()
@@ -410,7 +410,7 @@ def test_cli_force_replaces_existing_output(tmp_path):
 
 def test_cli_default_output_is_worlds_scenario_under_cwd(tmp_path, monkeypatch):
     # Prepare
-    pytest.importorskip("shared.datasets")
+    pytest.importorskip("fedrec.shared.datasets")
     runner, app = _cli()
     monkeypatch.chdir(tmp_path)
 
@@ -459,7 +459,7 @@ def test_cli_rejects_synthetic_options_for_movielens(tmp_path):
 
 def test_cli_writes_movielens_100k_from_fixture(tmp_path):
     # Prepare
-    pytest.importorskip("shared.datasets")
+    pytest.importorskip("fedrec.shared.datasets")
     runner, app = _cli()
     root = tmp_path / "data"
     (root / "movielens-100k").mkdir(parents=True)

@@ -40,8 +40,8 @@ def save_tiny_bert(folder: Path, seed: int = 0) -> Path:
 
 def write_small_world(folder: Path, people: int = 400, seed: int = 0) -> Path:
     """The synthetic world, scaled down (same generator, fewer people)."""
-    from shared.datasets import write_dataset
-    from simulations.world import WorldConfig, generate_world
+    from fedrec.shared.datasets import write_dataset
+    from fedrec.simulations.world import WorldConfig, generate_world
 
     world = generate_world(WorldConfig(seed=seed).resized(people=people))
     return Path(

@@ -2,7 +2,7 @@
 100k-item catalogue. Prints p50/p95 over repeated requests (the model and item matrix are
 loaded once, as a serving process would).
 
-    .venv/bin/python -m simulations.bench_recommend [--items 100000] [--requests 300]
+    .venv/bin/python -m fedrec.simulations.bench.recommend [--items 100000] [--requests 300]
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 import numpy as np
 import torch
 
-from shared.model import ModelSpec, RecModel
-from simulations.recommend import Recommender
+from fedrec.serving.recommend import Recommender
+from fedrec.shared.model import ModelSpec, RecModel
 
 
 def main() -> None:

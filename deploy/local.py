@@ -38,7 +38,7 @@ from typing import Any
 
 import typer
 
-from simulations.flower import APP_DIR, free_ports, processes_with_env, write_overrides
+from fedrec.deploy.flower import app_project, free_ports, processes_with_env, write_overrides
 
 DEPLOYMENT_ENV = "FEDREC_DEPLOYMENT"  # marks every process of one deployment (for teardown)
 LOOPBACK = "127.0.0.1"
@@ -219,7 +219,7 @@ def make_certs(
 
 
 def _manifest(name: str, channels: dict[str, dict[str, str]], source: dict[str, Any]) -> str:
-    from shared.datasets import FORMAT
+    from fedrec.shared.datasets import FORMAT
 
     doc = {
         "format": FORMAT,
@@ -245,7 +245,7 @@ def split_dataset(data_dir: Path, out_dir: Path) -> tuple[Path, dict[str, Path]]
     Returns:
         The coordinator folder and channel -> platform folder.
     """
-    from shared.datasets import atomic_dir, load_manifest
+    from fedrec.shared.datasets import atomic_dir, load_manifest
 
     manifest = load_manifest(data_dir)
     out_dir = Path(out_dir).resolve()
@@ -711,7 +711,7 @@ class LocalDeployment:
         cmd = [
             _bin("flwr"),
             "run",
-            str(APP_DIR),
+            str(app_project(self.root / "app")),
             LINK_NAME,
             "--run-config",
             str(overrides),
@@ -808,8 +808,8 @@ def deploy_local(
     """
     from rich.console import Console
 
-    from shared.config import ConfigError, from_run_config
-    from simulations.simulate import dataset_channels, ensure_data, parse_value, print_tables
+    from fedrec.shared.config import ConfigError, from_run_config, parse_value
+    from fedrec.simulations.simulate import dataset_channels, ensure_data, print_tables
 
     console = Console()
     t0 = time.perf_counter()

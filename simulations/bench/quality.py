@@ -8,13 +8,13 @@ NDCG@10(DP, largest ε) / NDCG@10(no DP).
 
 Run::
 
-    python -m simulations.bench_quality --data worlds/synthetic [--items DIR] [--steps 150]
-    python -m simulations.bench_quality --tiny /tmp/tiny   # self-contained smoke run
+    python -m fedrec.simulations.bench.quality --data worlds/synthetic [--items DIR] [--steps 150]
+    python -m fedrec.simulations.bench.quality --tiny /tmp/tiny   # self-contained smoke run
 
 ``--tiny`` writes a small dataset with 384-d topic-structured item vectors standing in for the
 encoder (no transformer needed) and benchmarks that.
 
-Must not: hold training logic (it calls :func:`simulations.train.fit`).
+Must not: hold training logic (it calls :func:`fedrec.client.standalone.fit`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from shared.config import FedrecConfig
+from fedrec.shared.config import FedrecConfig
 
 if TYPE_CHECKING:
     import torch
 
-    from client.training import Split, TrainSpec
+    from fedrec.client.training import Split, TrainSpec
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 RUN = FedrecConfig()  # the defaults of a run: the benchmark trains as one channel would
@@ -55,9 +55,9 @@ def write_tiny_dataset(
     """
     import numpy as np
 
-    from server.encoder import ItemMatrix, save_item_matrix
-    from shared.data import Catalogue, Interactions
-    from shared.datasets import write_dataset
+    from fedrec.shared.data import Catalogue, Interactions
+    from fedrec.shared.datasets import write_dataset
+    from fedrec.shared.items import ItemMatrix, save_item_matrix
 
     rng = np.random.default_rng(seed)
     dim = 384
@@ -101,7 +101,7 @@ def write_tiny_dataset(
         name="tiny",
         catalogues=catalogues,
         interactions=interactions,
-        source={"generator": "simulations.bench_quality", "seed": seed},
+        source={"generator": "fedrec.simulations.bench.quality", "seed": seed},
     )
     for channel, m in matrices.items():
         save_item_matrix(m, out / "encoded" / f"{channel}.items.npz")
@@ -113,8 +113,8 @@ def pooled(parts: dict[str, tuple[torch.Tensor, Split]]) -> tuple[torch.Tensor, 
     import numpy as np
     import torch
 
-    from client.training import Split
-    from shared.data import Sequences
+    from fedrec.client.training import Split
+    from fedrec.shared.data import Sequences
 
     offsets = np.cumsum([0] + [len(items) for items, _ in parts.values()])
     trains = [split.train for _, split in parts.values()]
@@ -143,9 +143,9 @@ def bench_scope(
     log: Callable[[str], None] = typer.echo,
 ) -> dict[str, object]:
     """Every row of one scope (a channel or the pool): metrics, σ and seconds per method."""
-    from client.training import evaluate
-    from simulations.baselines import popularity_scorer, text_similarity_scorer
-    from simulations.train import fit, trainable_users
+    from fedrec.client.standalone import fit, trainable_users
+    from fedrec.client.training import evaluate
+    from fedrec.simulations.baselines import popularity_scorer, text_similarity_scorer
 
     n = len(items)
     ev = {"max_history": spec.max_history, "max_users": max_eval_users, "seed": spec.seed}
@@ -238,10 +238,10 @@ def main(
     """Popularity, text similarity, no DP and DP at each ε: NDCG@10 / HR@10 per scope."""
     import torch
 
-    from client.training import TrainSpec
-    from shared.datasets import load_manifest
-    from shared.model import ModelSpec
-    from simulations.train import load_channel_data, quiet_opacus
+    from fedrec.client.standalone import load_channel_data, quiet_opacus
+    from fedrec.client.training import TrainSpec
+    from fedrec.shared.datasets import load_manifest
+    from fedrec.shared.model import ModelSpec
 
     torch.set_num_threads(threads)
     eps = sorted(float(e) for e in epsilons.split(",") if e.strip())

@@ -5,7 +5,7 @@ temporary folder, then times :func:`shared.datasets.load_catalogue` plus
 :func:`shared.datasets.load_interactions` (median of ``--repeats`` runs) and prints rows,
 seconds and rows/s.
 
-Usage: ``python -m simulations.bench_loading [--rows 1000000] [--items 10000] [--repeats 3]``
+Usage: ``python -m fedrec.simulations.bench.loading [--rows 1000000] [--items 10000] [--repeats 3]``
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data import EVENT_TYPES, Catalogue, Interactions
-from shared.datasets import load_catalogue, load_interactions, write_dataset
+from fedrec.shared.data import EVENT_TYPES, Catalogue, Interactions
+from fedrec.shared.datasets import load_catalogue, load_interactions, write_dataset
 
 CHANNEL = "bench"
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             name="bench-loading",
             catalogues={CHANNEL: catalogue},
             interactions={CHANNEL: interactions},
-            source={"generator": "simulations.bench_loading", "seed": args.seed},
+            source={"generator": "fedrec.simulations.bench.loading", "seed": args.seed},
         )
         write_s = time.perf_counter() - started
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -43,9 +43,9 @@ class Recommender:
     ) -> Recommender:
         import torch
 
-        from server.rundir import RunDir
-        from shared.config import from_run_config
-        from shared.model import build_model
+        from fedrec.server.rundir import RunDir
+        from fedrec.shared.config import from_run_config
+        from fedrec.shared.model import build_model
 
         run = RunDir(run_dir)
         last = run.last_checkpoint()
@@ -97,7 +97,7 @@ class Recommender:
             else torch.from_numpy(np.asarray(query, dtype=np.float32)).reshape(1, -1)
         )
         with torch.inference_mode():
-            from shared.model import TAU
+            from fedrec.shared.model import TAU
 
             p = self.model.user_code(self.items[hist], mask, q)[0]  # (D,)
             d = len(p)
@@ -134,8 +134,8 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from shared.data import to_sequences
-        from shared.datasets import load_catalogue, load_interactions
+        from fedrec.shared.data import to_sequences
+        from fedrec.shared.datasets import load_catalogue, load_interactions
 
         console = Console()
         cfg_path = run_dir / "config.json"
@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         t0 = time.perf_counter()
         catalogue = load_catalogue(data_dir, channel)
-        from server.app import encode_catalogues
+        from fedrec.server.app import encode_catalogues
 
         matrix = encode_catalogues(str(data_dir), (channel,), str(cache_dir or ""))[channel]
         rec = Recommender.from_run(run_dir, channel, np.asarray(matrix.matrix), catalogue.item_ids)
@@ -163,7 +163,7 @@ def register(app: typer.Typer) -> None:
             history = seqs.item_index[seqs.offsets[r] : seqs.offsets[r + 1]]
         qvec = None
         if query:
-            from server.encoder import ItemEncoder
+            from fedrec.server.encoder import ItemEncoder
 
             qvec = ItemEncoder().encode([query])[0]
         t1 = time.perf_counter()

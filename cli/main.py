@@ -18,13 +18,13 @@ app = typer.Typer(
 )
 
 COMMAND_MODULES = (
-    "simulations.world",  # fedrec world
-    "simulations.encode",  # fedrec encode
-    "simulations.train",  # fedrec train
-    "simulations.simulate",  # fedrec simulate
-    "simulations.recommend",  # fedrec recommend
-    "simulations.deploy",  # fedrec deploy certs|local|superlink|node
-    "simulations.audit.cli",  # fedrec audit
+    "fedrec.simulations.world",  # fedrec world
+    "fedrec.cli.encode",  # fedrec encode
+    "fedrec.cli.train",  # fedrec train
+    "fedrec.simulations.simulate",  # fedrec simulate
+    "fedrec.serving.recommend",  # fedrec recommend
+    "fedrec.deploy.local",  # fedrec deploy certs|local|superlink|node
+    "fedrec.audit.cli",  # fedrec audit
 )
 
 

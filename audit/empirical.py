@@ -98,8 +98,8 @@ def build_audited_dataset(world_dir: Path, out: Path, plan: AuditPlan) -> dict[s
     Returns:
         The secrets (also written to ``out/secrets/canaries.json``).
     """
-    from shared.data import Interactions
-    from shared.datasets import load_channel, load_manifest, write_dataset
+    from fedrec.shared.data import Interactions
+    from fedrec.shared.datasets import load_channel, load_manifest, write_dataset
 
     manifest = load_manifest(world_dir)
     rng = np.random.default_rng([plan.seed, 0xA0D17])
@@ -261,8 +261,8 @@ def _final_model(run_dir: Path, matrices: dict[str, Any]) -> tuple[Any, Any, Any
     import torch
     from safetensors.numpy import load_file
 
-    from shared.config import from_run_config
-    from shared.model import build_model
+    from fedrec.shared.config import from_run_config
+    from fedrec.shared.model import build_model
 
     cfg = from_run_config(json.loads((run_dir / "config.json").read_text())["run_config"])
     dim = next(iter(matrices.values())).matrix.shape[1]
@@ -286,9 +286,9 @@ def score_run(
     """Every audit statistic's inputs for one finished run, per channel."""
     import torch
 
-    from client.training import canary_directions, model_scorer
-    from shared.data import to_sequences
-    from shared.datasets import load_channel
+    from fedrec.client.training import canary_directions, model_scorer
+    from fedrec.shared.data import to_sequences
+    from fedrec.shared.datasets import load_channel
 
     cfg, initial_all, final_all = _final_model(run_dir, matrices)
     out: dict[str, dict[str, Any]] = {}
@@ -346,8 +346,8 @@ def _run(
     console: Any,
     control_steps_factor: int = 1,
 ) -> tuple[Path, float]:
-    from shared.config import TrainConfig
-    from simulations.flower import run_simulation
+    from fedrec.shared.config import TrainConfig
+    from fedrec.simulations.flower import run_simulation
 
     overrides, _ = RUNS[name]
     run_dir = out / "runs" / name
@@ -442,8 +442,8 @@ def run_empirical_audit(
     """
     from rich.console import Console
 
-    from server.app import encode_catalogues
-    from shared.datasets import load_manifest
+    from fedrec.server.app import encode_catalogues
+    from fedrec.shared.datasets import load_manifest
 
     from . import stats
     from .report import build_report, write_report

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from shared import wire
+from fedrec.shared import wire
 
 Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), as in Opacus
 History = list[Event]

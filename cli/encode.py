@@ -2,7 +2,7 @@
 
 Owns: the command line around :mod:`server.encoder` (options, progress bar, summary table).
 Reads only the catalogues of a dataset, never its interactions. Writes
-``<out>/<channel>.items.npz`` (see :func:`server.encoder.save_item_matrix`).
+``<out>/<channel>.items.npz`` (see :func:`fedrec.shared.items.save_item_matrix`).
 
 Must not: hold encoding logic (it lives in ``server/encoder.py``); import torch, transformers or
 the encoder at module import time, so that ``fedrec --help`` stays instant.
@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from server.encoder import CACHE_DIR_ENV, default_cache_dir
+from fedrec.server.encoder import CACHE_DIR_ENV, default_cache_dir
 
 
 def _pick_channels(requested: str | None, known: list[str]) -> list[str]:
@@ -76,15 +76,14 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
         from rich.table import Table
 
-        from server.encoder import (
+        from fedrec.server.encoder import (
             EncoderError,
             EncodingCache,
             ItemEncoder,
-            ItemMatrixError,
             encode_catalogue,
-            save_item_matrix,
         )
-        from shared import datasets
+        from fedrec.shared import datasets
+        from fedrec.shared.items import ItemMatrixError, save_item_matrix
 
         console = Console()
 

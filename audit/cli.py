@@ -167,7 +167,8 @@ def audit_empirical(
     from rich.console import Console
     from rich.table import Table
 
-    from simulations.simulate import ensure_data, parse_value
+    from fedrec.shared.config import parse_value
+    from fedrec.simulations.simulate import ensure_data
 
     from .empirical import AuditPlan, run_empirical_audit
     from .report import fmt

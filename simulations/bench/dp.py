@@ -13,7 +13,7 @@ with scores in ``--scores-dtype``.
 
 Run::
 
-    python -m simulations.bench_dp [--users 20000] [--batch-sizes 128,512] [--rounds 5]
+    python -m fedrec.simulations.bench.dp [--users 20000] [--batch-sizes 128,512] [--rounds 5]
 
 Must not: be imported by ``client/`` or ``server/``.
 """
@@ -31,7 +31,7 @@ import typer
 if TYPE_CHECKING:
     import torch
 
-    from shared.data import Sequences
+    from fedrec.shared.data import Sequences
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 MODES = ("ghost", "hooks", "ew", "functorch")
@@ -41,7 +41,7 @@ def synthetic_sequences(users: int, items: int, seed: int = 0) -> tuple[torch.Te
     """Random unit 384-d item vectors and users with 5..60 interactions (histories 4..59)."""
     import torch
 
-    from shared.data import Sequences
+    from fedrec.shared.data import Sequences
 
     rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(items, 384)).astype(np.float32)
@@ -68,8 +68,8 @@ class Variant:
     ) -> None:
         import torch
 
-        from client.training import LinearizedLoss, TrainSpec, UserExamples, _collate
-        from shared.model import ModelSpec, RecModel
+        from fedrec.client.training import LinearizedLoss, TrainSpec, UserExamples, _collate
+        from fedrec.shared.model import ModelSpec, RecModel
 
         torch.manual_seed(seed)
         self.name, self.items, self.low_precision = name, items, low_precision
@@ -110,7 +110,7 @@ class Variant:
             yield from self.loader
 
     def step(self) -> int:
-        from client.training import train_step
+        from fedrec.client.training import train_step
 
         batch = next(self.batches)
         args = (self.net, self.optimizer, self.criterion, self.items, batch, self.low_precision)
@@ -162,7 +162,7 @@ def profile(
     items: torch.Tensor, seqs: Sequences, batch_size: int, repeats: int, low_precision: bool
 ) -> None:
     """Where one ghost-mode DP step spends its time, against the same step without DP."""
-    from client.training import TrainSpec, UserExamples, output_grads
+    from fedrec.client.training import TrainSpec, UserExamples, output_grads
 
     examples = UserExamples(seqs, items, TrainSpec(batch_size=batch_size))
     rng = np.random.default_rng(1)
@@ -221,8 +221,8 @@ def main(
     import torch
 
     torch.set_num_threads(threads)
-    from client.training import TrainSpec, resolve_scores_dtype
-    from shared.model import ModelSpec, RecModel
+    from fedrec.client.training import TrainSpec, resolve_scores_dtype
+    from fedrec.shared.model import ModelSpec, RecModel
 
     dtype = resolve_scores_dtype(scores_dtype)
     vectors, seqs = synthetic_sequences(users, items)
@@ -234,7 +234,7 @@ def main(
         f"{TrainSpec(scores_dtype=dtype)}, {rounds} interleaved windows of ~{window_users} "
         "users per variant"
     )
-    from simulations.train import quiet_opacus
+    from fedrec.client.standalone import quiet_opacus
 
     with quiet_opacus():
         for b in (int(x) for x in batch_sizes.split(",")):

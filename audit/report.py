@@ -18,8 +18,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
@@ -28,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from shared import wire
+from fedrec.shared import wire
+from fedrec.shared.fsio import atomic_write_bytes
 
 from . import accounting, egress, stats
 
@@ -995,20 +994,6 @@ def _to_html(blocks: Sequence[Block], images: Mapping[str, bytes]) -> str:
     return "\n".join(out)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: Mapping[str, Any], out_dir: Path | str) -> dict[str, Path]:
     """Write ``audit.json``, ``audit.md``, ``audit.html`` and the plots (PNG) to ``out_dir``.
 
@@ -1031,7 +1016,7 @@ def write_report(report: Mapping[str, Any], out_dir: Path | str) -> dict[str, Pa
             images[name] = png
     written: dict[str, Path] = {}
     for name, png in images.items():
-        _atomic_write(out_dir / name, png)
+        atomic_write_bytes(out_dir / name, png)
         written[name] = out_dir / name
     blocks = _blocks(report, list(images.items()))
     files = {
@@ -1040,6 +1025,6 @@ def write_report(report: Mapping[str, Any], out_dir: Path | str) -> dict[str, Pa
         "audit.html": _to_html(blocks, images),
     }
     for name, text in files.items():
-        _atomic_write(out_dir / name, text.encode("utf-8"))
+        atomic_write_bytes(out_dir / name, text.encode("utf-8"))
         written[name] = out_dir / name
     return written

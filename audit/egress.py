@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from shared import hashlog, wire
+from fedrec.shared import hashlog, wire
 
 LEDGER = "privacy-ledger.jsonl"
 EGRESS = "egress.jsonl"

@@ -10,7 +10,7 @@
 
 Needs the ``bench`` extra (sentence-transformers) for (a)::
 
-    python -m simulations.bench_encoder [--texts 2000] [--catalogue 10000] [--reps 3]
+    python -m fedrec.simulations.bench.encoder [--texts 2000] [--catalogue 10000] [--reps 3]
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def bench_throughput(texts: list[str], *, batch_size: int, reps: int) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from server.encoder import ItemEncoder, default_model_dir
+    from fedrec.server.encoder import ItemEncoder, default_model_dir
 
     model_dir = default_model_dir()
     ours = ItemEncoder(model_dir, batch_size=batch_size)
@@ -112,7 +112,7 @@ def bench_throughput(texts: list[str], *, batch_size: int, reps: int) -> None:
 
 
 def bench_cache(n: int, *, batch_size: int, warm_reps: int) -> None:
-    from server.encoder import EncodingCache, ItemEncoder
+    from fedrec.server.encoder import EncodingCache, ItemEncoder
 
     encoder = ItemEncoder(batch_size=batch_size)
     texts = item_texts(n, seed=1)
