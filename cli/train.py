@@ -88,6 +88,7 @@ def register(app: typer.Typer) -> None:
                 raise fail(exc) from None
 
         from fedrec.client.training import TrainSpec, evaluate
+        from fedrec.shared.config import DPConfig
         from fedrec.simulations.baselines import popularity_scorer, text_similarity_scorer
 
         spec = TrainSpec(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
@@ -105,9 +106,11 @@ def register(app: typer.Typer) -> None:
                     item_vectors,
                     split,
                     spec,
-                    epsilon=None if no_dp else epsilon,
-                    delta=delta,
-                    max_grad_norm=max_grad_norm,
+                    dp=None
+                    if no_dp
+                    else DPConfig(
+                        target_epsilon=epsilon, target_delta=delta, max_grad_norm=max_grad_norm
+                    ),
                     channel=channel,
                     max_eval_users=max_eval_users,
                 )

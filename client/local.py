@@ -9,6 +9,8 @@ reply (the allowlist refuses them anyway).
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import time
@@ -18,8 +20,9 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedrec.client import node as nodes
+from fedrec.client.dp import REFUSED, TRAINED, DPSession
 from fedrec.client.training import (
-    DPSpec,
+    GradHook,
     TrainSpec,
     canary_directions,
     canary_grad_hook,
@@ -27,10 +30,12 @@ from fedrec.client.training import (
     leave_last_out,
     model_scorer,
     train_local,
+    trainable_users,
 )
 from fedrec.shared import privacy, wire
-from fedrec.shared.config import FedrecConfig, check_delta, from_run_config
-from fedrec.shared.model import CrossPlatformModel, build_model, param_shapes
+from fedrec.shared.config import FedrecConfig, from_run_config
+from fedrec.shared.data import Sequences
+from fedrec.shared.model import CrossPlatformModel, RecModel, build_model, param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -102,98 +107,40 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         proximal_mu=mu,
     )
     global_params = model.state_dict() if mu > 0 else None  # train_local copies it
+    train = functools.partial(
+        train_local,
+        model,
+        items,
+        split.train,
+        spec,
+        global_params=global_params,
+        optimizer_state=nodes.load_optimizer(node, context.run_id),
+    )
     report: dict[str, float | int | str | bool] = {wire.DP_ENABLED: cfg.dp.enabled}
     if cfg.dp.enabled:
-        state_record = context.state.config_records.get(nodes.STATE_KEY)
-        state = nodes.restore_privacy(node, dict(state_record) if state_record else None, cfg)
-        users = int((split.train.lengths() >= 2).sum())
-        problem = check_delta(cfg.dp.target_delta, users, node.channel)
-        if problem:
-            raise Refused(f"{BUDGET_REFUSED}: {problem}")
-        q = privacy.sample_rate_for(users, spec.batch_size)
-        sigma = cfg.dp.noise_multiplier
-        if sigma < 0:
-            sigma = privacy.plan_noise_multiplier(
-                target_epsilon=cfg.dp.target_epsilon,
-                target_delta=cfg.dp.target_delta,
-                sample_rate=q,
-                steps=cfg.planned_steps(),
-                accountant=cfg.dp.accountant,
-            )
-        dp = DPSpec(sigma, cfg.dp.max_grad_norm, cfg.dp.target_epsilon, cfg.dp.grad_sample_mode)
-        hook = None
-        if cfg.audit.canaries > 0 or cfg.audit.disable_noise:
-            if cfg.audit.disable_noise:
-                log.warning("%s: audit.disable-noise: FAULT INJECTION, NO DP NOISE", node.channel)
-            shapes = [tuple(p.shape) for p in model.parameters()]
-            directions = canary_directions(
-                shapes, cfg.audit.canaries, cfg.audit.seed, node.channel
-            )[: cfg.audit.canaries // 2]  # the second half is the auditor's null
-            hook = canary_grad_hook(
-                model,
-                directions,
-                max_grad_norm=cfg.dp.max_grad_norm,
-                sample_rate=q,
-                seed=spec.seed,
-                disable_noise=cfg.audit.disable_noise,
-            )
+        session = _dp_session(cfg, node, split.train, context)
         try:
-            result = train_local(
-                model,
-                items,
-                split.train,
-                spec,
-                dp=dp,
-                state=state,
-                global_params=global_params,
-                grad_hook=hook,
-                optimizer_state=nodes.load_optimizer(node, context.run_id),
-            )
+            result = train(dp=session, grad_hook=_audit_hook(cfg, node, model, session, spec))
         except privacy.BudgetExceeded as exc:
-            privacy.append_ledger(
-                node.ledger,
-                state=state,
-                round_=server_round,
-                steps=0,
-                noise_multiplier=sigma,
-                sample_rate=q,
-                status="refused",
-                channel=node.channel,
-            )
+            session.record(round_=server_round, steps=0, status=REFUSED)
             raise Refused(f"{BUDGET_REFUSED}: {exc}") from exc
-        privacy.append_ledger(
-            node.ledger,
-            state=state,
-            round_=server_round,
-            steps=result.steps,
-            noise_multiplier=sigma,
-            sample_rate=q,
-            status="trained",
-            channel=node.channel,
-        )
-        context.state[nodes.STATE_KEY] = ConfigRecord({"json": state.to_json()})
+        session.record(round_=server_round, steps=result.steps, status=TRAINED)
+        context.state[nodes.STATE_KEY] = ConfigRecord({"json": session.to_json()})
         report.update(
             {
                 wire.EPSILON: result.epsilon,
-                wire.DELTA: cfg.dp.target_delta,
-                wire.NOISE_MULTIPLIER: sigma,
-                wire.MAX_GRAD_NORM: cfg.dp.max_grad_norm,
-                wire.SAMPLE_RATE: q,
+                wire.DELTA: session.delta,
+                wire.NOISE_MULTIPLIER: session.noise_multiplier,
+                wire.MAX_GRAD_NORM: session.max_grad_norm,
+                wire.SAMPLE_RATE: session.sample_rate,
                 wire.STEPS: result.steps,
-                wire.TOTAL_STEPS: state.total_steps(),
-                wire.ACCOUNTANT: cfg.dp.accountant,
-                wire.GRAD_SAMPLE_MODE: cfg.dp.grad_sample_mode,
+                wire.TOTAL_STEPS: session.total_steps(),
+                wire.ACCOUNTANT: session.accountant_name,
+                wire.GRAD_SAMPLE_MODE: session.grad_sample_mode,
             }
         )
     else:
-        result = train_local(
-            model,
-            items,
-            split.train,
-            spec,
-            global_params=global_params,
-            optimizer_state=nodes.load_optimizer(node, context.run_id),
-        )
+        result = train()
         report.update({wire.EPSILON: math.inf, wire.STEPS: result.steps})
     nodes.save_optimizer(node, context.run_id, result.optimizer_state)
     seconds = time.perf_counter() - t0
@@ -210,6 +157,45 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         },
         privacy=report,
         info={wire.CHANNEL: node.channel, wire.SHARD: node.shard},
+    )
+
+
+def _dp_session(
+    cfg: FedrecConfig, node: nodes.Node, train: Sequences, context: Context
+) -> DPSession:
+    """This node's DP session: its accountant restored from this run's state and its ledger."""
+    record = context.state.config_records.get(nodes.STATE_KEY)
+    try:
+        return DPSession(
+            cfg.dp,
+            users=trainable_users(train),
+            batch_size=cfg.train.batch_size,
+            planned_steps=cfg.planned_steps(),
+            channel=node.channel,
+            ledger=node.ledger,
+            saved=json.loads(str(record["json"])) if record else None,
+        )
+    except privacy.PrivacyConfigError as exc:
+        raise Refused(f"{BUDGET_REFUSED}: {exc}") from exc
+
+
+def _audit_hook(
+    cfg: FedrecConfig, node: nodes.Node, model: RecModel, session: DPSession, spec: TrainSpec
+) -> GradHook | None:
+    """The white-box audit's gradient canaries (and its noise-off fault injection), if asked."""
+    if cfg.audit.canaries <= 0 and not cfg.audit.disable_noise:
+        return None
+    if cfg.audit.disable_noise:
+        log.warning("%s: audit.disable-noise: FAULT INJECTION, NO DP NOISE", node.channel)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    directions = canary_directions(shapes, cfg.audit.canaries, cfg.audit.seed, node.channel)
+    return canary_grad_hook(
+        model,
+        directions[: cfg.audit.canaries // 2],  # the second half is the auditor's null
+        max_grad_norm=session.max_grad_norm,
+        sample_rate=session.sample_rate,
+        seed=spec.seed,
+        disable_noise=cfg.audit.disable_noise,
     )
 
 

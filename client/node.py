@@ -2,15 +2,14 @@
 
 Owns: resolving the node (deployment: ``--node-config``; simulation: partition id -> channel
 through the run config), loading *only this channel's* interactions, the item-matrix cache
-on the node's disk (keyed by fingerprint), and the accountant kept in ``context.state`` and
-in the node's ledger.
+on the node's disk (keyed by fingerprint), and where the node keeps its ledger, optimizer state
+and timings (the DP lifecycle itself is :class:`fedrec.client.dp.DPSession`).
 
 Must not: import ``server/``; read another channel's interactions.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import zlib
@@ -21,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from fedrec.shared import privacy
 from fedrec.shared.config import FedrecConfig
 from fedrec.shared.data import Sequences, to_sequences
 from fedrec.shared.fsio import atomic_write_bytes
@@ -175,24 +173,3 @@ def load_items(node: Node, fingerprint: str) -> np.ndarray:
             "sends it once at the start of a run (query.items)"
         )
     return np.load(path, mmap_mode="r")
-
-
-def restore_privacy(
-    node: Node, state_record: dict[str, Any] | None, cfg: FedrecConfig
-) -> privacy.PrivacyState:
-    """The accountant from ``context.state`` or, after a restart, from the node's ledger.
-
-    If both exist, the one with more recorded steps wins: ε never resets because a process
-    restarted or a state was lost (fail closed).
-    """
-    from_disk = privacy.restore_from_ledger(node.ledger, cfg.dp.accountant, cfg.dp.target_delta)
-    if state_record is None:
-        return from_disk
-    from_state = privacy.PrivacyState.from_json(str(state_record["json"]))
-    from_state = dataclasses.replace(from_state, delta=cfg.dp.target_delta)
-    if from_state.accountant != cfg.dp.accountant:
-        raise privacy.PrivacyConfigError(
-            f"the accountant kept in this run's state is {from_state.accountant!r}, "
-            f"the config asks for {cfg.dp.accountant!r}"
-        )
-    return from_disk if from_disk.total_steps() > from_state.total_steps() else from_state

@@ -23,10 +23,8 @@ if TYPE_CHECKING:
     import torch
 
     from fedrec.client.training import Split, TrainSpec
+    from fedrec.shared.config import DPConfig
     from fedrec.shared.model import RecModel
-
-ACCOUNTANT = "rdp"  # Opacus's default for planning; the same accountant reports ε
-GRAD_SAMPLE_MODE = "ghost"  # fastest correct mode for this model (research/privacy.md §2)
 
 
 @dataclass(frozen=True)
@@ -53,65 +51,48 @@ def quiet_opacus() -> Iterator[None]:
         yield
 
 
-def trainable_users(split: Split) -> int:
-    """Users with a history prefix and a next item in the training split (the privacy units
-    Opacus samples): the count the sample rate and δ must be computed from."""
-    return int((split.train.lengths() >= 2).sum())
-
-
 def fit(
     items: torch.Tensor,
     split: Split,
     spec: TrainSpec,
     *,
-    epsilon: float | None,
-    delta: float,
-    max_grad_norm: float = 1.0,
+    dp: DPConfig | None,
     channel: str = "channel",
     max_eval_users: int | None = None,
+    model: RecModel | None = None,
 ) -> tuple[RecModel, Fit]:
-    """Train a fresh model on ``split.train`` and evaluate it on ``split`` (full ranking).
+    """Train ``model`` (a fresh one-tower :class:`RecModel` by default) on ``split.train`` and
+    evaluate it on ``split`` (full ranking).
 
-    With ``epsilon``, DP-SGD: σ is planned once so that ``spec.steps`` Poisson-sampled steps
-    spend at most ``epsilon`` at ``delta``; without it, plain training.
+    With ``dp``, DP-SGD through a :class:`~fedrec.client.dp.DPSession` whose run is
+    ``spec.steps`` steps: σ is planned so that they spend at most ``dp.target_epsilon``.
+    Without it, plain training.
 
     Raises:
         ValueError: δ is not below 1/users, or no user can be trained on.
     """
     import torch
 
-    from fedrec.client.training import DPSpec, evaluate, model_scorer, train_local
+    from fedrec.client.dp import DPSession
+    from fedrec.client.training import evaluate, model_scorer, train_local, trainable_users
     from fedrec.shared import privacy
-    from fedrec.shared.config import check_delta
     from fedrec.shared.model import ModelSpec, RecModel
 
-    users = trainable_users(split)
+    users = trainable_users(split.train)
     if users == 0:
         raise ValueError(
             f"channel {channel!r}: no user has 3 or more interactions, so after holding out "
             "each user's last item nobody has a history and a next item to train on"
         )
-    batch = min(spec.batch_size, users)  # as train_local sizes its loader
-    q = privacy.sample_rate_for(users, batch)
-    model = RecModel(ModelSpec(item_dim=int(items.shape[1]), seed=spec.seed))
-    sigma, eps = 0.0, math.inf
-    start = time.perf_counter()
-    if epsilon is None:
-        train_local(model, items, split.train, spec)
-    else:
-        problem = check_delta(delta, users, channel)
-        if problem:
-            raise ValueError(problem)
-        sigma = privacy.plan_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=q,
-            steps=spec.steps,
-            accountant=ACCOUNTANT,
+    if model is None:
+        model = RecModel(ModelSpec(item_dim=int(items.shape[1]), seed=spec.seed))
+    session = None
+    if dp is not None:
+        session = DPSession(
+            dp, users=users, batch_size=spec.batch_size, planned_steps=spec.steps, channel=channel
         )
-        state = privacy.PrivacyState(accountant=ACCOUNTANT, delta=delta)
-        dp = DPSpec(sigma, max_grad_norm, epsilon, GRAD_SAMPLE_MODE)
-        eps = train_local(model, items, split.train, spec, dp=dp, state=state).epsilon
+    start = time.perf_counter()
+    result = train_local(model, items, split.train, spec, dp=session)
     seconds = time.perf_counter() - start
     with torch.inference_mode():
         metrics, evaluated = evaluate(
@@ -126,11 +107,11 @@ def fit(
         metrics=metrics,
         evaluated_users=evaluated,
         trained_users=users,
-        epsilon=eps,
-        delta=delta if epsilon is not None else 0.0,
-        noise_multiplier=sigma,
-        sample_rate=q,
-        steps=spec.steps,
+        epsilon=result.epsilon if session else math.inf,
+        delta=session.delta if session else 0.0,
+        noise_multiplier=session.noise_multiplier if session else 0.0,
+        sample_rate=privacy.sample_rate_for(users, spec.batch_size),
+        steps=result.steps,
         seconds=seconds,
     )
 

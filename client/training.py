@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedrec.shared import privacy
+from fedrec.client.dp import DPSession
 from fedrec.shared.config import FedrecConfig
 from fedrec.shared.data import Sequences
 from fedrec.shared.metrics import metrics_from_ranks, rank_of_target, sample_negatives, sampled_rank
@@ -86,14 +86,6 @@ def resolve_scores_dtype(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> st
 
 
 @dataclass(frozen=True)
-class DPSpec:
-    noise_multiplier: float
-    max_grad_norm: float
-    target_epsilon: float
-    grad_sample_mode: str = "ghost"
-
-
-@dataclass(frozen=True)
 class TrainResult:
     loss: float
     steps: int
@@ -101,6 +93,13 @@ class TrainResult:
     noise_multiplier: float
     epsilon: float  # after this call; 0 without DP
     optimizer_state: dict | None = None  # local optimizer moments (never sent anywhere)
+
+
+def trainable_users(seqs: Sequences) -> int:
+    """Users with a history prefix and a next item (2 or more interactions): the examples
+    :class:`UserExamples` makes, the privacy units Opacus samples, and the count the sample
+    rate and δ are computed from."""
+    return int((seqs.lengths() >= 2).sum())
 
 
 @dataclass(frozen=True)
@@ -169,7 +168,7 @@ class UserExamples(torch.utils.data.Dataset):
 
     def __init__(self, seqs: Sequences, items: torch.Tensor, spec: TrainSpec) -> None:
         self.lengths = seqs.lengths()
-        self.rows = np.flatnonzero(self.lengths >= 2)  # need a prefix and a next item
+        self.rows = np.flatnonzero(self.lengths >= 2)  # as trainable_users: prefix + next item
         self.seqs, self.items, self.spec = seqs, items, spec
         self.rng = np.random.default_rng(spec.seed)
 
@@ -358,16 +357,15 @@ def train_local(
     seqs: Sequences,
     spec: TrainSpec,
     *,
-    dp: DPSpec | None = None,
-    state: privacy.PrivacyState | None = None,
+    dp: DPSession | None = None,
     global_params: dict[str, torch.Tensor] | None = None,
-    grad_hook: Callable[[torch.optim.Optimizer], None] | None = None,
+    grad_hook: GradHook | None = None,
     optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``spec.steps`` steps; with ``dp``, DP-SGD via Opacus.
 
-    With DP, the budget is checked first (raises :class:`privacy.BudgetExceeded`, nothing
-    trained), and ``state`` gains this call's steps. ``grad_hook`` runs after per-user clipping
+    With DP, the session checks the budget first (raises :class:`privacy.BudgetExceeded`,
+    nothing trained) and its accountant records the steps the optimizer runs. ``grad_hook`` runs after per-user clipping
     and before noise (for white-box audits only).
 
     FedProx's proximal term mu/2 ||w - w_global||^2 does not depend on any user's data, so it
@@ -402,36 +400,10 @@ def train_local(
         optimizer.load_state_dict(optimizer_state)
     criterion: nn.Module = LinearizedLoss()
     net: nn.Module = model
-    engine = None
     if dp is not None:
-        if state is None:
-            raise privacy.PrivacyConfigError("DP training needs a PrivacyState (accountant)")
-        planned_epsilon = state.check_budget(
-            noise_multiplier=dp.noise_multiplier,
-            sample_rate=sample_rate,
-            steps=spec.steps,
-            target_epsilon=dp.target_epsilon,
-        )
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant=state.accountant)
-        engine.accountant.history = list(state.history)
-        made = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            criterion=criterion,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=dp.grad_sample_mode,
-        )
-        if dp.grad_sample_mode == "ghost":
-            net, optimizer, criterion, loader = made
-        else:
-            net, optimizer, loader = made
-        if abs(loader.sample_rate - sample_rate) > 1e-12:  # the rate ε was planned with
-            raise RuntimeError(f"Opacus samples at {loader.sample_rate}, planned {sample_rate}")
+        planned_epsilon = dp.check_budget(spec.steps)
+        steps_before = dp.total_steps()
+        net, optimizer, criterion, loader = dp.make_private(model, optimizer, loader, criterion)
         if grad_hook is not None:
             _install_grad_hook(optimizer, grad_hook)
     anchor = None
@@ -453,14 +425,14 @@ def train_local(
                     p.sub_(lr * spec.proximal_mu * (p - global_value))
         if len(per_user):
             losses.append(float(per_user.mean()))
-    epsilon = 0.0
-    if dp is not None and state is not None:
-        state.record(dp.noise_multiplier, sample_rate, spec.steps)
-        epsilon = planned_epsilon  # ε of exactly the steps just recorded (computed once)
+    epsilon, steps = 0.0, spec.steps
+    if dp is not None:
+        steps = dp.total_steps() - steps_before  # what the optimizer ran, as accounted
+        epsilon = planned_epsilon if steps == spec.steps else dp.epsilon()
         _cleanup(net)
     return TrainResult(
         loss=float(np.mean(losses)) if losses else math.nan,
-        steps=spec.steps,
+        steps=steps,
         sample_rate=sample_rate,
         noise_multiplier=dp.noise_multiplier if dp else 0.0,
         epsilon=epsilon,
@@ -468,14 +440,20 @@ def train_local(
     )
 
 
-def _install_grad_hook(
-    optimizer: torch.optim.Optimizer, hook: Callable[[torch.optim.Optimizer], None]
-) -> None:
+GradHook = Callable[[torch.optim.Optimizer], None]
+
+
+def _install_grad_hook(optimizer: torch.optim.Optimizer, hook: GradHook) -> None:
+    """Run ``hook`` on the sum of clipped per-user gradients (``p.summed_grad``), just before
+    Opacus adds noise. The noise multiplier is put back after the noise step, so the
+    accountant, whose step hook reads it next, records the planned one whatever the hook did."""
     original = optimizer.add_noise
 
     def add_noise() -> None:
-        hook(optimizer)  # p.summed_grad holds the sum of clipped per-user gradients here
+        sigma = optimizer.noise_multiplier  # type: ignore[attr-defined]
+        hook(optimizer)
         original()
+        optimizer.noise_multiplier = sigma  # type: ignore[attr-defined]
 
     optimizer.add_noise = add_noise  # type: ignore[method-assign]
 
@@ -504,12 +482,12 @@ def canary_grad_hook(
     sample_rate: float,
     seed: int,
     disable_noise: bool = False,
-) -> Callable[[torch.optim.Optimizer], None]:
+) -> GradHook:
     """A ``grad_hook`` that adds gradient canaries ``C * u_j`` to the clipped sum, each
     Poisson-included with the users' ``sample_rate`` (Andrew et al. 2024).
 
-    ``disable_noise`` is FAULT INJECTION for the audit's own test: it sets the optimizer's
-    noise multiplier to 0 before the noise step, while the accountant keeps recording the
+    ``disable_noise`` is FAULT INJECTION for the audit's own test: the noise step adds no
+    noise (the noise multiplier is 0 during it), while the accountant keeps recording the
     planned one. Never use it for a real run.
     """
     params = [p for p in model.parameters() if p.requires_grad]

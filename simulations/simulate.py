@@ -28,8 +28,8 @@ def _comparisons(
     import numpy as np
     import torch
 
+    from fedrec.client.standalone import fit
     from fedrec.client.training import (
-        DPSpec,
         Split,
         TrainSpec,
         evaluate,
@@ -37,7 +37,6 @@ def _comparisons(
         model_scorer,
         train_local,
     )
-    from fedrec.shared import privacy
     from fedrec.shared.data import Sequences, to_sequences
     from fedrec.shared.datasets import load_channel
     from fedrec.shared.model import build_channel_model
@@ -58,29 +57,19 @@ def _comparisons(
             "popularity": evaluate(popularity_scorer(splits[ch].train, n), n, splits[ch], **ev)[0]
         }
         t = time.perf_counter()
-        model = build_channel_model(cfg, items[ch].shape[1])
-        users = int((splits[ch].train.lengths() >= 2).sum())
-        q = privacy.sample_rate_for(users, spec.batch_size)
-        sigma = privacy.plan_noise_multiplier(
-            target_epsilon=cfg.dp.target_epsilon,
-            target_delta=cfg.dp.target_delta,
-            sample_rate=q,
-            steps=spec.steps,
-            accountant=cfg.dp.accountant,
-        )
-        state = privacy.PrivacyState(cfg.dp.accountant, cfg.dp.target_delta)
-        train_local(
-            model,
+        _, local = fit(
             items[ch],
-            splits[ch].train,
+            splits[ch],
             spec,
-            dp=DPSpec(sigma, cfg.dp.max_grad_norm, cfg.dp.target_epsilon, cfg.dp.grad_sample_mode),
-            state=state,
+            dp=cfg.dp,
+            channel=ch,
+            max_eval_users=cfg.eval.max_users,
+            model=build_channel_model(cfg, items[ch].shape[1]),
         )
-        m, _ = evaluate(model_scorer(model, items[ch]), n, splits[ch], **ev)
-        rows[ch]["local-only (DP)"] = {**m, "epsilon": state.epsilon()}
+        rows[ch]["local-only (DP)"] = {**local.metrics, "epsilon": local.epsilon}
         console.print(
-            f"  local-only DP {ch}: ndcg@10={m['ndcg@10']:.4f} ε={state.epsilon():.2f} ({time.perf_counter() - t:.1f}s)"
+            f"  local-only DP {ch}: ndcg@10={local.metrics['ndcg@10']:.4f} "
+            f"ε={local.epsilon:.2f} ({time.perf_counter() - t:.1f}s)"
         )
     # Pooled: every channel's users in one non-private model (item indices offset per channel).
     t = time.perf_counter()
@@ -274,7 +263,7 @@ def print_tables(rows: dict[str, dict[str, dict[str, Any]]], console: Any) -> No
 def preflight(run_config: dict[str, Any], data_dir: Path) -> Any:
     """Check the run config *and* what it implies for the data, reporting every problem at
     once: config errors, channels the dataset does not have, δ ≥ 1/users on a channel."""
-    from fedrec.client.training import leave_last_out
+    from fedrec.client.training import leave_last_out, trainable_users
     from fedrec.shared.config import ConfigError, check_delta, from_run_config
     from fedrec.shared.data import to_sequences
     from fedrec.shared.datasets import load_channel, load_manifest
@@ -294,7 +283,7 @@ def preflight(run_config: dict[str, Any], data_dir: Path) -> Any:
     if run_config.get("dp.enabled", True) and isinstance(delta, float) and 0 < delta < 1:
         for ch in (c for c in channels if c in known):
             split = leave_last_out(to_sequences(load_channel(data_dir, ch)[1]))
-            problem = check_delta(delta, int((split.train.lengths() >= 2).sum()), ch)
+            problem = check_delta(delta, trainable_users(split.train), ch)
             if problem:
                 problems.append(problem)
     if problems:

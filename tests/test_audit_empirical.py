@@ -20,15 +20,14 @@ from fedrec.audit.empirical import (
     one_run_guesses,
     one_run_scores,
 )
+from fedrec.client.dp import DPSession
 from fedrec.client.training import (
-    DPSpec,
     TrainSpec,
     canary_directions,
     canary_grad_hook,
     train_local,
 )
-from fedrec.shared import privacy
-from fedrec.shared.config import ConfigError, from_run_config
+from fedrec.shared.config import ConfigError, DPConfig, from_run_config
 from fedrec.shared.data import Sequences
 from fedrec.shared.model import ModelSpec, RecModel
 
@@ -51,24 +50,29 @@ def _white_box_epsilon(disable_noise: bool) -> tuple[float, float]:
     items = torch.nn.functional.normalize(torch.randn(n_items, dim), dim=1)
     model = RecModel(ModelSpec(item_dim=dim, dim=32, seed=0))
     seqs = _random_users(users, n_items, 6, seed=1)
-    q = privacy.sample_rate_for(users, batch)
-    sigma = privacy.plan_noise_multiplier(
-        target_epsilon=EPSILON, target_delta=DELTA, sample_rate=q, steps=steps, accountant="rdp"
+    dp = DPSession(
+        DPConfig(target_epsilon=EPSILON, target_delta=DELTA),
+        users=users,
+        batch_size=batch,
+        planned_steps=steps,
+        channel="ecommerce",
     )
     shapes = [tuple(p.shape) for p in model.parameters()]
     u = canary_directions(shapes, k, seed=3, channel="ecommerce")
     before = np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
     hook = canary_grad_hook(
-        model, u[: k // 2], max_grad_norm=1.0, sample_rate=q, seed=4, disable_noise=disable_noise
+        model,
+        u[: k // 2],
+        max_grad_norm=1.0,
+        sample_rate=dp.sample_rate,
+        seed=4,
+        disable_noise=disable_noise,
     )
-    state = privacy.PrivacyState("rdp", DELTA)
     spec = TrainSpec(steps=steps, batch_size=batch, negatives=10, lr=0.05, optimizer="sgd")
-    train_local(
-        model, items, seqs, spec, dp=DPSpec(sigma, 1.0, EPSILON), state=state, grad_hook=hook
-    )
+    train_local(model, items, seqs, spec, dp=dp, grad_hook=hook)
     after = np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
     cos = canary_cosines(before - after, u)  # descent moves along -u_j
-    return stats.epsilon_from_canary_cosines(cos[: k // 2], cos[k // 2 :], DELTA), state.epsilon()
+    return stats.epsilon_from_canary_cosines(cos[: k // 2], cos[k // 2 :], DELTA), dp.epsilon()
 
 
 @pytest.mark.slow

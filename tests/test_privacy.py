@@ -1,9 +1,8 @@
 """Privacy: Opacus invariants on our model, accounting, the budget guard, the ledger, and the
 DP configuration checks.
 
-The three DP-SGD invariants are the ones Opacus's own tests check (research/privacy.md §2,
-STYLE.md): per-user clipped gradients have norm <= C, the noise has std sigma*C/B, and DP off
-equals plain training.
+The three DP-SGD invariants are the ones Opacus's own tests check: per-user clipped gradients
+have norm <= C, the noise has std sigma*C/B, and DP off equals plain training.
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedrec.client.dp import DPSession
 from fedrec.client.training import (
-    DPSpec,
     LinearizedLoss,
     PerUserCrossEntropy,
     TrainSpec,
@@ -29,17 +28,20 @@ from fedrec.client.training import (
     train_local,
 )
 from fedrec.shared import privacy
-from fedrec.shared.config import ConfigError, FedrecConfig, check_delta, from_run_config
+from fedrec.shared.config import (
+    ConfigError,
+    DPConfig,
+    FedrecConfig,
+    check_delta,
+    from_run_config,
+)
 from fedrec.shared.data import Sequences
 from fedrec.shared.model import RecModel
 from fedrec.shared.privacy import (
     BudgetExceeded,
     PrivacyConfigError,
-    PrivacyState,
-    append_ledger,
     epsilon_of,
     plan_noise_multiplier,
-    restore_from_ledger,
 )
 
 torch.set_num_threads(1)
@@ -47,6 +49,35 @@ torch.set_num_threads(1)
 DIM = 384
 N_TOPICS = 12
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def session(
+    sigma: float,
+    *,
+    c: float = 1.0,
+    target_epsilon: float = 100.0,
+    users: int = 64,
+    batch_size: int = 8,
+    accountant: str = "rdp",
+    ledger: Path | None = None,
+    saved: dict | None = None,
+) -> DPSession:
+    """A DP session with a fixed noise multiplier (no planning) for ``users`` users."""
+    dp = DPConfig(
+        target_epsilon=target_epsilon,
+        max_grad_norm=c,
+        noise_multiplier=sigma,
+        accountant=accountant,
+    )
+    return DPSession(
+        dp,
+        users=users,
+        batch_size=batch_size,
+        planned_steps=1,
+        channel="shop",
+        ledger=ledger,
+        saved=saved,
+    )
 
 
 def topic_world(
@@ -184,7 +215,8 @@ def test_dp_gradient_is_the_mean_of_clipped_per_user_gradients(mode: str) -> Non
     opt.pre_step()  # clip, accumulate, add (zero) noise, scale by the expected batch size
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    # Assert: research/privacy.md §2 measured 3-4e-5 relative error for every mode.
+    # Assert: against the brute-force per-user gradients; every grad-sample mode lands within
+    # about 4e-5 relative error on this model.
     assert norms.min() < c < norms.max()
     torch.testing.assert_close(grad, clip(brute, c).mean(0), rtol=1e-3, atol=1e-6)
 
@@ -265,17 +297,9 @@ def test_noise_std_is_sigma_times_c_over_expected_batch_size() -> None:
     spec = TrainSpec(
         steps=1, batch_size=8, negatives=10, optimizer="sgd", lr=1.0, head_lr_scale=1.0
     )
-    state = PrivacyState(accountant="rdp", delta=1e-5)
 
     # Execute
-    train_local(
-        model,
-        items,
-        seqs,
-        spec,
-        state=state,
-        dp=DPSpec(noise_multiplier=sigma, max_grad_norm=c, target_epsilon=100.0),
-    )
+    train_local(model, items, seqs, spec, dp=session(sigma, c=c))
     update = flat_params(model) - before  # ~130k coordinates
 
     # Assert: std = sigma * C / 8 = 0.125 (Opacus, loss_reduction="mean"), mean 0.
@@ -289,14 +313,13 @@ def test_each_training_call_draws_fresh_noise() -> None:
     # determines is no noise to whoever knows the seed (here: the server, via run config).
     items, seqs = _zero_gradient_world()
     spec = TrainSpec(steps=1, batch_size=8, negatives=10, optimizer="sgd", lr=1.0)
-    dp = DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, target_epsilon=100.0)
-    state = PrivacyState(accountant="rdp", delta=1e-5)
+    dp = session(1.0)
     updates = []
 
     # Execute
     for _ in range(2):
         model = RecModel()
-        train_local(model, items, seqs, spec, dp=dp, state=state)
+        train_local(model, items, seqs, spec, dp=dp)
         updates.append(flat_params(model) - flat_params(RecModel()))
 
     # Assert: fresh, unpredictable noise, not the same vector twice.
@@ -317,11 +340,11 @@ def test_rdp_matches_opacus_published_vector() -> None:
 @pytest.mark.parametrize(
     ("q", "sigma", "steps", "accountant", "expected"),
     [
-        # research/privacy.md §4, row A (Opacus RDP 1.7118, equal to Google RDP).
+        # Opacus 1.6 RDP at δ=1e-5: 1.7118; Google dp_accounting 0.6.0 RDP gives the same.
         (0.01, 1.1, 1000, "rdp", 1.7118),
-        # research/privacy.md §4, row E (Opacus RDP 5.3676; Google RDP 5.3679).
+        # Opacus 1.6 RDP: 5.3676; Google dp_accounting 0.6.0 RDP: 5.3679.
         (0.05, 1.0, 200, "rdp", 5.3676),
-        # research/privacy.md §4, row A, Opacus PRV (= MS PRV upper bound 1.5255).
+        # Opacus 1.6 PRV: 1.5255, equal to Microsoft's prv_accountant upper bound.
         (0.01, 1.1, 1000, "prv", 1.5255),
     ],
 )
@@ -340,7 +363,7 @@ def test_epsilon_of_nothing_is_zero_and_of_no_noise_is_infinite() -> None:
 
 
 def test_planned_noise_multiplier_lands_just_under_the_target() -> None:
-    # Prepare: the research/privacy.md §3 FL plan: q = 0.05, 200 steps, delta 1e-5, eps 4.
+    # Prepare: a federated plan of q = 0.05, 200 steps, delta 1e-5, target eps 4.
     target = 4.0
 
     # Execute
@@ -369,39 +392,52 @@ def test_planning_sigma_keeps_its_search_warnings_to_itself() -> None:
     assert 7.45 <= epsilon_of([(sigma, 0.1, 150)], 1e-5, "rdp") <= 7.5
 
 
-def test_privacy_state_round_trips_through_json() -> None:
-    # Prepare
-    state = PrivacyState(accountant="prv", delta=1e-6)
-    state.record(1.25, 0.01, 20)
-    state.record(1.25, 0.01, 20)  # same (sigma, q): merged, as Opacus does
-    state.record(0.9, 0.02, 5)
+def test_saved_state_is_opacus_state_dict_and_restores_the_accountant() -> None:
+    # Prepare: 2 steps at sigma = 1.25, q = 1/8 (64 users, B = 8) through real training.
+    items, seqs = topic_world()
+    first = session(1.25)
+    train_local(RecModel(), items, seqs, TrainSpec(steps=2, batch_size=8, negatives=10), dp=first)
 
     # Execute
-    back = PrivacyState.from_json(state.to_json())
+    saved = json.loads(first.to_json())
+    back = session(1.25, saved=saved)
 
-    # Assert
-    assert back == state
-    assert back.history == [(1.25, 0.01, 40), (0.9, 0.02, 5)]
-    assert back.total_steps() == 45
+    # Assert: Opacus's own state_dict keys, and the same accountant after the round trip.
+    assert saved["mechanism"] == "rdp" and saved["history"] == [[1.25, 0.125, 2]]
+    assert back.history == first.history == [(1.25, 0.125, 2)]
+    assert back.epsilon() == pytest.approx(first.epsilon())
+
+
+def test_the_accountant_records_the_steps_the_optimizer_ran() -> None:
+    # Prepare
+    items, seqs = topic_world()
+    dp = session(2.0)
+
+    # Execute
+    result = train_local(
+        RecModel(), items, seqs, TrainSpec(steps=3, batch_size=8, negatives=10), dp=dp
+    )
+
+    # Assert: Opacus's step hook, not the plan, put the 3 steps on record.
+    assert result.steps == dp.total_steps() == 3
+    assert result.epsilon == pytest.approx(epsilon_of([(2.0, 0.125, 3)], 1e-5, "rdp"))
 
 
 def test_rounds_compose_to_one_continuous_training() -> None:
     # Prepare: 64 users, B = 8 (q = 1/8); 3 rounds of 2 steps vs one run of 6 steps.
     items, seqs = topic_world()
-    dp = DPSpec(noise_multiplier=2.0, max_grad_norm=1.0, target_epsilon=100.0)
-    carried = PrivacyState(accountant="rdp", delta=1e-5)
-    once = PrivacyState(accountant="rdp", delta=1e-5)
+    carried, once = session(2.0), session(2.0)
     model = RecModel()
 
     # Execute
     per_round = [
         train_local(
-            model, items, seqs, TrainSpec(steps=2, batch_size=8, negatives=10), dp=dp, state=carried
+            model, items, seqs, TrainSpec(steps=2, batch_size=8, negatives=10), dp=carried
         ).epsilon
         for _ in range(3)
     ]
     single = train_local(
-        RecModel(), items, seqs, TrainSpec(steps=6, batch_size=8, negatives=10), dp=dp, state=once
+        RecModel(), items, seqs, TrainSpec(steps=6, batch_size=8, negatives=10), dp=once
     )
 
     # Assert: same history and epsilon; and epsilon grows every round (no per-round reset).
@@ -416,62 +452,82 @@ def test_budget_refusal_trains_nothing() -> None:
     items, seqs = topic_world()
     sigma = 2.0
     budget = epsilon_of([(sigma, 0.125, 4)], 1e-5, "rdp")
-    dp = DPSpec(noise_multiplier=sigma, max_grad_norm=1.0, target_epsilon=budget)
+    dp = session(sigma, target_epsilon=budget)
     spec = TrainSpec(steps=2, batch_size=8, negatives=10)
-    state = PrivacyState(accountant="rdp", delta=1e-5)
     model = RecModel()
     for _ in range(2):
-        train_local(model, items, seqs, spec, dp=dp, state=state)
+        train_local(model, items, seqs, spec, dp=dp)
     weights = copy.deepcopy(model.state_dict())
 
     # Execute / Assert: a third round would exceed the budget.
     with pytest.raises(BudgetExceeded, match="Not training"):
-        train_local(model, items, seqs, spec, dp=dp, state=state)
-    assert state.history == [(sigma, 0.125, 4)]
-    assert state.epsilon() == pytest.approx(budget)
+        train_local(model, items, seqs, spec, dp=dp)
+    assert dp.history == [(sigma, 0.125, 4)]
+    assert dp.epsilon() == pytest.approx(budget)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
-def test_dp_training_needs_an_accountant() -> None:
-    items, seqs = topic_world()
-    dp = DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, target_epsilon=8.0)
+def test_a_session_plans_sigma_for_the_whole_run() -> None:
+    # Prepare: 64 users, B = 8 -> q = 1/8; 5 rounds x 30 steps.
+    dp = DPConfig(target_epsilon=8.0)
 
-    with pytest.raises(PrivacyConfigError, match="PrivacyState"):
-        train_local(RecModel(), items, seqs, TrainSpec(steps=1), dp=dp)
+    # Execute
+    s = DPSession(dp, users=64, batch_size=8, planned_steps=150, channel="shop")
+
+    # Assert: the σ that 150 steps need, not one round's 30.
+    assert s.sample_rate == 0.125
+    assert s.noise_multiplier == plan_noise_multiplier(
+        target_epsilon=8.0, target_delta=1e-5, sample_rate=0.125, steps=150, accountant="rdp"
+    )
+    assert s.check_budget(150) <= 8.0 * (1 + 1e-6)
+    with pytest.raises(BudgetExceeded):
+        s.check_budget(160)
+
+
+def test_a_session_refuses_delta_at_or_above_one_over_users_and_unknown_accountants() -> None:
+    with pytest.raises(PrivacyConfigError, match="1/users"):
+        DPSession(DPConfig(target_delta=0.02), users=50, batch_size=8, planned_steps=1, channel="x")
+    with pytest.raises(PrivacyConfigError, match="accountant"):
+        session(1.0, accountant="gdp")
 
 
 # ------------------------------------------------------------------------------ ledger
 
 
-def _write_ledger(path: Path) -> PrivacyState:
-    state = PrivacyState(accountant="rdp", delta=1e-5)
+def _write_ledger(path: Path) -> DPSession:
+    """Two rounds of 10 steps at (1.1, 0.02) on record, as Opacus's step hook records them."""
+    s = session(1.1, ledger=path)
     for round_ in (1, 2):
-        state.record(1.1, 0.02, 10)
-        append_ledger(
-            path,
-            state=state,
-            round_=round_,
-            steps=10,
-            noise_multiplier=1.1,
-            sample_rate=0.02,
-            status="trained",
-            channel="shop",
-        )
-    return state
+        for _ in range(10):
+            s.accountant.step(noise_multiplier=1.1, sample_rate=0.02)
+        s.record(round_=round_, steps=10, status="trained")
+    return s
 
 
 def test_ledger_restores_the_accountant(tmp_path: Path) -> None:
     # Prepare
     path = tmp_path / "ledger.jsonl"
-    state = _write_ledger(path)
+    written = _write_ledger(path)
 
     # Execute
-    restored = restore_from_ledger(path, "rdp", 1e-5)
+    restored = session(1.1, ledger=path)
 
     # Assert
-    assert restored.history == state.history == [(1.1, 0.02, 20)]
-    assert restored.epsilon() == pytest.approx(state.epsilon())
-    assert restore_from_ledger(tmp_path / "absent.jsonl", "rdp", 1e-5).history == []
+    assert restored.history == written.history == [(1.1, 0.02, 20)]
+    assert restored.epsilon() == pytest.approx(written.epsilon())
+    assert session(1.1, ledger=tmp_path / "absent.jsonl").history == []
+
+
+def test_the_ledger_wins_over_a_saved_state_with_fewer_steps(tmp_path: Path) -> None:
+    # Prepare: the ledger has 20 steps; this run's saved state only 5 (e.g. an old copy).
+    path = tmp_path / "ledger.jsonl"
+    _write_ledger(path)
+    stale = {"mechanism": "rdp", "history": [[1.1, 0.02, 5]], "delta": 1e-5}
+    newer = {"mechanism": "rdp", "history": [[1.1, 0.02, 30]], "delta": 1e-5}
+
+    # Execute / Assert: more steps wins either way, so ε never resets.
+    assert session(1.1, ledger=path, saved=stale).total_steps() == 20
+    assert session(1.1, ledger=path, saved=newer).total_steps() == 30
 
 
 def test_a_tampered_ledger_is_refused(tmp_path: Path) -> None:
@@ -485,7 +541,7 @@ def test_a_tampered_ledger_is_refused(tmp_path: Path) -> None:
 
     # Execute / Assert
     with pytest.raises(PrivacyConfigError, match="failed verification"):
-        restore_from_ledger(path, "rdp", 1e-5)
+        session(1.1, ledger=path)
 
 
 def test_a_ledger_kept_with_another_accountant_is_refused(tmp_path: Path) -> None:
@@ -493,7 +549,7 @@ def test_a_ledger_kept_with_another_accountant_is_refused(tmp_path: Path) -> Non
     _write_ledger(path)
 
     with pytest.raises(PrivacyConfigError, match="accountant"):
-        restore_from_ledger(path, "prv", 1e-5)
+        session(1.1, ledger=path, accountant="prv")
 
 
 # ------------------------------------------------------------------------------ configuration

@@ -584,22 +584,23 @@ def test_scores_dtype_auto_follows_the_cpu(tmp_path: Path) -> None:
 def test_dp_training_steps_through_empty_poisson_batches() -> None:
     # Prepare: 8 users sampled at q = 1/8, so a step draws nobody with probability
     # (7/8)^8 = 0.34; 20 steps see at least one empty batch except with probability 2e-4.
-    from fedrec.client.training import DPSpec
-    from fedrec.shared import privacy
+    from fedrec.client.dp import DPSession
+    from fedrec.shared.config import DPConfig
 
     items, seqs = topic_world(n_users=8)
-    state = privacy.PrivacyState("rdp", 1e-5)
+    dp = DPSession(
+        DPConfig(target_epsilon=1e9, noise_multiplier=1.0),
+        users=8,
+        batch_size=1,
+        planned_steps=20,
+        channel="shop",
+    )
 
     # Execute
     result = train_local(
-        RecModel(),
-        items,
-        seqs,
-        TrainSpec(steps=20, batch_size=1, positions=4),
-        dp=DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, target_epsilon=1e9),
-        state=state,
+        RecModel(), items, seqs, TrainSpec(steps=20, batch_size=1, positions=4), dp=dp
     )
 
     # Assert: every step ran and was accounted, empty ones included
-    assert result.steps == 20 and state.total_steps() == 20
+    assert result.steps == 20 and dp.total_steps() == 20
     assert np.isfinite(result.loss)

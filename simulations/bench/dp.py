@@ -86,22 +86,20 @@ class Variant:
         self.criterion: Callable[..., torch.Tensor] = LinearizedLoss()
         self.net: torch.nn.Module = model
         if mode is not None:
-            from opacus import PrivacyEngine
+            from fedrec.client.dp import DPSession
+            from fedrec.client.training import trainable_users
+            from fedrec.shared.config import DPConfig
 
-            made = PrivacyEngine(accountant="rdp").make_private(
-                module=model,
-                optimizer=self.optimizer,
-                data_loader=loader,
-                criterion=self.criterion,
-                noise_multiplier=1.0,
-                max_grad_norm=1.0,
-                poisson_sampling=True,
-                grad_sample_mode=mode,
+            session = DPSession(
+                DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode),
+                users=trainable_users(seqs),
+                batch_size=batch_size,
+                planned_steps=1,
+                channel=name,
             )
-            if mode == "ghost":
-                self.net, self.optimizer, self.criterion, loader = made
-            else:
-                self.net, self.optimizer, loader = made
+            self.net, self.optimizer, self.criterion, loader = session.make_private(
+                model, self.optimizer, loader, self.criterion
+            )
         self.loader = loader
         self.batches = self._forever()
 

@@ -143,18 +143,17 @@ def bench_scope(
     log: Callable[[str], None] = typer.echo,
 ) -> dict[str, object]:
     """Every row of one scope (a channel or the pool): metrics, σ and seconds per method."""
-    from fedrec.client.standalone import fit, trainable_users
-    from fedrec.client.training import evaluate
+    from fedrec.client.standalone import fit
+    from fedrec.client.training import evaluate, trainable_users
+    from fedrec.shared.config import DPConfig
     from fedrec.simulations.baselines import popularity_scorer, text_similarity_scorer
 
     n = len(items)
     ev = {"max_history": spec.max_history, "max_users": max_eval_users, "seed": spec.seed}
-    row: dict[str, object] = {"scope": name, "users": trainable_users(split), "items": n}
+    row: dict[str, object] = {"scope": name, "users": trainable_users(split.train), "items": n}
     row["popularity"] = evaluate(popularity_scorer(split.train, n), n, split, **ev)[0]
     row["text similarity"] = evaluate(text_similarity_scorer(items), n, split, **ev)[0]
-    _, f = fit(
-        items, split, spec, epsilon=None, delta=delta, channel=name, max_eval_users=max_eval_users
-    )
+    _, f = fit(items, split, spec, dp=None, channel=name, max_eval_users=max_eval_users)
     row["no DP"] = f.metrics
     log(f"  {name}: no DP ndcg@10={f.metrics['ndcg@10']:.4f} ({f.seconds:.1f}s)")
     for eps in epsilons:
@@ -162,9 +161,7 @@ def bench_scope(
             items,
             split,
             spec,
-            epsilon=eps,
-            delta=delta,
-            max_grad_norm=max_grad_norm,
+            dp=DPConfig(target_epsilon=eps, target_delta=delta, max_grad_norm=max_grad_norm),
             channel=name,
             max_eval_users=max_eval_users,
         )

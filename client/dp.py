@@ -1,0 +1,237 @@
+"""One platform's DP lifecycle, owned by one object: :class:`DPSession`.
+
+Every DP-SGD training in fedrec goes through a session, whoever starts it (the ClientApp,
+``fedrec train``, ``fedrec simulate``'s local-only rows, the benchmarks and audits):
+
+1. **check** δ against the number of users (δ must be below 1/users);
+2. **plan** the noise multiplier σ once for the whole run (all rounds x local steps, at the
+   Poisson sample rate Opacus will use): calibrating per round would spend the budget again
+   every round;
+3. **restore** the accountant: Opacus's own accountant, loaded from its ``state_dict()`` as kept
+   in ``context.state`` and in the node's hash-chained ledger; if both exist, the one with more
+   steps wins, so ε never resets because a process restarted or a state was lost;
+4. **check the budget before training** (fail closed): steps that would take ε past the target
+   raise :class:`~fedrec.shared.privacy.BudgetExceeded` and nothing is trained;
+5. **train** with Opacus: :meth:`DPSession.make_private` hands the session's accountant to the
+   :class:`opacus.PrivacyEngine`, so the steps on record are the steps the optimizer ran;
+6. **record** one ledger line per training call (trained or refused) and the state to keep.
+
+The accountant's history of ``(noise_multiplier, sample_rate, steps)`` events composes exactly:
+restoring it and adding the next round's steps gives the same ε as one continuous training of
+the same total steps, so ε covers the whole run (and every later run on the same ledger).
+
+Must not: import ``server/``; send anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedrec.shared import hashlog, privacy
+from fedrec.shared.config import DPConfig, check_delta
+
+if TYPE_CHECKING:
+    import torch
+    from opacus.accountants.accountant import IAccountant
+    from torch import nn
+
+Event = privacy.Event
+TRAINED, REFUSED = "trained", "refused"  # ledger statuses
+
+
+class DPSession:
+    """DP-SGD for one channel: planned σ, the accountant, the budget check, the ledger.
+
+    Args:
+        dp: the run's DP settings (``dp.enabled`` is not read: a session is DP).
+        users: the privacy units Opacus samples from (users with a prefix and a next item).
+        batch_size: expected users per batch; the Poisson rate is ``1 / ceil(users / batch)``,
+            exactly the rate Opacus derives from the data loader.
+        planned_steps: every DP-SGD step this run plans (rounds x local steps): sizes σ.
+        channel: the platform, for messages and ledger lines.
+        ledger: the node's ledger file; ``None`` keeps the history in memory only.
+        saved: ``state_dict()`` of an earlier session of this run (``context.state``).
+
+    Raises:
+        PrivacyConfigError: δ is not below 1/users, no user can be trained on, the accountant
+            is unknown, or a saved state or ledger cannot be trusted.
+    """
+
+    def __init__(
+        self,
+        dp: DPConfig,
+        *,
+        users: int,
+        batch_size: int,
+        planned_steps: int,
+        channel: str,
+        ledger: Path | None = None,
+        saved: Mapping[str, Any] | None = None,
+    ) -> None:
+        problem = check_delta(dp.target_delta, users, channel)
+        if problem:
+            raise privacy.PrivacyConfigError(problem)
+        self.channel = channel
+        self.target_epsilon = dp.target_epsilon
+        self.delta = dp.target_delta
+        self.max_grad_norm = dp.max_grad_norm
+        self.accountant_name = dp.accountant
+        self.grad_sample_mode = dp.grad_sample_mode
+        self.sample_rate = privacy.sample_rate_for(users, batch_size)
+        self.noise_multiplier = (
+            dp.noise_multiplier
+            if dp.noise_multiplier >= 0
+            else privacy.plan_noise_multiplier(
+                target_epsilon=dp.target_epsilon,
+                target_delta=dp.target_delta,
+                sample_rate=self.sample_rate,
+                steps=planned_steps,
+                accountant=dp.accountant,
+            )
+        )
+        self.ledger = ledger
+        self.accountant: IAccountant = privacy.make_accountant(dp.accountant)
+        self._restore(saved)
+
+    # ------------------------------------------------------------------ the accountant
+
+    @property
+    def history(self) -> list[Event]:
+        return [(float(s), float(q), int(n)) for s, q, n in self.accountant.history]
+
+    def total_steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def epsilon(self) -> float:
+        """ε spent so far, at the session's δ, with its accountant (0 before any step)."""
+        return privacy.epsilon_of(self.history, self.delta, self.accountant_name)
+
+    def check_budget(self, steps: int) -> float:
+        """ε after ``steps`` more steps at the planned (σ, q), or raise
+        :class:`~fedrec.shared.privacy.BudgetExceeded` (fail closed).
+
+        A 1e-6 relative slack absorbs the rounding of the σ search, nothing more.
+        """
+        event = (self.noise_multiplier, self.sample_rate, steps)
+        after = privacy.epsilon_of([*self.history, event], self.delta, self.accountant_name)
+        if after > self.target_epsilon * (1 + 1e-6):
+            raise privacy.BudgetExceeded(
+                f"privacy budget: {steps} more steps (noise_multiplier="
+                f"{self.noise_multiplier:.4g}, sample_rate={self.sample_rate:.4g}) would take ε "
+                f"from {self.epsilon():.4f} to {after:.4f}, past the target "
+                f"{self.target_epsilon} at δ={self.delta:g} ({self.accountant_name}). Not "
+                "training. Raise dp.target-epsilon or plan fewer rounds/steps."
+            )
+        return after
+
+    def state_dict(self) -> dict[str, Any]:
+        """What to keep between calls: Opacus's accountant ``state_dict()`` and δ."""
+        return {**self.accountant.state_dict(), "delta": self.delta}
+
+    def to_json(self) -> str:
+        return json.dumps(self.state_dict())
+
+    def _restore(self, saved: Mapping[str, Any] | None) -> None:
+        """Load the accountant from ``saved`` or from the ledger, whichever has more steps."""
+        candidates = [self._from_ledger()]
+        if saved is not None:
+            candidates.append(self._checked(dict(saved), "this run's saved state"))
+        best = max(candidates, key=lambda h: sum(int(n) for _, _, n in h))
+        self.accountant.load_state_dict(
+            {"history": list(best), "mechanism": self.accountant.mechanism()}
+        )
+
+    def _checked(self, state: dict[str, Any], where: str) -> list[Event]:
+        mechanism = state.get("mechanism")
+        if mechanism != self.accountant.mechanism():
+            raise privacy.PrivacyConfigError(
+                f"{where} was kept with accountant {mechanism!r}, the run asks for "
+                f"{self.accountant_name!r}: ε would not compose. Use the same accountant."
+            )
+        return [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+
+    def _from_ledger(self) -> list[Event]:
+        """The history the ledger last recorded; refuses a tampered ledger (fail closed)."""
+        if self.ledger is None or not self.ledger.exists():
+            return []
+        verdict = hashlog.verify(self.ledger)
+        if not verdict.ok:
+            raise privacy.PrivacyConfigError(
+                f"privacy ledger {self.ledger} failed verification: {verdict.problem}. "
+                "Refusing to train with an accountant that cannot be trusted."
+            )
+        entries = hashlog.read(self.ledger)
+        if not entries:
+            return []
+        last = entries[-1]
+        return self._checked(
+            {"mechanism": last["accountant"], "history": last["history"]},
+            f"privacy ledger {self.ledger}",
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def make_private(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: torch.utils.data.DataLoader,
+        criterion: nn.Module,
+    ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module, torch.utils.data.DataLoader]:
+        """Opacus's DP-SGD around the given training parts, accounted by this session.
+
+        Returns ``(module, optimizer, criterion, loader)``; the criterion is Opacus's wrapper
+        under ghost clipping and the given one otherwise. Each optimizer step adds one step at
+        ``(σ, q)`` to the session's accountant (Opacus's step hook), skipped steps none.
+        """
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant=self.accountant_name)
+        engine.accountant = self.accountant  # the engine's step hook records into this one
+        made = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=criterion,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=self.grad_sample_mode,
+        )
+        if self.grad_sample_mode == "ghost":
+            net, dp_optimizer, criterion, dp_loader = made
+        else:
+            net, dp_optimizer, dp_loader = made
+        if abs(dp_loader.sample_rate - self.sample_rate) > 1e-12:  # the rate σ was planned for
+            raise RuntimeError(
+                f"Opacus samples at {dp_loader.sample_rate}, the session planned for "
+                f"{self.sample_rate}: the loader's batch size does not match the session's"
+            )
+        return net, dp_optimizer, criterion, dp_loader
+
+    # ------------------------------------------------------------------ the ledger
+
+    def record(self, *, round_: int, steps: int, status: str) -> None:
+        """One hash-chained, fsynced line per training call on the node's disk."""
+        if self.ledger is None:
+            return
+        hashlog.append(
+            self.ledger,
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "channel": self.channel,
+                "round": round_,
+                "status": status,
+                "steps": steps,
+                "noise-multiplier": self.noise_multiplier,
+                "sample-rate": self.sample_rate,
+                "epsilon": self.epsilon(),
+                "delta": self.delta,
+                "accountant": self.accountant_name,
+                "history": [list(e) for e in self.history],
+            },
+        )
