@@ -10,7 +10,10 @@ that wrote it:
   allowlist and the model's parameter shapes;
 * :mod:`.stats` holds the empirical audit statistics (one-run audit, membership-inference
   metrics, the Gaussian canary-cosine estimator), pure functions with their sources;
-* :mod:`.report` turns all of it into ``audit.json``, ``audit.md`` and ``audit.html``;
+* :mod:`.verdicts` holds one small check per verdict (logs, accounting, budget, egress,
+  empirical, files), each a pure function;
+* :mod:`.report` turns all of it into ``audit.json``, and into ``audit.md`` and ``audit.html``
+  through one :class:`~.document.Document` and the two Jinja2 templates in ``templates/``;
 * :mod:`.cli` adds the ``fedrec audit RUN_DIR`` command.
 
 Must not: import ``server/`` or ``client/``, train anything, or write inside the run directory

@@ -1,10 +1,16 @@
 """The audit report: read a run directory, run every check, write ``audit.{json,md,html}``.
 
 Owns: reading the run directory tolerantly (a crashed run or a deployment run lacks files; what
-is missing is reported, nothing crashes), the verdicts, the privacy statement laid out as in
-research/privacy.md §6 (setting and trust model, privacy unit, what is and is not protected,
-mechanism, sampling, accounting, budget policy, empirical audit, utility, versions), the plots
-(matplotlib, Agg, no pyplot) and the atomic writing of the outputs.
+is missing is reported, nothing crashes), running the checks (:mod:`.accounting`,
+:mod:`.egress`, the empirical statistics of :mod:`.stats`, the verdicts of :mod:`.verdicts`),
+the privacy statement, the plots (matplotlib, Agg, no pyplot), the report as a
+:class:`~.document.Document` and the atomic writing of the outputs.
+
+The privacy statement has the fields a DP training report needs (after TF-Privacy's
+``compute_dp_sgd_privacy_statement`` and Ponomareva et al., "How to DP-fy ML", 2023): the
+setting and trust model, the privacy unit and adjacency, users on several platforms, what is
+and is not protected, the mechanism, the sampling, the accounting, the budget policy; the
+report adds the empirical audits, the utility and the library versions.
 
 Must not: import ``server/`` or ``client/``; write anything inside the run directory except the
 chosen output folder; put per-example values of real users in the report (membership scores are
@@ -13,8 +19,6 @@ reduced to histograms and ROC points).
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import math
@@ -27,16 +31,33 @@ from typing import Any
 import numpy as np
 
 from fedrec.shared import wire
-from fedrec.shared.fsio import atomic_write_bytes
+from fedrec.shared.fsio import atomic_write_bytes, atomic_write_text
 
-from . import accounting, egress, stats
+from . import accounting, egress, stats, verdicts
+from .document import (
+    Block,
+    BulletList,
+    Document,
+    Image,
+    KeyValues,
+    Paragraph,
+    Section,
+    Table,
+    VerdictList,
+    VerdictRow,
+    fmt,
+    num,
+    render_html,
+    render_markdown,
+)
+from .verdicts import FAIL, WARN
 
 SCHEMA = "fedrec-audit/1"
 CONFIG, MODEL, METRICS, RESULTS = "config.json", "model.json", "metrics.jsonl", "results.json"
 CHECKPOINTS = "checkpoints"
-PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 ROC_POINTS = 400  # ROC curves in the report are thinned to about this many points
 HIST_BINS = 30
+MAX_DETAILS = 200  # the report's "Details" list stops after this many lines
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -96,23 +117,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def num(x: Any) -> float | None:
-    """A number from the report (where ∞ is the string "inf")."""
-    return accounting.as_float(x)
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """A number for people: ∞ for infinity, — for unknown."""
-    if isinstance(x, int) and not isinstance(x, bool):
-        return str(x)
-    v = num(x)
-    if v is None or math.isnan(v):
-        return "—"
-    if math.isinf(v):
-        return "∞" if v > 0 else "-∞"
-    return f"{v:.{digits}f}"
-
-
 # --- empirical audits -------------------------------------------------------------------------
 
 
@@ -138,32 +142,19 @@ def _histogram(a: np.ndarray, b: np.ndarray) -> dict[str, list[float]]:
     }
 
 
-def _run_empirical(name: str, spec: Mapping[str, Any], acc: Mapping[str, Any]) -> dict[str, Any]:
-    """One empirical audit: its statistic, the claim it is compared with, and the verdict."""
+def _statistic(
+    name: str, spec: Mapping[str, Any], delta: float
+) -> tuple[dict[str, Any], bool, np.ndarray, np.ndarray]:
+    """Run one audit's statistic: ``(results, whether its ε is a bound, scores in, scores out)``."""
     method = spec.get("method")
-    delta = float(spec.get("delta", acc.get("delta") or 1e-5))
-    channel = spec.get("channel")
-    claim = num(spec.get("epsilon_theory"))
-    if claim is None and channel is not None:
-        claim = num(acc.get("channels", {}).get(channel, {}).get("epsilon"))
-    out: dict[str, Any] = {
-        "name": name,
-        "method": method,
-        "channel": channel,
-        "delta": delta,
-        "control": bool(spec.get("control", False)),
-        "epsilon_theory": claim,
-    }
     if method == "one-run":
         inc = np.asarray(spec["included"], dtype=bool)
         scores = np.asarray(spec["scores"], dtype=float)
         res = stats.one_run_audit(
             scores, inc, spec["k_pos"], spec["k_neg"], delta, float(spec.get("p", 0.05))
         )
-        out.update(res)
-        out["kind"] = "bound"
-        a, b = scores[inc], scores[~inc]
-    elif method == "mia":
+        return res, True, scores[inc], scores[~inc]
+    if method == "mia":
         a = np.asarray(spec["scores_in"], dtype=float)
         b = np.asarray(spec["scores_out"], dtype=float)
         res = stats.mia_audit(
@@ -175,19 +166,35 @@ def _run_empirical(name: str, spec: Mapping[str, Any], acc: Mapping[str, Any]) -
         )
         for row in res["at"]:
             row.pop("threshold")  # a real user's score: stays out of the report
-        out.update(res)
-        out["kind"] = "bound"
-    elif method == "canary-cosine":
+        return res, True, a, b
+    if method == "canary-cosine":
         a = np.asarray(spec["cos_in"], dtype=float)
         b = np.asarray(spec["cos_out"], dtype=float)
         res = stats.canary_cosine_audit(a, b, delta)
-        out.update(res)
-        out["epsilon_lb"] = res["epsilon"]
-        out["kind"] = "estimate"
-    else:
-        raise ValueError(
-            f"empirical[{name!r}]: method must be one-run, mia or canary-cosine. Found {method!r}."
-        )
+        return {**res, "epsilon_lb": res["epsilon"]}, False, a, b
+    raise ValueError(
+        f"empirical[{name!r}]: method must be one-run, mia or canary-cosine. Found {method!r}."
+    )
+
+
+def _run_empirical(name: str, spec: Mapping[str, Any], acc: Mapping[str, Any]) -> dict[str, Any]:
+    """One empirical audit: its statistic, the claim it is compared with, and the verdict."""
+    delta = float(spec.get("delta", acc.get("delta") or 1e-5))
+    channel = spec.get("channel")
+    claim = num(spec.get("epsilon_theory"))
+    if claim is None and channel is not None:
+        claim = num(acc.get("channels", {}).get(channel, {}).get("epsilon"))
+    out: dict[str, Any] = {
+        "name": name,
+        "method": spec.get("method"),
+        "channel": channel,
+        "delta": delta,
+        "control": bool(spec.get("control", False)),
+        "epsilon_theory": claim,
+    }
+    res, bound, a, b = _statistic(name, spec, delta)
+    out.update(res)
+    out["kind"] = "bound" if bound else "estimate"
     if a.size and b.size:
         out["auc"] = stats.auc(a, b)
         out["tpr_at_1pct_fpr"] = stats.tpr_at_fpr(a, b, 0.01)
@@ -195,24 +202,9 @@ def _run_empirical(name: str, spec: Mapping[str, Any], acc: Mapping[str, Any]) -
         fpr, tpr, _ = stats.roc_curve(a, b)
         out["roc"] = _thin_roc(fpr, tpr)
         out["histogram"] = _histogram(a, b)
-    eps_emp = float(out["epsilon_lb"])
-    word = "ε_LB" if out["kind"] == "bound" else "ε estimate"
-    if out["control"]:
-        out["status"] = PASS if eps_emp > 0 else WARN
-        out["line"] = f"{name}: non-private control, {word} {fmt(eps_emp)} " + (
-            "> 0: the audit has power" if eps_emp > 0 else "= 0: the audit shows no power"
-        )
-    elif claim is None:
-        out["status"] = WARN
-        out["line"] = f"{name}: {word} {fmt(eps_emp)}, no claimed ε to compare with"
-    elif eps_emp <= claim + 1e-6:
-        out["status"] = PASS
-        out["line"] = f"{name}: {word} {fmt(eps_emp)} ≤ claimed ε {fmt(claim)}: consistent"
-    else:
-        out["status"] = FAIL if out["kind"] == "bound" else WARN
-        out["line"] = f"{name}: {word} {fmt(eps_emp)} > claimed ε {fmt(claim)}: " + (
-            "the guarantee is CONTRADICTED" if out["kind"] == "bound" else "suspicious"
-        )
+    out["status"], out["line"] = verdicts.check_empirical_claim(
+        name, bound=bound, control=out["control"], epsilon=float(out["epsilon_lb"]), claim=claim
+    )
     return out
 
 
@@ -247,8 +239,41 @@ def _utility(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _verdict(name: str, status: str, line: str, details: Sequence[str] = ()) -> dict[str, Any]:
-    return {"name": name, "status": status, "line": line, "details": list(details)}
+def _channels(config: Mapping[str, Any], run_config: Mapping[str, Any]) -> list[str]:
+    """The configured channels: ``config.json``'s list, else the run config's comma list."""
+    channels = [c for c in config.get("channels", []) if isinstance(c, str)]
+    if not channels and isinstance(run_config.get("channels"), str):
+        channels = [c.strip() for c in run_config["channels"].split(",") if c.strip()]
+    return channels
+
+
+def _node_ledgers(run_dir: Path, read_problems: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each client's own ledger under ``nodes/<channel>/``, where there is one."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for sub in sorted((run_dir / egress.NODES).iterdir()):
+        if (sub / egress.LEDGER).exists():
+            name = f"{egress.NODES}/{sub.name}/{egress.LEDGER}"
+            out[sub.name] = _read_jsonl(sub / egress.LEDGER, name, read_problems)
+    return out
+
+
+def _run_empirical_all(
+    empirical: Mapping[str, Mapping[str, Any]], acc: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Every empirical audit; one that cannot run (a malformed spec) is a warning, not a crash."""
+    emp: dict[str, dict[str, Any]] = {}
+    for name, spec in empirical.items():
+        try:
+            emp[name] = _run_empirical(name, spec, acc)
+        except (KeyError, TypeError, ValueError) as exc:
+            emp[name] = {
+                "name": name,
+                "method": spec.get("method") if isinstance(spec, Mapping) else None,
+                "kind": "error",
+                "status": WARN,
+                "line": f"{name}: could not run ({type(exc).__name__}: {exc})",
+            }
+    return emp
 
 
 def build_report(
@@ -269,7 +294,8 @@ def build_report(
             ``k_neg`` (paired pre-registered guesses), ``p`` (0.05); ``mia``: ``scores_in``,
             ``scores_out``, ``fprs`` ([0.01, 0.001]), ``confidence`` (0.95); ``canary-cosine``:
             ``cos_in``, ``cos_out``.
-        pld_interval: discretisation of the PLD cross-check (1e-4 as in privacy.md §4).
+        pld_interval: ``value_discretization_interval`` of the PLD cross-check (default 1e-4;
+            coarser is faster and still an upper bound).
 
     Returns:
         ``{"schema", "ok", "verdicts", "run", "files", "logs", "accounting", "egress",
@@ -281,12 +307,11 @@ def build_report(
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     config = _read_json(run_dir / CONFIG, read_problems) or {}
-    model = _read_json(run_dir / MODEL, read_problems)
+    model = _read_json(run_dir / MODEL, read_problems) or {}
     results = _read_json(run_dir / RESULTS, read_problems)
-    run_config = config.get("run_config") if isinstance(config.get("run_config"), dict) else {}
-    channels = [c for c in config.get("channels", []) if isinstance(c, str)]
-    if not channels and isinstance(run_config.get("channels"), str):
-        channels = [c.strip() for c in run_config["channels"].split(",") if c.strip()]
+    found_config = config.get("run_config")
+    run_config: dict[str, Any] = found_config if isinstance(found_config, dict) else {}
+    channels = _channels(config, run_config)
 
     expected = [CONFIG, MODEL, METRICS, egress.LEDGER, egress.EGRESS, RESULTS, CHECKPOINTS]
     present = [f for f in expected if (run_dir / f).exists()]
@@ -300,12 +325,7 @@ def build_report(
     )
     ledger = _read_jsonl(run_dir / egress.LEDGER, egress.LEDGER, read_problems)
     replies = _read_jsonl(run_dir / egress.EGRESS, egress.EGRESS, read_problems)
-    node_ledgers: dict[str, list[dict[str, Any]]] = {}
-    if nodes_present:
-        for sub in sorted((run_dir / egress.NODES).iterdir()):
-            if (sub / egress.LEDGER).exists():
-                name = f"{egress.NODES}/{sub.name}/{egress.LEDGER}"
-                node_ledgers[sub.name] = _read_jsonl(sub / egress.LEDGER, name, read_problems)
+    node_ledgers = _node_ledgers(run_dir, read_problems) if nodes_present else {}
     metrics = _read_jsonl(run_dir / METRICS, METRICS, read_problems)
 
     # Accounting and egress
@@ -316,26 +336,11 @@ def build_report(
         node_ledgers=node_ledgers or None,
         pld_interval=pld_interval,
     )
-    shapes = model.get("param_shapes") if isinstance(model, dict) else None
+    shapes = model.get("param_shapes")
     eg = egress.audit_egress(replies, shapes if isinstance(shapes, dict) else None)
 
-    # Empirical
-    emp: dict[str, Any] | None = None
-    if empirical:
-        emp = {}
-        for name, spec in empirical.items():
-            try:
-                emp[name] = _run_empirical(name, spec, acc)
-            except (KeyError, TypeError, ValueError) as exc:
-                emp[name] = {
-                    "name": name,
-                    "method": spec.get("method") if isinstance(spec, Mapping) else None,
-                    "kind": "error",
-                    "status": WARN,
-                    "line": f"{name}: could not run ({type(exc).__name__}: {exc})",
-                }
-
-    verdicts = _verdicts(
+    emp = _run_empirical_all(empirical, acc) if empirical else None
+    found = verdicts.all_verdicts(
         fault_injected=bool(run_config.get("audit.disable-noise", False)),
         logs=logs,
         acc=acc,
@@ -356,8 +361,8 @@ def build_report(
         "schema": SCHEMA,
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
-        "ok": all(v["status"] != FAIL for v in verdicts),
-        "verdicts": verdicts,
+        "ok": all(v.status != FAIL for v in found),
+        "verdicts": [v.as_dict() for v in found],
         "run": {
             "fedrec_version": config.get("fedrec_version"),
             "scenario": config.get("scenario"),
@@ -366,7 +371,7 @@ def build_report(
             "num_server_rounds": run_config.get("num-server-rounds"),
             "rounds_completed": (results or {}).get("rounds_completed"),
             "wall_seconds": (results or {}).get("wall_seconds"),
-            "num_parameters": (model or {}).get("num_parameters"),
+            "num_parameters": model.get("num_parameters"),
             "checkpoints": checkpoints,
             "run_config": run_config,
         },
@@ -386,201 +391,10 @@ def build_report(
     return _jsonable(report)
 
 
-def _verdicts(
-    *,
-    fault_injected: bool,
-    logs: Mapping[str, Mapping[str, Any]],
-    acc: Mapping[str, Any],
-    eg: Mapping[str, Any],
-    emp: Mapping[str, Any] | None,
-    missing: Sequence[str],
-    read_problems: Sequence[str],
-    ledger_present: bool,
-    egress_present: bool,
-    shapes_known: bool,
-) -> list[dict[str, Any]]:
-    out = []
-    if fault_injected:  # the audit's own fault injection: the claimed ε is not real
-        out.append(
-            _verdict(
-                "fault-injection",
-                FAIL,
-                "FAULT INJECTION: audit.disable-noise was on: "
-                "no DP noise was added, the reported ε does not hold",
-            )
-        )
-    # Logs intact or tampered
-    bad = [v for v in logs.values() if v["status"] in (egress.TAMPERED, egress.MISSING)]
-    weak = [v for v in logs.values() if v["status"] == egress.UNVERIFIED_TAIL]
-    summary = ", ".join(f"{v['log']} ({v['entries']} entries)" for v in logs.values())
-    if bad:
-        tampered = [v for v in bad if v["status"] == egress.TAMPERED]
-        word = "TAMPERED" if tampered else "MISSING"
-        out.append(
-            _verdict(
-                "logs",
-                FAIL,
-                f"LOGS: {word}: {', '.join(v['log'] for v in bad)}: not trusted",
-                [v["problem"] for v in bad + weak],
-            )
-        )
-    elif weak:
-        out.append(
-            _verdict(
-                "logs",
-                WARN,
-                f"LOGS: chains intact, tail unverified for {', '.join(v['log'] for v in weak)}",
-                [v["problem"] for v in weak],
-            )
-        )
-    else:
-        out.append(_verdict("logs", PASS, f"LOGS: intact: {summary}; heads match results.json"))
-    # Accounting consistent or not
-    per = acc["channels"]
-    if not ledger_present:
-        out.append(
-            _verdict("accounting", FAIL, "ACCOUNTING: not verifiable: privacy-ledger.jsonl missing")
-        )
-    elif acc["problems"]:
-        n = len(acc["problems"])
-        out.append(
-            _verdict(
-                "accounting",
-                FAIL,
-                f"ACCOUNTING: INCONSISTENT ({n} problem{'s' * (n != 1)}): {acc['problems'][0]}",
-                acc["problems"],
-            )
-        )
-    elif not acc["dp_enabled"]:
-        out.append(_verdict("accounting", WARN, "ACCOUNTING: DP disabled for this run: ε = ∞"))
-    else:
-        out.append(
-            _verdict(
-                "accounting",
-                PASS,
-                f"ACCOUNTING: consistent: ledger ε equals the {acc['accountant'].upper()} "
-                f"recomputation on {len(per)} channel{'s' * (len(per) != 1)}; the "
-                f"{acc['cross_check'].upper()} cross-check agrees (RDP ≥ PLD)",
-                acc["notes"],
-            )
-        )
-    # Budget
-    target = acc["target_epsilon"]
-    eps = {c: r["epsilon"] for c, r in per.items()}
-    refused = {c: r["rounds_refused"] for c, r in per.items() if r["rounds_refused"]}
-    comp = acc.get("composed") or {}
-    tail = (
-        f"; composed worst case (user on all channels) ε {fmt(comp.get('epsilon'))} "
-        f"(naive sum {fmt(comp.get('naive_sum'))})"
-        if len(per) > 1 and comp
-        else ""
-    )
-    ref = (
-        "; refused rounds: " + ", ".join(f"{c} {r}" for c, r in refused.items()) if refused else ""
-    )
-    if acc["violations"]:
-        out.append(
-            _verdict(
-                "budget",
-                FAIL,
-                f"BUDGET: VIOLATED: {acc['violations'][0]}",
-                acc["violations"],
-            )
-        )
-    elif not acc["dp_enabled"]:
-        out.append(_verdict("budget", WARN, "BUDGET: not applicable: DP disabled (ε = ∞)"))
-    elif not per:
-        out.append(_verdict("budget", WARN, "BUDGET: no channel trained; nothing spent"))
-    else:
-        worst = max(eps, key=lambda c: eps[c] if not math.isnan(eps[c]) else -1)
-        target_txt = f"≤ target {fmt(target)}" if target is not None else "(no target set)"
-        out.append(
-            _verdict(
-                "budget",
-                PASS,
-                f"BUDGET: within target: max ε {fmt(eps[worst])} ({worst}) {target_txt}{ref}{tail}",
-            )
-        )
-    # Egress
-    if not egress_present:
-        out.append(_verdict("egress", FAIL, "EGRESS: not verifiable: egress.jsonl missing"))
-    elif eg["violations"]:
-        n = len(eg["violations"])
-        out.append(
-            _verdict(
-                "egress",
-                FAIL,
-                f"EGRESS: {n} VIOLATION{'S' * (n != 1)} in {eg['replies']} replies: "
-                f"{eg['violations'][0]['where']}: {eg['violations'][0]['problem']}",
-                [
-                    f"{v['where']} (round {v['round']}, {v['channel']}, {v['kind']}, "
-                    f"{v['source']}): {v['problem']}"
-                    for v in eg["violations"]
-                ],
-            )
-        )
-    elif other_errors := [x for x in eg["errors"] if not x["refused"]]:
-        out.append(
-            _verdict(
-                "egress",
-                WARN,
-                f"EGRESS: within the allowlist, but {len(other_errors)} error "
-                f"repl{'ies' if len(other_errors) != 1 else 'y'} carried free-text reasons "
-                "(not covered by the allowlist)",
-                [
-                    f"{x['where']} (round {x['round']}, {x['channel']}, code {x['code']}): "
-                    f"{x['reason']}"
-                    for x in other_errors
-                ],
-            )
-        )
-    else:
-        checked = "and the model's parameter shapes" if shapes_known else ""
-        out.append(
-            _verdict(
-                "egress",
-                PASS,
-                f"EGRESS: clean: {eg['replies']} replies, {eg['bytes']:,} bytes, all within the "
-                f"allowlist {checked}".rstrip(),
-            )
-        )
-    # Empirical
-    if not emp:
-        out.append(_verdict("empirical", SKIP, "EMPIRICAL: no empirical audit given"))
-    else:
-        statuses = [r["status"] for r in emp.values()]
-        status = FAIL if FAIL in statuses else (WARN if WARN in statuses else PASS)
-        head = {
-            PASS: "consistent with the guarantee",
-            WARN: "see details",
-            FAIL: "CONTRADICTS the guarantee",
-        }[status]
-        out.append(
-            _verdict(
-                "empirical",
-                status,
-                f"EMPIRICAL: {head}: " + "; ".join(r["line"] for r in emp.values()),
-                [r["line"] for r in emp.values()],
-            )
-        )
-    # Files
-    if missing or read_problems:
-        out.append(
-            _verdict(
-                "files",
-                WARN,
-                f"FILES: missing {', '.join(missing) or 'none'}"
-                + (f"; {len(read_problems)} unreadable lines/files" if read_problems else ""),
-                list(read_problems),
-            )
-        )
-    return out
-
-
 def _statement(
     config: Mapping[str, Any], run_config: Mapping[str, Any], acc: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """The privacy statement (research/privacy.md §6)."""
+    """The privacy statement, field by field (see the module docstring)."""
     per = acc["channels"]
     comp = acc.get("composed") or {}
     return {
@@ -752,246 +566,146 @@ def plot_scores(report: Mapping[str, Any]) -> bytes | None:
     return _png(fig)
 
 
-# --- rendering --------------------------------------------------------------------------------
-
-Block = tuple[Any, ...]
-ICON = {PASS: "✅", WARN: "⚠️", FAIL: "❌", SKIP: "➖"}
+# --- the document -----------------------------------------------------------------------------
 
 
-def _blocks(report: Mapping[str, Any], images: Sequence[tuple[str, str]]) -> list[Block]:
-    acc, eg, st = report["accounting"], report["egress"], report["statement"]
-    b: list[Block] = [("h1", f"Privacy audit: {report['run_dir']}")]
-    b.append(
-        (
-            "p",
-            f"Generated {report['generated']} · overall: "
-            f"{'OK' if report['ok'] else 'PROBLEMS FOUND'}",
-        )
+def _document(report: Mapping[str, Any], image_names: Sequence[str]) -> Document:
+    """The report for people: verdicts first, then per-channel numbers, the privacy statement,
+    the empirical audits, utility, logs and the run; ``image_names`` are the plots made."""
+    overall = "OK" if report["ok"] else "PROBLEMS FOUND"
+    intro: tuple[Block, ...] = (
+        Paragraph(f"Generated {report['generated']} · overall: {overall}"),
+        VerdictList(tuple(VerdictRow(v["status"], v["line"]) for v in report["verdicts"])),
     )
-    b.append(("verdicts", report["verdicts"]))
+    sections: list[Section] = []
     details = [d for v in report["verdicts"] for d in v["details"]]
     if details:
-        b.append(("h2", "Details"))
-        b.append(("ul", details[:200]))
-    b.append(("h2", "Per channel"))
+        sections.append(Section("Details", (BulletList(tuple(details[:MAX_DETAILS])),)))
+    sections.append(_channels_section(report["accounting"], report["egress"], image_names))
+    sections.append(_statement_section(report["statement"]))
+    if report.get("empirical"):
+        sections.append(_empirical_section(report["empirical"]))
+    if report.get("utility"):
+        sections.append(_utility_section(report["utility"]))
+    sections.append(_logs_section(report["logs"]))
+    sections.append(_run_section(report["run"], report["statement"]["versions"]))
+    return Document(f"Privacy audit: {report['run_dir']}", intro, tuple(sections))
+
+
+def _channels_section(
+    acc: Mapping[str, Any], eg: Mapping[str, Any], image_names: Sequence[str]
+) -> Section:
+    """ε per channel (the run's accountant, PLD, and RDP when the run's is not RDP) next to the
+    target, rounds and egress counts; the composed worst case; the plots."""
+    name = acc["accountant"].upper()
+    rdp_column = acc["accountant"] != "rdp"
+    header = ["channel", f"ε {name}", "ε PLD", *(["ε RDP"] if rdp_column else [])]
+    header += ["target", "trained", "refused", "replies", "bytes", "violations"]
     rows = []
     for ch in sorted(set(acc["channels"]) | set(eg["channels"])):
         r = acc["channels"].get(ch, {})
         e = eg["channels"].get(ch, {})
         rows.append(
-            [
+            (
                 ch,
                 fmt(r.get("epsilon")),
                 fmt(r.get("epsilon_pld")),
-                fmt(r.get("epsilon_rdp")) if acc["accountant"] != "rdp" else "",
+                *([fmt(r.get("epsilon_rdp"))] if rdp_column else []),
                 fmt(acc["target_epsilon"], 2),
                 str(r.get("rounds_trained", "—")),
                 ", ".join(map(str, r.get("rounds_refused", []))) or "—",
                 str(e.get("replies", 0)),
                 f"{e.get('bytes', 0):,}",
                 str(e.get("violations", 0)),
-            ]
+            )
         )
-    b.append(
-        (
-            "table",
-            [
-                "channel",
-                f"ε {acc['accountant'].upper()}",
-                "ε PLD",
-                "ε RDP" if acc["accountant"] != "rdp" else "",
-                "target",
-                "trained",
-                "refused",
-                "replies",
-                "bytes",
-                "violations",
-            ],
-            rows,
-        )
-    )
+    blocks: list[Block] = [Table(tuple(header), tuple(rows))]
     comp = acc.get("composed")
     if comp:
-        b.append(
-            (
-                "p",
+        blocks.append(
+            Paragraph(
                 f"Composed worst case, one person on all channels ({', '.join(comp['channels'])}"
-                f"): ε = {fmt(comp['epsilon'])} ({acc['accountant'].upper()}), "
-                f"{fmt(comp['epsilon_pld'])} (PLD) at δ = {acc['delta']:g}; naive sum of "
-                f"per-channel ε = {fmt(comp['naive_sum'])} (at δ = {comp['naive_sum_delta']:g}).",
+                f"): ε = {fmt(comp['epsilon'])} ({name}), {fmt(comp['epsilon_pld'])} (PLD) at "
+                f"δ = {acc['delta']:g}; naive sum of per-channel ε = {fmt(comp['naive_sum'])} "
+                f"(at δ = {comp['naive_sum_delta']:g})."
             )
         )
-    for name, _ in images:
-        b.append(("img", name, name.removesuffix(".png")))
-    b.append(("h2", "Privacy statement"))
-    for key in (
-        "setting_and_trust_model",
-        "privacy_unit",
-        "adjacency",
-        "users_on_several_platforms",
-        "protected",
-    ):
-        b.append(("p", f"**{key.replace('_', ' ').capitalize()}.** {st[key]}"))
-    b.append(("h3", "Not protected"))
-    b.append(("ul", st["not_protected"]))
-    for key in ("mechanism", "sampling", "accounting", "budget_policy"):
-        b.append(("h3", key.replace("_", " ").capitalize()))
-        b.append(("kv", st[key]))
-    if report.get("empirical"):
-        b.append(("h2", "Empirical audits"))
-        rows = []
-        for name, r in report["empirical"].items():
-            rows.append(
-                [
-                    name,
-                    str(r["method"]),
-                    str(r.get("channel") or "—"),
-                    fmt(r.get("epsilon_lb")) + (" (estimate)" if r["kind"] == "estimate" else ""),
-                    fmt(r.get("epsilon_theory")),
-                    fmt(r.get("ceiling")),
-                    fmt(r.get("auc")),
-                    fmt(r.get("tpr_at_1pct_fpr")),
-                    fmt(r.get("tpr_at_0.1pct_fpr")),
-                    r["status"],
-                ]
-            )
-        b.append(
-            (
-                "table",
-                [
-                    "audit",
-                    "method",
-                    "channel",
-                    "ε empirical",
-                    "ε claimed",
-                    "ceiling",
-                    "AUC",
-                    "TPR@1%",
-                    "TPR@0.1%",
-                    "verdict",
-                ],
-                rows,
-            )
-        )
-    if report.get("utility"):
-        b.append(("h2", "Utility (last evaluation, no DP on these numbers)"))
-        keys = sorted({k for u in report["utility"].values() for k in u["evaluate"]})
-        rows = [
-            [ch, str(u["round"])] + [fmt(u["evaluate"].get(k), 4) for k in keys]
-            for ch, u in sorted(report["utility"].items())
-        ]
-        b.append(("table", ["channel", "round", *keys], rows))
-    b.append(("h2", "Logs"))
-    b.append(
-        (
-            "table",
-            ["log", "status", "entries", "head", "problem"],
-            [
-                [n, v["status"], str(v["entries"]), str(v["head"])[:12] + "…", v["problem"]]
-                for n, v in report["logs"].items()
-            ],
+    blocks += [Image(n, n.removesuffix(".png")) for n in image_names]
+    return Section("Per channel", tuple(blocks))
+
+
+def _statement_section(st: Mapping[str, Any]) -> Section:
+    paragraphs = tuple(
+        Paragraph(st[key], lead=f"{key.replace('_', ' ').capitalize()}.")
+        for key in (
+            "setting_and_trust_model",
+            "privacy_unit",
+            "adjacency",
+            "users_on_several_platforms",
+            "protected",
         )
     )
-    b.append(("h2", "Run"))
-    run = {k: v for k, v in report["run"].items() if k != "run_config"}
-    b.append(("kv", {**run, "versions": st["versions"]}))
-    b.append(("h3", "Run config"))
-    b.append(("kv", report["run"]["run_config"]))
-    return b
-
-
-def _kv_text(v: Any) -> str:
-    if isinstance(v, Mapping | list):
-        return json.dumps(v, ensure_ascii=False, default=str)
-    return str(v)
-
-
-def _to_markdown(blocks: Sequence[Block]) -> str:
-    def cell(s: str) -> str:
-        return str(s).replace("|", "\\|").replace("\n", " ")
-
-    out: list[str] = []
-    for blk in blocks:
-        kind = blk[0]
-        if kind in ("h1", "h2", "h3"):
-            out.append(f"{'#' * int(kind[1])} {blk[1]}\n")
-        elif kind == "p":
-            out.append(f"{blk[1]}\n")
-        elif kind == "verdicts":
-            out.extend(f"- {ICON[v['status']]} **{cell(v['line'])}**" for v in blk[1])
-            out.append("")
-        elif kind == "ul":
-            out.extend(f"- {cell(x)}" for x in blk[1])
-            out.append("")
-        elif kind == "table":
-            cols = [i for i, h in enumerate(blk[1]) if h]
-            out.append("| " + " | ".join(cell(blk[1][i]) for i in cols) + " |")
-            out.append("|" + "---|" * len(cols))
-            out.extend("| " + " | ".join(cell(r[i]) for i in cols) + " |" for r in blk[2])
-            out.append("")
-        elif kind == "kv":
-            out.append("| key | value |\n|---|---|")
-            out.extend(f"| {cell(k)} | {cell(_kv_text(v))} |" for k, v in blk[1].items())
-            out.append("")
-        elif kind == "img":
-            out.append(f"![{blk[2]}]({blk[1]})\n")
-    return "\n".join(out)
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;
-margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.5em;word-break:break-all}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
-td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f3f3f3}td{word-break:break-word;max-width:640px}
-.v{padding:.45em .8em;margin:.3em 0;border-radius:4px;font-weight:600}
-.pass{background:#e6f4ea}.warn{background:#fff4e5}.fail{background:#fde7e9}.skip{background:#eee}
-img{max-width:100%;display:block;margin:1em 0}
-"""
-
-
-def _to_html(blocks: Sequence[Block], images: Mapping[str, bytes]) -> str:
-    e = html.escape
-
-    def inline(s: str) -> str:
-        parts = e(str(s)).split("**")
-        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-
-    out = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{e(str(blocks[0][1]))}</title><style>{CSS}</style></head><body>",
+    subsections = [Section("Not protected", (BulletList(tuple(st["not_protected"])),))]
+    subsections += [
+        Section(key.replace("_", " ").capitalize(), (KeyValues.of(st[key]),))
+        for key in ("mechanism", "sampling", "accounting", "budget_policy")
     ]
-    for blk in blocks:
-        kind = blk[0]
-        if kind in ("h1", "h2", "h3"):
-            out.append(f"<{kind}>{e(str(blk[1]))}</{kind}>")
-        elif kind == "p":
-            out.append(f"<p>{inline(blk[1])}</p>")
-        elif kind == "verdicts":
-            out.extend(
-                f"<div class='v {v['status']}'>{ICON[v['status']]} {e(v['line'])}</div>"
-                for v in blk[1]
-            )
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{e(str(x))}</li>" for x in blk[1]) + "</ul>")
-        elif kind == "table":
-            cols = [i for i, h in enumerate(blk[1]) if h]
-            head = "".join(f"<th>{e(blk[1][i])}</th>" for i in cols)
-            body = "".join(
-                "<tr>" + "".join(f"<td>{e(str(r[i]))}</td>" for i in cols) + "</tr>" for r in blk[2]
-            )
-            out.append(f"<table><tr>{head}</tr>{body}</table>")
-        elif kind == "kv":
-            body = "".join(
-                f"<tr><th>{e(str(k))}</th><td>{e(_kv_text(v))}</td></tr>" for k, v in blk[1].items()
-            )
-            out.append(f"<table>{body}</table>")
-        elif kind == "img" and blk[1] in images:
-            data = base64.b64encode(images[blk[1]]).decode()
-            out.append(f"<img alt='{e(blk[2])}' src='data:image/png;base64,{data}'>")
-    out.append("</body></html>")
-    return "\n".join(out)
+    return Section("Privacy statement", paragraphs, tuple(subsections))
+
+
+def _empirical_section(emp: Mapping[str, Mapping[str, Any]]) -> Section:
+    header = (
+        "audit",
+        "method",
+        "channel",
+        "ε empirical",
+        "ε claimed",
+        "ceiling",
+        "AUC",
+        "TPR@1%",
+        "TPR@0.1%",
+        "verdict",
+    )
+    rows = tuple(
+        (
+            name,
+            str(r["method"]),
+            str(r.get("channel") or "—"),
+            fmt(r.get("epsilon_lb")) + (" (estimate)" if r["kind"] == "estimate" else ""),
+            fmt(r.get("epsilon_theory")),
+            fmt(r.get("ceiling")),
+            fmt(r.get("auc")),
+            fmt(r.get("tpr_at_1pct_fpr")),
+            fmt(r.get("tpr_at_0.1pct_fpr")),
+            str(r["status"]),
+        )
+        for name, r in emp.items()
+    )
+    return Section("Empirical audits", (Table(header, rows),))
+
+
+def _utility_section(utility: Mapping[str, Mapping[str, Any]]) -> Section:
+    keys = sorted({k for u in utility.values() for k in u["evaluate"]})
+    rows = tuple(
+        (ch, str(u["round"]), *(fmt(u["evaluate"].get(k), 4) for k in keys))
+        for ch, u in sorted(utility.items())
+    )
+    table = Table(("channel", "round", *keys), rows)
+    return Section("Utility (last evaluation, no DP on these numbers)", (table,))
+
+
+def _logs_section(logs: Mapping[str, Mapping[str, Any]]) -> Section:
+    rows = tuple(
+        (n, str(v["status"]), str(v["entries"]), str(v["head"])[:12] + "…", str(v["problem"]))
+        for n, v in logs.items()
+    )
+    return Section("Logs", (Table(("log", "status", "entries", "head", "problem"), rows),))
+
+
+def _run_section(run: Mapping[str, Any], versions: Mapping[str, Any]) -> Section:
+    summary = {k: v for k, v in run.items() if k != "run_config"}
+    config = Section("Run config", (KeyValues.of(run["run_config"]),))
+    return Section("Run", (KeyValues.of({**summary, "versions": versions}),), (config,))
 
 
 def write_report(report: Mapping[str, Any], out_dir: Path | str) -> dict[str, Path]:
@@ -1018,13 +732,13 @@ def write_report(report: Mapping[str, Any], out_dir: Path | str) -> dict[str, Pa
     for name, png in images.items():
         atomic_write_bytes(out_dir / name, png)
         written[name] = out_dir / name
-    blocks = _blocks(report, list(images.items()))
+    doc = _document(report, list(images))
     files = {
         "audit.json": json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-        "audit.md": _to_markdown(blocks),
-        "audit.html": _to_html(blocks, images),
+        "audit.md": render_markdown(doc),
+        "audit.html": render_html(doc, images),
     }
     for name, text in files.items():
-        atomic_write_bytes(out_dir / name, text.encode("utf-8"))
+        atomic_write_text(out_dir / name, text)
         written[name] = out_dir / name
     return written

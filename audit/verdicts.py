@@ -1,0 +1,285 @@
+"""The audit's verdicts: one small pure function per check, each giving one line for people.
+
+Owns: the statuses (pass, warn, fail, skip), :class:`Verdict`, and the checks in the order the
+report lists them: fault injection, log integrity (hash chains), accounting consistency, budget,
+egress (allowlist and shapes), empirical audits, files; and :func:`check_empirical_claim`, the
+comparison of one empirical audit's ε with the ε it tests. A run is OK when no verdict fails.
+
+Inputs are the parts of the report that :mod:`.egress` and :mod:`.accounting` computed (plain
+dicts, as in ``audit.json``).
+
+Must not: import ``server/`` or ``client/``; read files; compute ε (that is :mod:`.accounting`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from . import egress
+from .document import fmt
+
+Status = Literal["pass", "warn", "fail", "skip"]
+PASS: Final = "pass"
+WARN: Final = "warn"
+FAIL: Final = "fail"
+SKIP: Final = "skip"
+
+Report = Mapping[str, Any]  # one part of the report, as in audit.json
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: str
+    status: Status
+    line: str
+    details: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """As in ``audit.json``: ``{"name", "status", "line", "details"}``."""
+        return {
+            "name": self.name,
+            "status": self.status,
+            "line": self.line,
+            "details": list(self.details),
+        }
+
+
+def _plural(n: int, word: str, suffix: str = "s") -> str:
+    return f"{n} {word}{suffix * (n != 1)}"
+
+
+def check_fault_injection(fault_injected: bool) -> Verdict | None:
+    """The audit's own fault injection (``audit.disable-noise``): the claimed ε is not real."""
+    if not fault_injected:
+        return None
+    return Verdict(
+        "fault-injection",
+        FAIL,
+        "FAULT INJECTION: audit.disable-noise was on: "
+        "no DP noise was added, the reported ε does not hold",
+    )
+
+
+def check_logs(logs: Mapping[str, Report]) -> Verdict:
+    """Hash-chain integrity: fail if a log is tampered with or missing, warn if a chain is
+    intact but its tail cannot be verified (no head recorded in ``results.json``)."""
+    bad = [v for v in logs.values() if v["status"] in (egress.TAMPERED, egress.MISSING)]
+    weak = [v for v in logs.values() if v["status"] == egress.UNVERIFIED_TAIL]
+    if bad:
+        word = "TAMPERED" if any(v["status"] == egress.TAMPERED for v in bad) else "MISSING"
+        return Verdict(
+            "logs",
+            FAIL,
+            f"LOGS: {word}: {', '.join(v['log'] for v in bad)}: not trusted",
+            tuple(v["problem"] for v in bad + weak),
+        )
+    if weak:
+        return Verdict(
+            "logs",
+            WARN,
+            f"LOGS: chains intact, tail unverified for {', '.join(v['log'] for v in weak)}",
+            tuple(v["problem"] for v in weak),
+        )
+    summary = ", ".join(f"{v['log']} ({v['entries']} entries)" for v in logs.values())
+    return Verdict("logs", PASS, f"LOGS: intact: {summary}; heads match results.json")
+
+
+def check_accounting(acc: Report, *, ledger_present: bool) -> Verdict:
+    """The ledger's ε against the recomputation and the cross-check (:mod:`.accounting` lists
+    every disagreement in ``problems``): fail on any problem or without a ledger."""
+    if not ledger_present:
+        return Verdict(
+            "accounting", FAIL, "ACCOUNTING: not verifiable: privacy-ledger.jsonl missing"
+        )
+    problems: Sequence[str] = acc["problems"]
+    if problems:
+        return Verdict(
+            "accounting",
+            FAIL,
+            f"ACCOUNTING: INCONSISTENT ({_plural(len(problems), 'problem')}): {problems[0]}",
+            tuple(problems),
+        )
+    if not acc["dp_enabled"]:
+        return Verdict("accounting", WARN, "ACCOUNTING: DP disabled for this run: ε = ∞")
+    n = len(acc["channels"])
+    return Verdict(
+        "accounting",
+        PASS,
+        f"ACCOUNTING: consistent: ledger ε equals the {acc['accountant'].upper()} "
+        f"recomputation on {_plural(n, 'channel')}; the {acc['cross_check'].upper()} "
+        "cross-check agrees (RDP ≥ PLD)",
+        tuple(acc["notes"]),
+    )
+
+
+def _largest_epsilon(eps: Mapping[str, float]) -> str:
+    """The channel with the largest ε (an unknown ε, NaN, counts as less than any)."""
+    return max(eps, key=lambda c: eps[c] if not math.isnan(eps[c]) else -1)
+
+
+def check_budget(acc: Report) -> Verdict:
+    """The target ε: fail if :mod:`.accounting` found it exceeded (or DP off although
+    configured on), else the largest ε with refused rounds and the composed worst case."""
+    if acc["violations"]:
+        return Verdict(
+            "budget", FAIL, f"BUDGET: VIOLATED: {acc['violations'][0]}", tuple(acc["violations"])
+        )
+    if not acc["dp_enabled"]:
+        return Verdict("budget", WARN, "BUDGET: not applicable: DP disabled (ε = ∞)")
+    per: Mapping[str, Report] = acc["channels"]
+    if not per:
+        return Verdict("budget", WARN, "BUDGET: no channel trained; nothing spent")
+    eps = {c: float(r["epsilon"]) for c, r in per.items()}
+    worst = _largest_epsilon(eps)
+    target = acc["target_epsilon"]
+    target_txt = f"≤ target {fmt(target)}" if target is not None else "(no target set)"
+    refused = {c: r["rounds_refused"] for c, r in per.items() if r["rounds_refused"]}
+    ref = (
+        "; refused rounds: " + ", ".join(f"{c} {r}" for c, r in refused.items()) if refused else ""
+    )
+    comp = acc.get("composed") or {}
+    tail = (
+        f"; composed worst case (user on all channels) ε {fmt(comp.get('epsilon'))} "
+        f"(naive sum {fmt(comp.get('naive_sum'))})"
+        if len(per) > 1 and comp
+        else ""
+    )
+    return Verdict(
+        "budget",
+        PASS,
+        f"BUDGET: within target: max ε {fmt(eps[worst])} ({worst}) {target_txt}{ref}{tail}",
+    )
+
+
+def check_egress(eg: Report, *, egress_present: bool, shapes_known: bool) -> Verdict:
+    """Every logged reply within the wire allowlist and the model's shapes: fail on any
+    violation or without an egress log; warn on error replies whose reason is free text (only
+    the budget refusal's code is part of the protocol)."""
+    if not egress_present:
+        return Verdict("egress", FAIL, "EGRESS: not verifiable: egress.jsonl missing")
+    violations: Sequence[Report] = eg["violations"]
+    if violations:
+        first = violations[0]
+        return Verdict(
+            "egress",
+            FAIL,
+            f"EGRESS: {len(violations)} VIOLATION{'S' * (len(violations) != 1)} in "
+            f"{eg['replies']} replies: {first['where']}: {first['problem']}",
+            tuple(
+                f"{v['where']} (round {v['round']}, {v['channel']}, {v['kind']}, "
+                f"{v['source']}): {v['problem']}"
+                for v in violations
+            ),
+        )
+    free_text = [x for x in eg["errors"] if not x["refused"]]
+    if free_text:
+        return Verdict(
+            "egress",
+            WARN,
+            f"EGRESS: within the allowlist, but {len(free_text)} error "
+            f"repl{'ies' if len(free_text) != 1 else 'y'} carried free-text reasons "
+            "(not covered by the allowlist)",
+            tuple(
+                f"{x['where']} (round {x['round']}, {x['channel']}, code {x['code']}): "
+                f"{x['reason']}"
+                for x in free_text
+            ),
+        )
+    checked = "and the model's parameter shapes" if shapes_known else ""
+    return Verdict(
+        "egress",
+        PASS,
+        f"EGRESS: clean: {eg['replies']} replies, {eg['bytes']:,} bytes, all within the "
+        f"allowlist {checked}".rstrip(),
+    )
+
+
+def check_empirical_claim(
+    name: str, *, bound: bool, control: bool, epsilon: float, claim: float | None
+) -> tuple[Status, str]:
+    """One empirical audit's ε against the ε it tests; returns ``(status, line)``.
+
+    ``bound``: ``epsilon`` is a lower bound valid for any (ε, δ)-DP run (one-run, MIA), so
+    exceeding the claim (by more than 1e-6) contradicts it: fail. Otherwise it is an estimate
+    (canary cosines), which can exceed the claim by chance: warn. A non-private ``control``
+    run must show power: ε > 0 passes, ε = 0 warns. Without a claim: warn.
+    """
+    word = "ε_LB" if bound else "ε estimate"
+    if control:
+        if epsilon > 0:
+            return (
+                PASS,
+                f"{name}: non-private control, {word} {fmt(epsilon)} > 0: the audit has power",
+            )
+        return (
+            WARN,
+            f"{name}: non-private control, {word} {fmt(epsilon)} = 0: the audit shows no power",
+        )
+    if claim is None:
+        return WARN, f"{name}: {word} {fmt(epsilon)}, no claimed ε to compare with"
+    if epsilon <= claim + 1e-6:
+        return PASS, f"{name}: {word} {fmt(epsilon)} ≤ claimed ε {fmt(claim)}: consistent"
+    verdict = "the guarantee is CONTRADICTED" if bound else "suspicious"
+    return (
+        FAIL if bound else WARN,
+        f"{name}: {word} {fmt(epsilon)} > claimed ε {fmt(claim)}: {verdict}",
+    )
+
+
+def check_empirical(emp: Mapping[str, Report] | None) -> Verdict:
+    """All empirical audits together: the worst of their statuses; skip if none was given."""
+    if not emp:
+        return Verdict("empirical", SKIP, "EMPIRICAL: no empirical audit given")
+    statuses = [r["status"] for r in emp.values()]
+    status: Status = FAIL if FAIL in statuses else (WARN if WARN in statuses else PASS)
+    head = {
+        PASS: "consistent with the guarantee",
+        WARN: "see details",
+        FAIL: "CONTRADICTS the guarantee",
+    }[status]
+    lines = tuple(str(r["line"]) for r in emp.values())
+    return Verdict("empirical", status, f"EMPIRICAL: {head}: " + "; ".join(lines), lines)
+
+
+def check_files(missing: Sequence[str], read_problems: Sequence[str]) -> Verdict | None:
+    """Files a complete run has but this one lacks, and unreadable lines: a warning (a crashed
+    or deployment run lacks some; what they would have shown is reported as unverifiable by the
+    other checks)."""
+    if not missing and not read_problems:
+        return None
+    unreadable = f"; {len(read_problems)} unreadable lines/files" if read_problems else ""
+    return Verdict(
+        "files",
+        WARN,
+        f"FILES: missing {', '.join(missing) or 'none'}{unreadable}",
+        tuple(read_problems),
+    )
+
+
+def all_verdicts(
+    *,
+    fault_injected: bool,
+    logs: Mapping[str, Report],
+    acc: Report,
+    eg: Report,
+    emp: Mapping[str, Report] | None,
+    missing: Sequence[str],
+    read_problems: Sequence[str],
+    ledger_present: bool,
+    egress_present: bool,
+    shapes_known: bool,
+) -> list[Verdict]:
+    """Every check, in the report's order (fault injection and files only when they apply)."""
+    found = [
+        check_fault_injection(fault_injected),
+        check_logs(logs),
+        check_accounting(acc, ledger_present=ledger_present),
+        check_budget(acc),
+        check_egress(eg, egress_present=egress_present, shapes_known=shapes_known),
+        check_empirical(emp),
+        check_files(missing, read_problems),
+    ]
+    return [v for v in found if v is not None]
