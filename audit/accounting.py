@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from fedrec.shared import wire
 
@@ -269,6 +270,313 @@ def _events_equal(a: Sequence[Event], b: Sequence[Sequence[float]]) -> bool:
     return True
 
 
+# --- one channel's ledger: the checks, one per function -------------------------------------
+
+
+def round_problems(rnd: int, seen: Collection[int], last_round: int) -> list[str]:
+    """A round logged twice for one channel (several shards need a ``shard`` field) or after a
+    later round (out of order)."""
+    out = []
+    if rnd in seen:
+        out.append(
+            f"round {rnd} appears twice (several shards? then each line needs a '{SHARD}' field)"
+        )
+    if rnd < last_round:
+        out.append(f"round {rnd} after round {last_round} (out of order)")
+    return out
+
+
+def setting_problems(entry: Mapping[str, Any], accountant: str, delta: float) -> list[str]:
+    """A line whose accountant or δ is not the run's (absent means the run's)."""
+    out = []
+    line_acc = entry.get(wire.ACCOUNTANT)
+    if line_acc is not None and line_acc != accountant:
+        out.append(f"accountant {line_acc!r} differs from the run's {accountant!r}")
+    line_delta = as_float(entry.get(wire.DELTA))
+    if line_delta is not None and not math.isclose(line_delta, delta, rel_tol=1e-9):
+        out.append(f"delta {line_delta} differs from the run's {delta}")
+    return out
+
+
+def spent_event(entry: Mapping[str, Any]) -> tuple[Event | None, str | None]:
+    """The ``(σ, q, steps)`` event a trained (or rejected) line adds, and a problem if any.
+
+    No event when ``steps`` is not a non-negative integer (the line cannot be counted). A line
+    with ``dp-enabled`` false, or without ``noise-multiplier``/``sample-rate``, adds a noiseless
+    event (σ = 0: ε = ∞ from then on; q = 1 if unknown), the latter with a problem.
+    """
+    steps = entry.get(wire.STEPS)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        return None, f"'steps' must be a non-negative integer. Found {steps!r}."
+    sigma = as_float(entry.get(wire.NOISE_MULTIPLIER))
+    q = as_float(entry.get(wire.SAMPLE_RATE))
+    noiseless: Event = (0.0, 1.0 if q is None else q, steps)
+    if entry.get(wire.DP_ENABLED) is False:
+        return noiseless, None
+    if sigma is None or q is None:
+        return noiseless, (
+            f"trained round without noise-multiplier/sample-rate ({sigma!r}, {q!r}); "
+            "counted as no noise"
+        )
+    return (sigma, q, steps), None
+
+
+def unspent_steps_problem(status: str, steps: object) -> str | None:
+    """A refused, missing or failed round that logs steps: it trained, or the line is wrong."""
+    if isinstance(steps, int) and steps > 0:
+        return (
+            f"a {status} round logs {steps} steps; it should add none "
+            "(if the client trained, its ε is missing from this ledger)"
+        )
+    return None
+
+
+def total_steps_problem(logged_total: object, total_steps: int) -> str | None:
+    """A logged ``total-steps`` that is not the sum of the trained rounds' steps so far."""
+    if isinstance(logged_total, int) and logged_total != total_steps:
+        return f"total-steps {logged_total} but the trained rounds so far add up to {total_steps}"
+    return None
+
+
+def compare_epsilon(
+    rnd: int,
+    status: str,
+    logged: float | None,
+    recomputed: float,
+    *,
+    accountant: str,
+    delta: float,
+) -> tuple[Literal["note", "problem"], str] | None:
+    """The ledger's ε for a round against the recomputation with the same accountant.
+
+    Equal within :data:`SAME_ACCOUNTANT_RTOL` (relative): ``None``. A refused, missing or
+    failed round may log more than was spent (the ε the round would have reached, the reason
+    for a refusal): a note. Anything else, or a spent round without ε, is a problem. Nothing to
+    compare if the recomputation failed (NaN).
+    """
+    if logged is None:
+        return ("problem", "trained round without an epsilon") if status in SPENT else None
+    if math.isnan(recomputed) or _close(logged, recomputed, SAME_ACCOUNTANT_RTOL):
+        return None
+    if status in NOT_SPENT and logged > recomputed:
+        return "note", (
+            f"round {rnd} ({status}): ledger ε {_fmt(logged)} is above the spent "
+            f"{_fmt(recomputed)}; read as the ε the round would have reached"
+        )
+    return "problem", (
+        f"round {rnd}: ledger ε {_fmt(logged)} ≠ recomputed {_fmt(recomputed)} "
+        f"({accountant}, δ={delta:g})"
+    )
+
+
+def round_budget_violation(
+    channel: str, rnd: int, logged: float | None, recomputed: float, target: float
+) -> str | None:
+    """A spent round whose ε (the larger of logged and recomputed) exceeds the target by more
+    than the client guard's slack, target · (1 + :data:`BUDGET_RTOL`)."""
+    known = [x for x in (logged, recomputed) if x is not None and not math.isnan(x)]
+    worst = max(known, default=0.0)
+    if worst > target * (1 + BUDGET_RTOL):
+        return f"{channel}: round {rnd}: ε {_fmt(worst)} exceeds the target {target:g}"
+    return None
+
+
+def rdp_below_pld_problem(channel: str, eps_rdp: float, eps_pld: float) -> str | None:
+    """RDP is the looser bound: below PLD (beyond :data:`RDP_PLD_RTOL`, the PLD's
+    discretisation error) one of the two computations is wrong."""
+    if eps_rdp < eps_pld * (1 - RDP_PLD_RTOL) - 1e-9:
+        return (
+            f"{channel}: RDP ε {_fmt(eps_rdp)} is below PLD ε {_fmt(eps_pld)}; RDP must be "
+            "the looser bound"
+        )
+    return None
+
+
+def prv_pld_problem(channel: str, eps_prv: float, eps_pld: float) -> str | None:
+    """Opacus PRV and dp_accounting PLD estimate the same ε: apart by more than
+    :data:`PRV_PLD_ATOL` + 1 % of the PLD ε, one of them is wrong."""
+    if abs(eps_prv - eps_pld) > PRV_PLD_ATOL + 0.01 * eps_pld:
+        return (
+            f"{channel}: PRV ε {_fmt(eps_prv)} and PLD ε {_fmt(eps_pld)} disagree by more "
+            f"than {PRV_PLD_ATOL} + 1%"
+        )
+    return None
+
+
+def cross_check_problems(
+    channel: str, accountant: str, eps_run: float, eps_pld: float, eps_rdp: float
+) -> list[str]:
+    """The final ε against the independent accountants (only when all three are finite)."""
+    if any(math.isnan(x) or math.isinf(x) for x in (eps_run, eps_pld, eps_rdp)):
+        return []
+    found = [rdp_below_pld_problem(channel, eps_rdp, eps_pld)]
+    if accountant == "prv":
+        found.append(prv_pld_problem(channel, eps_run, eps_pld))
+    return [p for p in found if p is not None]
+
+
+@dataclass
+class _LedgerWalk:
+    """What a channel's ledger lines add up to, line by line: :func:`audit_channel`'s state."""
+
+    channel: str
+    accountant: str
+    delta: float
+    target_epsilon: float | None
+    dp_enabled_config: bool
+    pld_interval: float
+    where: str
+    problems: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[dict[str, Any]] = field(default_factory=list)
+    seen_rounds: set[int] = field(default_factory=set)
+    dp_off_rounds: list[int] = field(default_factory=list)
+    mechanism: dict[str, set[Any]] = field(
+        default_factory=lambda: {
+            k: set() for k in (wire.MAX_GRAD_NORM, wire.GRAD_SAMPLE_MODE, wire.NOISE_MULTIPLIER)
+        }
+    )
+    sample_rates: set[float] = field(default_factory=set)
+    steps_per_round: set[int] = field(default_factory=set)
+    total_steps: int = 0
+    last_round: int = 0
+    exceeded: bool = False
+    _cache: dict[tuple[Event, ...], float] = field(default_factory=dict)
+
+    def add(self, e: Mapping[str, Any], idx: int) -> None:
+        at = f"{self.where}: entry {e.get('_line', idx)} (channel {self.channel})"
+        rnd = e.get(ROUND)
+        if not isinstance(rnd, int) or isinstance(rnd, bool):
+            self.problems.append(f"{at}: 'round' must be an integer. Found {rnd!r}.")
+            return
+        self.problems += [
+            f"{at}: {p}" for p in round_problems(rnd, self.seen_rounds, self.last_round)
+        ]
+        self.seen_rounds.add(rnd)
+        self.last_round = max(self.last_round, rnd)
+        status = e.get(STATUS)
+        if status not in SPENT + NOT_SPENT:
+            self.problems.append(
+                f"{at}: status must be one of {', '.join(SPENT + NOT_SPENT)}. Found {status!r}."
+            )
+            return
+        self.problems += [f"{at}: {p}" for p in setting_problems(e, self.accountant, self.delta)]
+        if status in SPENT:
+            if not self._add_spent(e, rnd, at):
+                return
+        else:
+            (self.refused if status == REFUSED else self.missing).append(
+                {"round": rnd, "status": status, "reason": str(e.get(REASON, ""))}
+            )
+            self._problem(at, unspent_steps_problem(status, e.get(wire.STEPS)))
+        self._problem(at, total_steps_problem(e.get(wire.TOTAL_STEPS), self.total_steps))
+        self._add_epsilon(e, rnd, status, at)
+
+    def _problem(self, at: str, problem: str | None) -> None:
+        if problem is not None:
+            self.problems.append(f"{at}: {problem}")
+
+    def _add_spent(self, e: Mapping[str, Any], rnd: int, at: str) -> bool:
+        """Add a trained/rejected line's event; ``False`` if it cannot be counted."""
+        event, problem = spent_event(e)
+        self._problem(at, problem)
+        if event is None:
+            return False
+        if e.get(wire.DP_ENABLED) is False:
+            self.dp_off_rounds.append(rnd)
+        elif problem is None:
+            self.sample_rates.add(event[1])
+        self.events.append(event)
+        self.total_steps += event[2]
+        self.steps_per_round.add(event[2])
+        for k, values in self.mechanism.items():
+            if e.get(k) is not None:
+                values.add(e.get(k))
+        return True
+
+    def _epsilon_now(self) -> float:
+        key = tuple(merge_history(self.events))
+        if key not in self._cache:
+            self._cache[key] = epsilon(
+                self.events, self.delta, self.accountant, pld_interval=self.pld_interval
+            )
+        return self._cache[key]
+
+    def _add_epsilon(self, e: Mapping[str, Any], rnd: int, status: str, at: str) -> None:
+        """Recompute ε after this line, compare it with the logged one, check the budget."""
+        try:
+            recomputed = self._epsilon_now()
+        except Exception as exc:  # a library failure must not hide the rest of the audit
+            self.problems.append(f"{at}: could not recompute ε ({type(exc).__name__}: {exc})")
+            recomputed = math.nan
+        logged = as_float(e.get(wire.EPSILON))
+        found = compare_epsilon(
+            rnd, status, logged, recomputed, accountant=self.accountant, delta=self.delta
+        )
+        if found is not None:
+            (self.notes if found[0] == "note" else self.problems).append(f"{at}: {found[1]}")
+        if self.target_epsilon is not None and status in SPENT and self.dp_enabled_config:
+            over = round_budget_violation(
+                self.channel, rnd, logged, recomputed, self.target_epsilon
+            )
+            if over is not None:
+                self.exceeded = True
+                self.violations.append(over)
+        self.curve.append(
+            {
+                "round": rnd,
+                "status": status,
+                "steps": e.get(wire.STEPS) if status in SPENT else 0,
+                "total_steps": self.total_steps,
+                "epsilon_ledger": logged,
+                "epsilon_recomputed": None if math.isnan(recomputed) else recomputed,
+            }
+        )
+
+    def summary(self, history: History) -> dict[str, Any]:
+        """The channel's rounds, steps and mechanism, as :func:`audit_channel` returns them."""
+        return {
+            "channel": self.channel,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "history": [list(ev) for ev in history],
+            "rounds_trained": sum(1 for c in self.curve if c["status"] == TRAINED),
+            "rounds_rejected": [c["round"] for c in self.curve if c["status"] == REJECTED],
+            "rounds_refused": [r["round"] for r in self.refused],
+            "rounds_missing": [r["round"] for r in self.missing],  # missing or failed
+            "refused": self.refused,
+            "missing": self.missing,
+            "total_steps": self.total_steps,
+            "steps_per_round": sorted(self.steps_per_round),
+            "sample_rates": sorted(self.sample_rates),
+            "noise_multipliers": sorted(self.mechanism[wire.NOISE_MULTIPLIER], key=str),
+            "max_grad_norms": sorted(self.mechanism[wire.MAX_GRAD_NORM], key=str),
+            "grad_sample_modes": sorted(self.mechanism[wire.GRAD_SAMPLE_MODE], key=str),
+            "dp_enabled": not self.dp_off_rounds,
+            "dp_off_rounds": self.dp_off_rounds,
+            "curve": self.curve,
+            "target_epsilon": self.target_epsilon,
+        }
+
+
+def _final_epsilons(
+    history: History, delta: float, accountant: str, pld_interval: float
+) -> tuple[float, float, float, str | None]:
+    """``(run accountant, PLD, RDP)`` ε of the final history; NaN and a message on failure."""
+    eps_run = eps_pld = eps_rdp = math.nan
+    try:
+        eps_run = epsilon(history, delta, accountant, pld_interval=pld_interval)
+        eps_pld = epsilon_pld(history, delta, interval=pld_interval)
+        eps_rdp = eps_run if accountant == "rdp" else epsilon_rdp(history, delta)
+    except Exception as exc:
+        return eps_run, eps_pld, eps_rdp, f"could not compute final ε ({type(exc).__name__}: {exc})"
+    return eps_run, eps_pld, eps_rdp, None
+
+
 def audit_channel(
     channel: str,
     entries: Sequence[Mapping[str, Any]],
@@ -305,199 +613,36 @@ def audit_channel(
         rounds, budget, and ``problems`` (accounting inconsistencies), ``violations`` (budget
         exceeded, DP off although configured on) and ``notes``.
     """
-    problems: list[str] = []
-    violations: list[str] = []
-    notes: list[str] = []
-    events: list[Event] = []
-    curve: list[dict[str, Any]] = []
-    refused: list[dict[str, Any]] = []
-    missing: list[dict[str, Any]] = []
-    seen_rounds: set[int] = set()
-    dp_off_rounds: list[int] = []
-    mechanism: dict[str, set[Any]] = {
-        k: set() for k in (wire.MAX_GRAD_NORM, wire.GRAD_SAMPLE_MODE, wire.NOISE_MULTIPLIER)
-    }
-    sample_rates: set[float] = set()
-    steps_per_round: set[int] = set()
-    total_steps = 0
-    last_round = 0
-    exceeded = False
-    cache: dict[tuple[Event, ...], float] = {}
-
-    def eps_now() -> float:
-        key = tuple(merge_history(events))
-        if key not in cache:
-            cache[key] = epsilon(events, delta, accountant, pld_interval=pld_interval)
-        return cache[key]
-
+    walk = _LedgerWalk(
+        channel, accountant, delta, target_epsilon, dp_enabled_config, pld_interval, where
+    )
     for idx, e in enumerate(entries, start=1):
-        at = f"{where}: entry {e.get('_line', idx)} (channel {channel})"
-        rnd = e.get(ROUND)
-        if not isinstance(rnd, int) or isinstance(rnd, bool):
-            problems.append(f"{at}: 'round' must be an integer. Found {rnd!r}.")
-            continue
-        if rnd in seen_rounds:
-            problems.append(
-                f"{at}: round {rnd} appears twice (several shards? then each line needs a "
-                f"'{SHARD}' field)"
-            )
-        if rnd < last_round:
-            problems.append(f"{at}: round {rnd} after round {last_round} (out of order)")
-        seen_rounds.add(rnd)
-        last_round = max(last_round, rnd)
-        status = e.get(STATUS)
-        if status not in SPENT + NOT_SPENT:
-            problems.append(
-                f"{at}: status must be one of {', '.join(SPENT + NOT_SPENT)}. Found {status!r}."
-            )
-            continue
-        line_acc = e.get(wire.ACCOUNTANT)
-        if line_acc is not None and line_acc != accountant:
-            problems.append(f"{at}: accountant {line_acc!r} differs from the run's {accountant!r}")
-        line_delta = as_float(e.get(wire.DELTA))
-        if line_delta is not None and not math.isclose(line_delta, delta, rel_tol=1e-9):
-            problems.append(f"{at}: delta {line_delta} differs from the run's {delta}")
-        if status in SPENT:
-            dp_on = e.get(wire.DP_ENABLED)
-            sigma = as_float(e.get(wire.NOISE_MULTIPLIER))
-            q = as_float(e.get(wire.SAMPLE_RATE))
-            steps = e.get(wire.STEPS)
-            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-                problems.append(f"{at}: 'steps' must be a non-negative integer. Found {steps!r}.")
-                continue
-            if dp_on is False:
-                dp_off_rounds.append(rnd)
-                events.append((0.0, 1.0 if q is None else q, steps))
-            elif sigma is None or q is None:
-                problems.append(
-                    f"{at}: trained round without noise-multiplier/sample-rate "
-                    f"({sigma!r}, {q!r}); counted as no noise"
-                )
-                events.append((0.0, 1.0 if q is None else q, steps))
-            else:
-                events.append((sigma, q, steps))
-                sample_rates.add(q)
-            total_steps += steps
-            steps_per_round.add(steps)
-            for k in mechanism:
-                if e.get(k) is not None:
-                    mechanism[k].add(e.get(k))
-        else:
-            (refused if status == REFUSED else missing).append(
-                {"round": rnd, "status": status, "reason": str(e.get(REASON, ""))}
-            )
-            if isinstance(e.get(wire.STEPS), int) and e[wire.STEPS] > 0:
-                problems.append(
-                    f"{at}: a {status} round logs {e[wire.STEPS]} steps; it should add none "
-                    "(if the client trained, its ε is missing from this ledger)"
-                )
-        logged_total = e.get(wire.TOTAL_STEPS)
-        if isinstance(logged_total, int) and logged_total != total_steps:
-            problems.append(
-                f"{at}: total-steps {logged_total} but the trained rounds so far add up to "
-                f"{total_steps}"
-            )
-        try:
-            recomputed = eps_now()
-        except Exception as exc:  # a library failure must not hide the rest of the audit
-            problems.append(f"{at}: could not recompute ε ({type(exc).__name__}: {exc})")
-            recomputed = math.nan
-        logged = as_float(e.get(wire.EPSILON))
-        if status in SPENT and logged is None:
-            problems.append(f"{at}: trained round without an epsilon")
-        if logged is not None and not math.isnan(recomputed):
-            if _close(logged, recomputed, SAME_ACCOUNTANT_RTOL):
-                pass
-            elif status in NOT_SPENT and logged > recomputed:
-                # A refusal may log the ε the round would have reached (why it was refused).
-                notes.append(
-                    f"{at}: round {rnd} ({status}): ledger ε {_fmt(logged)} is above the spent "
-                    f"{_fmt(recomputed)}; read as the ε the round would have reached"
-                )
-            else:
-                problems.append(
-                    f"{at}: round {rnd}: ledger ε {_fmt(logged)} ≠ recomputed {_fmt(recomputed)} "
-                    f"({accountant}, δ={delta:g})"
-                )
-        if target_epsilon is not None and status in SPENT and dp_enabled_config:
-            known = [x for x in (logged, recomputed) if x is not None and not math.isnan(x)]
-            worst = max(known, default=0.0)
-            if worst > target_epsilon * (1 + BUDGET_RTOL):
-                exceeded = True
-                violations.append(
-                    f"{channel}: round {rnd}: ε {_fmt(worst)} exceeds the target {target_epsilon:g}"
-                )
-        curve.append(
-            {
-                "round": rnd,
-                "status": status,
-                "steps": e.get(wire.STEPS) if status in SPENT else 0,
-                "total_steps": total_steps,
-                "epsilon_ledger": logged,
-                "epsilon_recomputed": None if math.isnan(recomputed) else recomputed,
-            }
-        )
-
-    history = merge_history(events)
-    result: dict[str, Any] = {
-        "channel": channel,
-        "accountant": accountant,
-        "delta": delta,
-        "history": [list(ev) for ev in history],
-        "rounds_trained": sum(1 for c in curve if c["status"] == TRAINED),
-        "rounds_rejected": [c["round"] for c in curve if c["status"] == REJECTED],
-        "rounds_refused": [r["round"] for r in refused],
-        "rounds_missing": [r["round"] for r in missing],  # missing or failed
-        "refused": refused,
-        "missing": missing,
-        "total_steps": total_steps,
-        "steps_per_round": sorted(steps_per_round),
-        "sample_rates": sorted(sample_rates),
-        "noise_multipliers": sorted(mechanism[wire.NOISE_MULTIPLIER], key=str),
-        "max_grad_norms": sorted(mechanism[wire.MAX_GRAD_NORM], key=str),
-        "grad_sample_modes": sorted(mechanism[wire.GRAD_SAMPLE_MODE], key=str),
-        "dp_enabled": not dp_off_rounds,
-        "dp_off_rounds": dp_off_rounds,
-        "curve": curve,
-        "target_epsilon": target_epsilon,
-    }
-    if dp_off_rounds:
-        msg = f"{channel}: rounds {dp_off_rounds} trained without DP (dp-enabled false): ε = ∞"
+        walk.add(e, idx)
+    history = merge_history(walk.events)
+    result = walk.summary(history)
+    problems, violations, notes = walk.problems, walk.violations, walk.notes
+    if walk.dp_off_rounds:
+        msg = f"{channel}: rounds {walk.dp_off_rounds} trained without DP (dp-enabled false): ε = ∞"
         (violations if dp_enabled_config else notes).append(msg)
-
-    eps_run = eps_pld = eps_rdp = math.nan
-    try:
-        eps_run = epsilon(history, delta, accountant, pld_interval=pld_interval)
-        eps_pld = epsilon_pld(history, delta, interval=pld_interval)
-        eps_rdp = eps_run if accountant == "rdp" else epsilon_rdp(history, delta)
-    except Exception as exc:
-        problems.append(f"{channel}: could not compute final ε ({type(exc).__name__}: {exc})")
+    eps_run, eps_pld, eps_rdp, failed = _final_epsilons(history, delta, accountant, pld_interval)
+    if failed is not None:
+        problems.append(f"{channel}: {failed}")
     result["epsilon"] = eps_run
     result["epsilon_pld"] = eps_pld
     result["epsilon_rdp"] = eps_rdp
     result["cross_check"] = "pld" if accountant == "rdp" else "pld, rdp"
-    if not any(math.isnan(x) or math.isinf(x) for x in (eps_run, eps_pld, eps_rdp)):
-        if eps_rdp < eps_pld * (1 - RDP_PLD_RTOL) - 1e-9:
-            problems.append(
-                f"{channel}: RDP ε {_fmt(eps_rdp)} is below PLD ε {_fmt(eps_pld)}; RDP must be "
-                "the looser bound"
-            )
-        if accountant == "prv" and abs(eps_run - eps_pld) > PRV_PLD_ATOL + 0.01 * eps_pld:
-            problems.append(
-                f"{channel}: PRV ε {_fmt(eps_run)} and PLD ε {_fmt(eps_pld)} disagree by more "
-                f"than {PRV_PLD_ATOL} + 1%"
-            )
+    problems += cross_check_problems(channel, accountant, eps_run, eps_pld, eps_rdp)
     result["budget"] = {
         "target_epsilon": target_epsilon,
         "spent": eps_run,
         "remaining": None
         if target_epsilon is None or math.isnan(eps_run)
         else target_epsilon - eps_run,
-        "any_refused": bool(refused),
-        "exceeded": exceeded,
+        "any_refused": bool(walk.refused),
+        "exceeded": walk.exceeded,
     }
     if node_entries is not None:
-        problems.extend(_check_node_ledger(channel, history, curve, node_entries, delta))
+        problems.extend(_check_node_ledger(channel, history, walk.curve, node_entries, delta))
     result["problems"] = problems
     result["violations"] = violations
     result["notes"] = notes
@@ -609,7 +754,7 @@ def audit_accounting(
         accountant = guess if guess in ACCOUNTANTS else "rdp"
     delta = as_float(run_config.get("dp.target-delta"))
     if delta is None or not 0 < delta < 1:
-        deltas = {as_float(e.get(wire.DELTA)) for e in ledger} - {None}
+        deltas = {d for e in ledger if (d := as_float(e.get(wire.DELTA))) is not None}
         problems.append(
             f"config.json: dp.target-delta must be in (0, 1). Found "
             f"{run_config.get('dp.target-delta')!r}"

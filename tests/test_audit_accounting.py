@@ -275,3 +275,141 @@ def test_shards_are_audited_separately_and_composed_by_worst_shard() -> None:
     assert sorted(out["channels"]) == ["finance-0", "finance-1"]
     assert out["problems"] == []
     assert out["composed"]["epsilon"] == pytest.approx(2.9702, abs=1e-4)
+
+
+# --- the per-line and per-channel checks of audit_channel, one at a time ----------------------
+
+
+def test_round_logged_twice_or_out_of_order_is_a_problem() -> None:
+    # Execute: rounds 1 and 3 seen so far, the last one 3
+    fine = accounting.round_problems(4, {1, 3}, 3)
+    twice = accounting.round_problems(3, {1, 3}, 3)
+    late = accounting.round_problems(2, {1, 3}, 3)
+
+    # Assert
+    assert fine == []
+    assert twice == ["round 3 appears twice (several shards? then each line needs a 'shard' field)"]
+    assert late == ["round 2 after round 3 (out of order)"]
+
+
+def test_line_with_another_accountant_or_delta_is_a_problem() -> None:
+    # Prepare
+    same = {"accountant": "rdp", "delta": 1e-5}
+    other = {"accountant": "prv", "delta": 2e-5}
+
+    # Execute / Assert: absent keys mean the run's
+    assert accounting.setting_problems(same, "rdp", DELTA) == []
+    assert accounting.setting_problems({}, "rdp", DELTA) == []
+    assert accounting.setting_problems(other, "rdp", DELTA) == [
+        "accountant 'prv' differs from the run's 'rdp'",
+        "delta 2e-05 differs from the run's 1e-05",
+    ]
+
+
+def test_spent_line_adds_its_event_or_a_noiseless_one() -> None:
+    # Prepare
+    line = {"noise-multiplier": 1.0, "sample-rate": 0.05, "steps": 20}
+
+    # Execute
+    normal = accounting.spent_event(line)
+    dp_off = accounting.spent_event({**line, "dp-enabled": False})
+    no_sigma = accounting.spent_event({"sample-rate": 0.05, "steps": 20})
+    no_q = accounting.spent_event({"noise-multiplier": 1.0, "steps": 20})
+    bad_steps = accounting.spent_event({**line, "steps": -1})
+
+    # Assert: σ = 0 (no noise) where DP was off or σ unknown; q = 1 where q is unknown
+    assert normal == ((1.0, 0.05, 20), None)
+    assert dp_off == ((0.0, 0.05, 20), None)
+    assert no_sigma[0] == (0.0, 0.05, 20) and "counted as no noise" in str(no_sigma[1])
+    assert no_q[0] == (0.0, 1.0, 20)
+    assert bad_steps == (None, "'steps' must be a non-negative integer. Found -1.")
+
+
+def test_unspent_round_with_steps_is_a_problem() -> None:
+    # Execute / Assert
+    assert accounting.unspent_steps_problem("refused", 0) is None
+    assert accounting.unspent_steps_problem("failed", 20) == (
+        "a failed round logs 20 steps; it should add none "
+        "(if the client trained, its ε is missing from this ledger)"
+    )
+
+
+def test_total_steps_must_be_the_sum_so_far() -> None:
+    # Execute / Assert: 20 + 20 trained so far
+    assert accounting.total_steps_problem(40, 40) is None
+    assert accounting.total_steps_problem(None, 40) is None
+    assert accounting.total_steps_problem(60, 40) == (
+        "total-steps 60 but the trained rounds so far add up to 40"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "logged", "recomputed", "expected"),
+    [
+        # within 1e-3 relative: 2.9702 vs 2.9720 differ by 6e-4 relative
+        ("trained", 2.9702, 2.9720, None),
+        ("trained", 2.4813, 2.9702, ("problem", "round 2: ledger ε 2.4813 ≠ recomputed 2.9702")),
+        # a refusal may log the ε it would have reached, never less than was spent
+        ("refused", 2.9702, 2.4813, ("note", "round 2 (refused): ledger ε 2.9702 is above")),
+        ("refused", 1.0, 2.4813, ("problem", "round 2: ledger ε 1.0000 ≠ recomputed 2.4813")),
+        ("trained", None, 2.4813, ("problem", "trained round without an epsilon")),
+        ("refused", None, 2.4813, None),
+        ("trained", 2.4813, math.nan, None),  # the recomputation failed: nothing to compare
+    ],
+)
+def test_ledger_epsilon_against_the_recomputation(
+    status: str, logged: float | None, recomputed: float, expected: tuple[str, str] | None
+) -> None:
+    # Execute
+    got = accounting.compare_epsilon(2, status, logged, recomputed, accountant="rdp", delta=DELTA)
+
+    # Assert
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and got[0] == expected[0] and got[1].startswith(expected[1])
+
+
+def test_round_budget_allows_only_the_guard_slack() -> None:
+    # Prepare: the slack is 1e-6 relative: target 2.5 allows up to 2.5000025
+    target = 2.5
+
+    # Execute
+    inside = accounting.round_budget_violation("finance", 2, 2.5000024, 2.5, target)
+    outside = accounting.round_budget_violation("finance", 2, 2.4813, 2.5000026, target)
+    unknown = accounting.round_budget_violation("finance", 2, None, math.nan, target)
+
+    # Assert: the larger of logged and recomputed counts
+    assert inside is None and unknown is None
+    assert outside == "finance: round 2: ε 2.5000 exceeds the target 2.5"
+
+
+def test_rdp_below_pld_beyond_the_tolerance_is_a_problem() -> None:
+    # Prepare: 1e-3 relative tolerance: PLD 1.0005 × 0.999 = 0.9995 ≤ 1.0; 1.002 × 0.999 = 1.001
+    # Execute / Assert
+    assert accounting.rdp_below_pld_problem("f", eps_rdp=1.0, eps_pld=1.0005) is None
+    assert accounting.rdp_below_pld_problem("f", eps_rdp=1.0, eps_pld=1.002) == (
+        "f: RDP ε 1.0000 is below PLD ε 1.0020; RDP must be the looser bound"
+    )
+
+
+def test_prv_and_pld_apart_beyond_the_tolerance_is_a_problem() -> None:
+    # Prepare: tolerance 0.02 + 1 % of PLD: at PLD 1.0, 0.03
+    # Execute / Assert
+    assert accounting.prv_pld_problem("f", eps_prv=1.029, eps_pld=1.0) is None
+    assert accounting.prv_pld_problem("f", eps_prv=0.971, eps_pld=1.0) is None
+    assert accounting.prv_pld_problem("f", eps_prv=1.031, eps_pld=1.0) == (
+        "f: PRV ε 1.0310 and PLD ε 1.0000 disagree by more than 0.02 + 1%"
+    )
+
+
+def test_cross_check_runs_prv_check_only_for_prv_and_only_on_finite_epsilons() -> None:
+    # Prepare: PRV 1.5 vs PLD 1.0 is far apart; RDP 1.6 ≥ PLD
+    # Execute
+    prv_run = accounting.cross_check_problems("f", "prv", 1.5, 1.0, 1.6)
+    rdp_run = accounting.cross_check_problems("f", "rdp", 1.6, 1.0, 1.6)
+    infinite = accounting.cross_check_problems("f", "prv", math.inf, 1.0, math.inf)
+
+    # Assert
+    assert len(prv_run) == 1 and "PRV ε 1.5000 and PLD ε 1.0000" in prv_run[0]
+    assert rdp_run == [] and infinite == []
