@@ -152,7 +152,7 @@ def check_entry(
             a violation: they cannot be checked).
     """
     kind = entry.get("kind")
-    if kind not in wire.ALLOWLIST:
+    if not isinstance(kind, str) or kind not in wire.ALLOWLIST:
         return [f"unknown reply kind {kind!r}; expected one of {sorted(wire.ALLOWLIST)}"]
     allowed = wire.ALLOWLIST[kind]
     records = entry.get("records")

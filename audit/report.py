@@ -145,7 +145,7 @@ def _histogram(a: np.ndarray, b: np.ndarray) -> dict[str, list[float]]:
 def _statistic(
     name: str, spec: Mapping[str, Any], delta: float
 ) -> tuple[dict[str, Any], bool, np.ndarray, np.ndarray]:
-    """Run one audit's statistic: ``(results, whether its ε is a bound, scores in, scores out)``."""
+    """One audit's statistic: ``(results, whether its ε is a bound, scores in, scores out)``."""
     method = spec.get("method")
     if method == "one-run":
         inc = np.asarray(spec["included"], dtype=bool)

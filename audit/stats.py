@@ -15,7 +15,7 @@ does, and passes the scores here).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from scipy import stats as sps
 EPS_SEARCH_MAX = 100.0  # ε beyond this is "unbounded" for every audit here
 
 
-def _bisect_largest(pred: Any, lo: float, hi: float, iters: int = 60) -> float:
+def _bisect_largest(pred: Callable[[float], bool], lo: float, hi: float, iters: int = 60) -> float:
     """Largest x in [lo, hi] with ``pred(x)`` true, for ``pred`` true below and false above."""
     if not pred(lo):
         return lo
@@ -150,7 +150,7 @@ def one_run_audit(
         eps = epsilon_one_run(m, r, v, delta, level)
         tests.append({"k_pos": int(kp), "k_neg": int(kn), "r": r, "v": v, "epsilon_lb": eps})
     best = max(tests, key=lambda t: t["epsilon_lb"])
-    ceiling = max(one_run_ceiling(m, t["r"], delta, level) for t in tests)
+    ceiling = max(one_run_ceiling(m, int(t["r"]), delta, level) for t in tests)
     return {**best, "m": m, "p": p, "p_per_test": level, "tests": tests, "ceiling": ceiling}
 
 
