@@ -287,19 +287,6 @@ def mia_audit(
     return {"epsilon_lb": best["epsilon_lb"], "confidence": confidence, "at": rows}
 
 
-def epsilon_lower_bound_mia(
-    scores_in: Any,
-    scores_out: Any,
-    delta: float,
-    *,
-    fprs: Sequence[float] = (0.01, 0.001),
-    confidence: float = 0.95,
-) -> float:
-    """The ε lower bound of :func:`mia_audit` (Kairouz et al. 2015, Clopper–Pearson) alone."""
-    out = mia_audit(scores_in, scores_out, delta, fprs=fprs, confidence=confidence)
-    return float(out["epsilon_lb"])
-
-
 # --- Gaussian canary-cosine estimator (white box) ------------------------------------------
 
 
