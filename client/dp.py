@@ -37,6 +37,7 @@ from fedrec.shared.config import DPConfig, check_delta
 if TYPE_CHECKING:
     import torch
     from opacus.accountants.accountant import IAccountant
+    from opacus.optimizers import DPOptimizer
     from torch import nn
 
 Event = privacy.Event
@@ -181,7 +182,7 @@ class DPSession:
         optimizer: torch.optim.Optimizer,
         loader: torch.utils.data.DataLoader,
         criterion: nn.Module,
-    ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module, torch.utils.data.DataLoader]:
+    ) -> tuple[nn.Module, DPOptimizer, nn.Module, torch.utils.data.DataLoader]:
         """Opacus's DP-SGD around the given training parts, accounted by this session.
 
         Returns ``(module, optimizer, criterion, loader)``; the criterion is Opacus's wrapper

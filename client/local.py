@@ -14,10 +14,11 @@ import json
 import logging
 import math
 import time
+from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedrec.client import node as nodes
 from fedrec.client.dp import REFUSED, TRAINED, DPSession
@@ -54,16 +55,32 @@ def _setup(context: Context) -> tuple[FedrecConfig, nodes.Node]:
     return cfg, nodes.resolve_node(dict(context.node_config), cfg)
 
 
+_R = TypeVar("_R", ArrayRecord, ConfigRecord)
+
+
+def _record(content: RecordDict, name: str, kind: type[_R]) -> _R:
+    """The server message's ``name`` record, which must be a ``kind``."""
+    record = content.get(name)
+    if not isinstance(record, kind):
+        raise ValueError(f"the server's message has no {name!r} {kind.__name__}")
+    return record
+
+
+def _config(content: RecordDict, key: str, default: str | int | float = "") -> str:
+    """A scalar of the server message's config record, as text (the caller converts it)."""
+    return str(_record(content, wire.CONFIG, ConfigRecord).get(key, default))
+
+
 def _model(cfg: FedrecConfig, content: RecordDict, item_dim: int) -> CrossPlatformModel:
     model = build_model(cfg, item_dim)
-    arrays = content[wire.ARRAYS]
+    arrays = _record(content, wire.ARRAYS, ArrayRecord)
     state = {k: torch.from_numpy(np.array(arrays[k].numpy())) for k in arrays.keys()}
     model.load_state_dict(state, strict=True)
     return model
 
 
 def _items(content: RecordDict, node: nodes.Node) -> torch.Tensor:
-    fp = str(content[wire.CONFIG][f"{wire.ITEMS_FINGERPRINT}.{node.channel}"])
+    fp = _config(content, f"{wire.ITEMS_FINGERPRINT}.{node.channel}")
     return torch.from_numpy(np.array(nodes.load_items(node, fp), dtype=np.float32))
 
 
@@ -71,12 +88,12 @@ def handle_items(content: RecordDict, context: Context) -> RecordDict:
     """Two-step delivery: without a matrix, report what is cached; with one, store it."""
     _, node = _setup(context)
     if wire.ITEMS in content:
-        fp = str(content[wire.CONFIG][wire.ITEMS_FINGERPRINT])
-        matrix = content[wire.ITEMS][wire.ITEMS].numpy()
+        fp = _config(content, wire.ITEMS_FINGERPRINT)
+        matrix = _record(content, wire.ITEMS, ArrayRecord)[wire.ITEMS].numpy()
         nodes.save_items(node, fp, matrix)
         rows = len(matrix)
     else:
-        want = str(content[wire.CONFIG].get(f"{wire.ITEMS_FINGERPRINT}.{node.channel}", ""))
+        want = _config(content, f"{wire.ITEMS_FINGERPRINT}.{node.channel}")
         cached = want in nodes.cached_fingerprints(node)
         fp = want if cached else ""
         rows = len(nodes.load_items(node, fp)) if cached else 0
@@ -97,9 +114,8 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
     split = leave_last_out(seqs)
     federated = _model(cfg, content, items.shape[1])
     model = federated.channel_model(node.channel)  # the shared tower and this platform's head
-    config = content[wire.CONFIG]
-    server_round = int(config[wire.SERVER_ROUND])
-    mu = float(config.get(wire.PROXIMAL_MU, 0.0))
+    server_round = int(_config(content, wire.SERVER_ROUND))
+    mu = float(_config(content, wire.PROXIMAL_MU, 0.0))
     spec = TrainSpec.from_config(
         cfg,
         steps=cfg.train.local_steps,
@@ -214,7 +230,7 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
         max_users=cfg.eval.max_users,
         seed=cfg.seed,
     )
-    server_round = int(content[wire.CONFIG].get(wire.SERVER_ROUND, 0))
+    server_round = int(_config(content, wire.SERVER_ROUND, 0))
     nodes.record_timing(node, server_round, "evaluate", time.perf_counter() - t0)
     return wire.build_reply(
         "evaluate",

@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from fedrec.shared.config import FedrecConfig
 from fedrec.shared.data import Sequences
 from fedrec.shared.metrics import metrics_from_ranks, rank_of_target, sample_negatives, sampled_rank
 from fedrec.shared.model import RecModel, summarize_prefixes
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +203,9 @@ class UserExamples(torch.utils.data.Dataset):
         return np.where(np.take_along_axis(keys, order, axis=1) < np.inf, order + 1, 0)
 
 
-def _collate(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return batch
+def _collate(batch: Any) -> tuple[torch.Tensor, ...]:
+    """Identity: :meth:`UserExamples.__getitems__` already returns the batch's tensors."""
+    return tuple(batch)
 
 
 class PerUserCrossEntropy(nn.Module):
@@ -252,7 +257,7 @@ def candidate_scores(
 
     With sampled negatives, logits are (B, P, 1+K). With none, the softmax runs over the whole
     public catalogue and logits are packed, (used predictions, N): a (B, P, N) block would
-    spend most of its time on padding for short histories (81% of finance's slots at P = 16).
+    spend most of its time on padding when histories are shorter than ``positions``.
     ``low_precision`` computes full-catalogue logits (and their backward) in bfloat16.
     """
     used = cands[..., 0] >= 0
@@ -403,9 +408,10 @@ def train_local(
     if dp is not None:
         planned_epsilon = dp.check_budget(spec.steps)
         steps_before = dp.total_steps()
-        net, optimizer, criterion, loader = dp.make_private(model, optimizer, loader, criterion)
+        net, dp_optimizer, criterion, loader = dp.make_private(model, optimizer, loader, criterion)
         if grad_hook is not None:
-            _install_grad_hook(optimizer, grad_hook)
+            _install_grad_hook(dp_optimizer, grad_hook)
+        optimizer = dp_optimizer
     anchor = None
     if global_params and spec.proximal_mu > 0:
         # (parameter, its global value, its group's learning rate): the proximal step moves
@@ -443,17 +449,17 @@ def train_local(
 GradHook = Callable[[torch.optim.Optimizer], None]
 
 
-def _install_grad_hook(optimizer: torch.optim.Optimizer, hook: GradHook) -> None:
+def _install_grad_hook(optimizer: DPOptimizer, hook: GradHook) -> None:
     """Run ``hook`` on the sum of clipped per-user gradients (``p.summed_grad``), just before
     Opacus adds noise. The noise multiplier is put back after the noise step, so the
     accountant, whose step hook reads it next, records the planned one whatever the hook did."""
     original = optimizer.add_noise
 
     def add_noise() -> None:
-        sigma = optimizer.noise_multiplier  # type: ignore[attr-defined]
+        sigma = optimizer.noise_multiplier
         hook(optimizer)
         original()
-        optimizer.noise_multiplier = sigma  # type: ignore[attr-defined]
+        optimizer.noise_multiplier = sigma
 
     optimizer.add_noise = add_noise  # type: ignore[method-assign]
 

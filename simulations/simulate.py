@@ -134,7 +134,7 @@ def flower_overhead(run_dir: Path) -> list[dict[str, float]]:
             slowest[key] = max(slowest.get(key, 0.0), float(e["seconds"]))
     out = []
     for r, w in sorted(wall.items()):
-        row = {"round": r}
+        row: dict[str, float] = {"round": r}
         for phase in ("train", "evaluate"):
             row[f"{phase}_wall"] = float(w[f"{phase}-seconds"])
             row[f"{phase}_slowest_node"] = slowest.get((r, phase), 0.0)

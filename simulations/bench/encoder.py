@@ -16,12 +16,14 @@ Needs the ``bench`` extra (sentence-transformers) for (a)::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -58,7 +60,10 @@ def item_texts(n: int, *, seed: int, min_words: int = 5, max_words: int = 60) ->
     return texts
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+T = TypeVar("T")
+
+
+def _timed(fn: Callable[[], T]) -> tuple[float, T]:
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
@@ -125,7 +130,7 @@ def bench_cache(n: int, *, batch_size: int, warm_reps: int) -> None:
         for _ in range(warm_reps):
             # A new EncodingCache each time: the warm path reads the file, as a new process would.
             fresh = EncodingCache(Path(tmp))
-            seconds, again = _timed(lambda c=fresh: c.encode_items(encoder, texts))
+            seconds, again = _timed(functools.partial(fresh.encode_items, encoder, texts))
             warm_times.append(seconds)
         warm = statistics.median(warm_times)
         print(f"    warm: {warm:8.3f} s  (median of {warm_reps}; stats {fresh.last_stats})")

@@ -275,7 +275,8 @@ def main(
                 parts["pooled"] = pooled(parts)
             rows = [
                 bench_scope(
-                    *scope,
+                    items,
+                    split,
                     spec,
                     epsilons=eps,
                     delta=delta,
@@ -283,7 +284,7 @@ def main(
                     max_grad_norm=max_grad_norm,
                     name=name,
                 )
-                for name, scope in parts.items()
+                for name, (items, split) in parts.items()
             ]
             typer.echo(
                 f"\n### {ds} (δ={delta:g}, {steps} steps, batch {batch_size}, lr {lr:g}, "
