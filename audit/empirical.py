@@ -197,10 +197,10 @@ def one_run_scores(
 ) -> np.ndarray:
     """y_i = s(t_i | h_i) − mean_{j≠i} s(t_j | h_i) − mean_{j≠i} s(t_i | h_j).
 
-    The first mean is research/privacy.md §5 (iii): how much the model prefers t_i to the
-    other canaries' targets after h_i. The second removes how much the model likes t_i after
-    any canary history (mostly its text-carried prior); rescoring one non-private control run
-    on the default world, it raised finance's canary AUC from 0.953 to 0.978. The score reads
+    With the first mean alone, y_i says how much the model prefers t_i to the other canaries'
+    targets after h_i. The second mean removes how much the model likes t_i after any canary
+    history (mostly its text-carried prior); rescoring one non-private control run on the
+    default world, it raised finance's canary AUC from 0.953 to 0.978. The score reads
     only the trained model and the canary set, never an inclusion bit, so the one-run bound
     stays valid.
 

@@ -3,8 +3,8 @@
 Owns: the one-run audit of Steinke, Nasr and Jagielski (2023), membership-inference metrics
 (ROC, AUC, TPR at low FPR) with the ε they imply under DP (Kairouz, Oh, Viswanath 2015) and
 Clopper–Pearson confidence, and the Gaussian canary-cosine estimator of Andrew et al. (2024)
-with the μ-GDP → (ε, δ) conversion of Dong, Roth, Su (2022). Sources and formulas are in
-research/privacy.md §5.
+with the μ-GDP → (ε, δ) conversion of Dong, Roth, Su (2022). Each function names its source
+and formula.
 
 Convention: a higher score means "more likely a member / included".
 
@@ -85,7 +85,7 @@ def one_run_ceiling(m: int, r: int, delta: float, p: float = 0.05) -> float:
     """The most ε that ``m`` canaries with ``r`` guesses can certify: all ``r`` guesses right.
 
     Steinke et al. 2023, §6 (the bound saturates with m). For δ = 0, r = 100, p = 0.05 it is
-    ln(q / (1 − q)) with q = 0.05^(1/100), i.e. 3.493 (research/privacy.md §5 (iii)).
+    ln(q / (1 − q)) with q = 0.05^(1/100), i.e. 3.493.
     """
     return epsilon_one_run(m, r, r, delta, p)
 
@@ -128,9 +128,9 @@ def one_run_audit(
 
     Steinke, Nasr, Jagielski 2023 (one training run, m canaries each included with
     probability 1/2). ``k_pos_list[j]`` and ``k_neg_list[j]`` form the j-th pre-registered
-    guess (k₊, k₋); each is tested at level p / n (Bonferroni, as in
-    research/privacy.md §5 (iii) and ``jax_privacy.auditing.epsilon_one_run``) and the
-    largest bound is kept. The bound is valid for any (ε, δ)-DP training run.
+    guess (k₊, k₋); each is tested at level p / n (Bonferroni, as
+    ``jax_privacy.auditing.epsilon_one_run`` does by default) and the largest bound is kept.
+    The bound is valid for any (ε, δ)-DP training run.
 
     Returns:
         ``{"epsilon_lb", "k_pos", "k_neg", "r", "v", "m", "p", "p_per_test", "tests",

@@ -353,8 +353,9 @@ def test_budget_exceeded_is_a_violation(tmp_path: Path) -> None:
 
 
 def test_empirical_bound_above_claim_contradicts_guarantee(tmp_path: Path) -> None:
-    # Prepare: perfectly separable canaries give ε_LB 4.19 at m = r = 200 (privacy.md §5
-    # ceiling table), above the claimed 0.5; random scores give about 0, below the channel's ε
+    # Prepare: perfectly separable canaries give ε_LB 4.19 at m = r = 200 (the one-run ceiling
+    # at δ = 1e-5, p = 0.05: every guess right), above the claimed 0.5; random scores give
+    # about 0, below the channel's ε
     run = make_run_dir(tmp_path, channels=("finance",))
     included = np.arange(200) % 2 == 0
     scores = included.astype(float) + np.linspace(0, 0.1, 200)
