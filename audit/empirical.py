@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from fedrec.shared.fsio import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 SECRETS = "secrets"
@@ -148,9 +150,7 @@ def build_audited_dataset(world_dir: Path, out: Path, plan: AuditPlan) -> dict[s
         interactions=inters,
         source={"audited_from": str(world_dir), "note": "fedrec audit-empirical"},
     )
-    path = out / SECRETS / "canaries.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(secrets), encoding="utf-8")
+    atomic_write_text(out / SECRETS / "canaries.json", json.dumps(secrets))
     return secrets
 
 
@@ -512,7 +512,7 @@ def run_empirical_audit(
             "claims": claims,
             "caught": all(ests[ch] >= 2 * claims[ch] for ch in ests),
         }
-    (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2), encoding="utf-8")
+    atomic_write_text(out / "summary.json", json.dumps(_finite(summary), indent=2))
     return summary
 
 
