@@ -26,7 +26,9 @@ Must not: import ``server/``; send anything.
 from __future__ import annotations
 
 import json
+import os
 import time
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,15 @@ if TYPE_CHECKING:
 
 Event = privacy.Event
 TRAINED, REFUSED = "trained", "refused"  # ledger statuses
+# Benchmarks only: a node whose own environment sets this draws its DP noise from a seed, so
+# that runs can be compared pairwise. It is read from the node process's environment, never
+# from the run config (which the server writes): noise that the server could determine would
+# be no noise against the server. Every ledger line says whether the noise was seeded.
+NOISE_SEED_ENV = "FEDREC_BENCH_NOISE_SEED"
+
+
+def noise_is_seeded() -> bool:
+    return NOISE_SEED_ENV in os.environ
 
 
 class DPSession:
@@ -176,6 +187,15 @@ class DPSession:
 
     # ------------------------------------------------------------------ training
 
+    def noise_seed(self, stream: int) -> int:
+        """The seed of torch's generator for one training call: from OS entropy, or, where the
+        node's environment sets :data:`NOISE_SEED_ENV` (benchmarks), from that value, the
+        channel and ``stream`` (which tells a run's calls apart: rounds, shards)."""
+        fixed = os.environ.get(NOISE_SEED_ENV)
+        if fixed is None:
+            return int.from_bytes(os.urandom(8), "little") >> 1
+        return zlib.crc32(f"{fixed}/{self.channel}/{stream}".encode())
+
     def make_private(
         self,
         model: nn.Module,
@@ -234,5 +254,6 @@ class DPSession:
                 "delta": self.delta,
                 "accountant": self.accountant_name,
                 "history": [list(e) for e in self.history],
+                "noise-seeded": noise_is_seeded(),
             },
         )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -384,9 +383,10 @@ def train_local(
             f"({len(seqs)} users): nothing to train on"
         )
     # Opacus draws Poisson sampling and Gaussian noise from torch's global RNG. Under DP it is
-    # seeded from OS entropy: noise that a known seed (the run config is known to the server)
-    # determines could be regenerated and subtracted. ``spec.seed`` fixes everything else.
-    torch.manual_seed(spec.seed if dp is None else int.from_bytes(os.urandom(8), "little") >> 1)
+    # seeded from OS entropy (:meth:`DPSession.noise_seed`): noise that a known seed (the run config is
+    # known to the server) determines could be regenerated and subtracted. ``spec.seed`` fixes
+    # everything else.
+    torch.manual_seed(spec.seed if dp is None else dp.noise_seed(spec.seed))
     model.train()
     loader = torch.utils.data.DataLoader(
         examples,

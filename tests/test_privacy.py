@@ -326,6 +326,36 @@ def test_each_training_call_draws_fresh_noise() -> None:
     assert not torch.allclose(updates[0], updates[1])
 
 
+def test_benchmark_noise_is_seeded_only_by_the_nodes_own_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: pure-noise updates, as above; the seed comes from the node's environment.
+    from fedrec.client.dp import NOISE_SEED_ENV
+
+    items, seqs = _zero_gradient_world()
+    spec = TrainSpec(steps=1, batch_size=8, negatives=10, optimizer="sgd", lr=1.0)
+    monkeypatch.setenv(NOISE_SEED_ENV, "7")
+
+    def update(channel: str) -> torch.Tensor:
+        dp = DPSession(
+            DPConfig(target_epsilon=100.0, noise_multiplier=1.0),
+            users=64,
+            batch_size=8,
+            planned_steps=1,
+            channel=channel,
+        )
+        model = RecModel()
+        train_local(model, items, seqs, spec, dp=dp)
+        return flat_params(model) - flat_params(RecModel())
+
+    # Execute
+    first, again, other = update("shop"), update("shop"), update("bank")
+
+    # Assert: the same noise for the same (seed, channel, call); other channels draw their own.
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
 # ------------------------------------------------------------------------------ accounting
 
 
