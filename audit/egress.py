@@ -15,7 +15,7 @@ complete (it is reported, and every entry is checked again here).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,29 +177,63 @@ def check_entry(
         if not isinstance(values, Mapping):
             out.append(f"{kind} reply: record {name!r} has no 'values' object")
             continue
-        for k in sorted(values):
-            v = values[k]
-            if k not in keys:
-                out.append(f"{kind} reply: key {k!r} in {name!r} is not allowed")
-            elif not _is_scalar(v):
-                out.append(
-                    f"{kind} reply: {name}.{k} is a {type(v).__name__}, not a scalar "
-                    "(per-example values?)"
-                )
-            elif k == wire.NUM_EXAMPLES and (
-                isinstance(v, bool)
-                or not isinstance(v, int | float)
-                or (isinstance(v, float) and not math.isfinite(v))
-                or v % wire.COUNT_BUCKET != 0
-            ):
-                out.append(
-                    f"{kind} reply: {name}.{k} = {v!r} is not a multiple of {wire.COUNT_BUCKET} "
-                    "(raw count sent)"
-                )
+        out.extend(value_problems(kind, name, values, keys))
     for name in sorted(allowed):
         if name not in records and not (kind == "train" and name == wire.PRIVACY):
             out.append(f"{kind} reply: record {name!r} is missing")
     return out
+
+
+def _bucketed(count: object) -> bool:
+    """A finite number, not a bool, that is a multiple of the wire's count bucket."""
+    if isinstance(count, bool) or not isinstance(count, int | float):
+        return False
+    return math.isfinite(count) and count % wire.COUNT_BUCKET == 0
+
+
+def value_problems(
+    kind: str, name: str, values: Mapping[str, object], keys: Collection[str]
+) -> list[str]:
+    """A metrics or config record's values against the allowlist: only allowed keys, scalar
+    values (a list would be per-example values), ``num-examples`` rounded to the bucket."""
+    out: list[str] = []
+    for k in sorted(values):
+        v = values[k]
+        if k not in keys:
+            out.append(f"{kind} reply: key {k!r} in {name!r} is not allowed")
+        elif not _is_scalar(v):
+            out.append(
+                f"{kind} reply: {name}.{k} is a {type(v).__name__}, not a scalar "
+                "(per-example values?)"
+            )
+        elif k == wire.NUM_EXAMPLES and not _bucketed(v):
+            out.append(
+                f"{kind} reply: {name}.{k} = {v!r} is not a multiple of {wire.COUNT_BUCKET} "
+                "(raw count sent)"
+            )
+    return out
+
+
+def array_problem(kind: str, k: str, meta: object, param_shape: Sequence[int]) -> str | None:
+    """One logged array against its model parameter: described, the same shape, and bytes that
+    match shape × dtype (plus at most :data:`NPY_HEADER_MAX` of ``.npy`` header)."""
+    if not isinstance(meta, Mapping):
+        return f"{kind} reply: array {k!r} has no description"
+    shape, want = _dims(meta.get("shape")), tuple(int(d) for d in param_shape)
+    if shape != want:
+        first = "" if shape and want and shape[0] == want[0] else " (first dimension differs)"
+        return f"{kind} reply: array {k!r} has shape {shape}, the model's is {want}{first}"
+    try:
+        itemsize = np.dtype(str(meta.get("dtype"))).itemsize
+    except TypeError:
+        return f"{kind} reply: array {k!r} has unknown dtype {meta.get('dtype')!r}"
+    nbytes, raw = meta.get("bytes"), math.prod(want) * itemsize
+    if not isinstance(nbytes, int) or not raw <= nbytes <= raw + NPY_HEADER_MAX:
+        return (
+            f"{kind} reply: array {k!r} carries {nbytes!r} bytes; its shape {want} and "
+            f"dtype {meta.get('dtype')} make {raw} (+ at most {NPY_HEADER_MAX} of header)"
+        )
+    return None
 
 
 def _check_arrays(
@@ -217,28 +251,11 @@ def _check_arrays(
         out.append(f"{kind} reply: array {k!r} with shape {shape} is not a model parameter")
     if missing:
         out.append(f"{kind} reply: model parameters missing from {name!r}: {missing}")
-    for k in sorted(set(arrays) & set(param_shapes)):
-        meta = arrays[k]
-        if not isinstance(meta, Mapping):
-            out.append(f"{kind} reply: array {k!r} has no description")
-            continue
-        shape = _dims(meta.get("shape"))
-        want = tuple(int(d) for d in param_shapes[k])
-        if shape != want:
-            first = "" if shape and want and shape[0] == want[0] else " (first dimension differs)"
-            out.append(f"{kind} reply: array {k!r} has shape {shape}, the model's is {want}{first}")
-            continue
-        try:
-            itemsize = np.dtype(str(meta.get("dtype"))).itemsize
-        except TypeError:
-            out.append(f"{kind} reply: array {k!r} has unknown dtype {meta.get('dtype')!r}")
-            continue
-        nbytes, raw = meta.get("bytes"), math.prod(want) * itemsize
-        if not isinstance(nbytes, int) or not raw <= nbytes <= raw + NPY_HEADER_MAX:
-            out.append(
-                f"{kind} reply: array {k!r} carries {nbytes!r} bytes; its shape {want} and "
-                f"dtype {meta.get('dtype')} make {raw} (+ at most {NPY_HEADER_MAX} of header)"
-            )
+    found = (
+        array_problem(kind, k, arrays[k], param_shapes[k])
+        for k in sorted(set(arrays) & set(param_shapes))
+    )
+    out.extend(p for p in found if p is not None)
     return out
 
 

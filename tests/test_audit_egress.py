@@ -248,3 +248,51 @@ def test_error_reply_carrying_records_is_a_violation() -> None:
     assert [v["problem"] for v in out["violations"]] == [
         "train error reply also carries records ['metrics']"
     ]
+
+
+def test_values_allow_only_listed_scalar_keys_and_bucketed_counts() -> None:
+    # Prepare: the bucket is 100; 4500 is a multiple, 4487 and inf are not
+    keys = {"train-loss", "num-examples"}
+
+    # Execute
+    clean = egress.value_problems("train", "metrics", {"num-examples": 4500}, keys)
+    found = egress.value_problems(
+        "train",
+        "metrics",
+        {"user-id": 7, "train-loss": [0.1, 0.2], "num-examples": 4487},
+        keys,
+    )
+    infinite = egress.value_problems("train", "metrics", {"num-examples": float("inf")}, keys)
+    boolean = egress.value_problems("train", "metrics", {"num-examples": True}, keys)
+
+    # Assert: sorted by key
+    assert clean == []
+    assert found == [
+        "train reply: metrics.num-examples = 4487 is not a multiple of 100 (raw count sent)",
+        "train reply: metrics.train-loss is a list, not a scalar (per-example values?)",
+        "train reply: key 'user-id' in 'metrics' is not allowed",
+    ]
+    assert len(infinite) == 1 and len(boolean) == 1
+
+
+def test_array_must_have_the_parameters_shape_and_bytes() -> None:
+    # Prepare: a (4, 3) float32 parameter has 48 data bytes; the .npy header adds at most 4096
+    meta = {"shape": [4, 3], "dtype": "float32", "bytes": 48 + 128}
+
+    # Execute
+    fine = egress.array_problem("train", "w", meta, [4, 3])
+    wrong_rows = egress.array_problem("train", "w", {**meta, "shape": [5, 3]}, [4, 3])
+    wrong_cols = egress.array_problem("train", "w", {**meta, "shape": [4, 2]}, [4, 3])
+    padded = egress.array_problem("train", "w", {**meta, "bytes": 48 + 4097}, [4, 3])
+    short = egress.array_problem("train", "w", {**meta, "bytes": 47}, [4, 3])
+    no_meta = egress.array_problem("train", "w", None, [4, 3])
+
+    # Assert
+    assert fine is None
+    assert wrong_rows == (
+        "train reply: array 'w' has shape (5, 3), the model's is (4, 3) (first dimension differs)"
+    )
+    assert wrong_cols == "train reply: array 'w' has shape (4, 2), the model's is (4, 3)"
+    assert padded is not None and "carries 4145 bytes" in padded and "make 48" in padded
+    assert short is not None and "carries 47 bytes" in short
+    assert no_meta == "train reply: array 'w' has no description"
