@@ -14,8 +14,11 @@ that wrote it:
   empirical, files), each a pure function;
 * :mod:`.report` turns all of it into ``audit.json``, and into ``audit.md`` and ``audit.html``
   through one :class:`~.document.Document` and the two Jinja2 templates in ``templates/``;
-* :mod:`.cli` adds the ``fedrec audit RUN_DIR`` command.
+* :mod:`.cli` adds the ``fedrec audit RUN_DIR`` command;
+* :mod:`.empirical` (``fedrec audit-empirical``) trains canaried runs in the Simulation Engine
+  and audits them with the above.
 
-Must not: import ``server/`` or ``client/``, train anything, or write inside the run directory
-except the report's output folder.
+Must not: import ``serving/``, ``deploy/`` or ``cli/``; rely on the code that wrote the run for
+any check (only :mod:`.empirical` imports ``server/``, ``client/`` and ``simulations/``, to run
+the pipeline); write inside the run directory except the report's output folder.
 """
