@@ -1069,27 +1069,6 @@ def load_channel(dataset_dir: Path | str, channel: str) -> tuple[Catalogue, Inte
     return catalogue, _load_interactions(manifest, Path(dataset_dir), channel, catalogue)
 
 
-def check_dataset(dataset_dir: Path | str) -> dict[str, tuple[int, int]]:
-    """Load every channel; return ``{channel: (items, interactions)}`` or raise all problems.
-
-    Problems of every channel are gathered into one :class:`DataErrors`.
-    """
-    manifest = load_manifest(dataset_dir)
-    counts: dict[str, tuple[int, int]] = {}
-    problems = _Problems()
-    for channel in manifest.channels:
-        try:
-            catalogue, interactions = load_channel(dataset_dir, channel)
-            counts[channel] = (len(catalogue), len(interactions))
-        except DataError as exc:
-            problems.add(exc)
-        except DataErrors as exc:
-            problems.errors.extend(exc.errors)
-            problems.total += exc.total
-    problems.raise_if_any()
-    return counts
-
-
 # --------------------------------------------------------------------------------------------
 # Writing datasets
 

@@ -1,7 +1,8 @@
 """The synthetic cross-platform world (the default scenario) and the ``fedrec world`` command.
 
 Owns: ``WorldConfig``, ``generate_world`` (pure, seeded: one seed gives byte-identical output),
-``write_world``, and the command that writes a scenario (synthetic or MovieLens) to disk.
+and the command that writes a scenario (synthetic or MovieLens) to disk with
+:func:`fedrec.shared.datasets.write_dataset`.
 
 Generative model, in brief (the ground truth is written apart, under ``ground_truth/``):
 
@@ -875,20 +876,6 @@ def generate_world(cfg: WorldConfig | None = None) -> World:
         popularity=popularity,
         transition=transition,
         elapsed_s=time.perf_counter() - began,
-    )
-
-
-def write_world(world: World, out_dir: str | Path) -> Path:
-    """Write the world as a dataset (``shared.datasets`` layout) with its ground truth."""
-    from fedrec.shared.datasets import write_dataset
-
-    return write_dataset(
-        out_dir,
-        name="synthetic",
-        catalogues=world.catalogues,
-        interactions=world.interactions,
-        source=world.source(),
-        extra_files=world.ground_truth_files(),
     )
 
 

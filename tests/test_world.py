@@ -12,13 +12,13 @@ import pytest
 
 from fedrec.shared.config import ConfigError
 from fedrec.shared.data import to_sequences
+from fedrec.shared.datasets import load_channel, write_dataset
 from fedrec.simulations.world import (
     INTEREST_NAMES,
     ChannelSpec,
     World,
     WorldConfig,
     generate_world,
-    write_world,
 )
 
 FIXTURES = Path(__file__).parent / "data"
@@ -222,13 +222,17 @@ def test_ground_truth_lives_outside_every_channel_folder(small):
     assert model["people_on_several_channels"] == 300
 
 
-def test_write_world_puts_ground_truth_apart_and_loads_back(small, tmp_path):
-    # Prepare
-    datasets = pytest.importorskip("fedrec.shared.datasets")
-
-    # Execute
-    out = write_world(small, tmp_path / "w")
-    cat, x = datasets.load_channel(out, "finance")
+def test_written_world_keeps_ground_truth_apart_and_loads_back(small, tmp_path):
+    # Execute: written as ``fedrec world`` writes it
+    out = write_dataset(
+        tmp_path / "w",
+        name="synthetic",
+        catalogues=small.catalogues,
+        interactions=small.interactions,
+        source=small.source(),
+        extra_files=small.ground_truth_files(),
+    )
+    cat, x = load_channel(out, "finance")
 
     # Assert
     assert (out / "ground_truth" / "people.csv").is_file()
@@ -358,7 +362,6 @@ def _cli():
 
 def test_cli_writes_small_world_and_prints_table(tmp_path):
     # Prepare
-    pytest.importorskip("fedrec.shared.datasets")
     runner, app = _cli()
     out = tmp_path / "w"
 
@@ -393,7 +396,6 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path):
 
 def test_cli_force_replaces_existing_output(tmp_path):
     # Prepare
-    pytest.importorskip("fedrec.shared.datasets")
     runner, app = _cli()
     out = tmp_path / "w"
     out.mkdir()
@@ -410,7 +412,6 @@ def test_cli_force_replaces_existing_output(tmp_path):
 
 def test_cli_default_output_is_worlds_scenario_under_cwd(tmp_path, monkeypatch):
     # Prepare
-    pytest.importorskip("fedrec.shared.datasets")
     runner, app = _cli()
     monkeypatch.chdir(tmp_path)
 
@@ -459,7 +460,6 @@ def test_cli_rejects_synthetic_options_for_movielens(tmp_path):
 
 def test_cli_writes_movielens_100k_from_fixture(tmp_path):
     # Prepare
-    pytest.importorskip("fedrec.shared.datasets")
     runner, app = _cli()
     root = tmp_path / "data"
     (root / "movielens-100k").mkdir(parents=True)
