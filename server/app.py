@@ -7,7 +7,9 @@ run directory in ``server/rundir.py``. Reads catalogues only, never interactions
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from logging import INFO
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -20,12 +22,15 @@ from fedrec.shared import wire
 from fedrec.shared.config import from_run_config
 from fedrec.shared.model import build_model, param_shapes
 
+if TYPE_CHECKING:
+    from fedrec.shared.items import ItemMatrix
+
 app = ServerApp()
 
 
 def encode_catalogues(
     data_dir: str, channels: tuple[str, ...], cache_dir: str, encoder_dir: str = ""
-) -> dict:
+) -> dict[str, ItemMatrix]:
     """Channel -> ItemMatrix (ids, float32 matrix, fingerprints), from public item text only.
 
     ``encoder_dir`` names other weights (tests use a tiny random BERT); empty means the
@@ -55,7 +60,9 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def deliver_items(grid: Grid, matrices: dict, timeout: float) -> dict[int, tuple[str, int]]:
+def deliver_items(
+    grid: Grid, matrices: Mapping[str, ItemMatrix], timeout: float
+) -> dict[int, tuple[str, int]]:
     """Send each node its channel's item matrix, unless it already holds that fingerprint.
 
     Step 1 asks every node which channel it serves and what it has cached; step 2 sends the
@@ -83,9 +90,11 @@ def deliver_items(grid: Grid, matrices: dict, timeout: float) -> dict[int, tuple
             )
             continue
         node = reply.metadata.src_node_id
-        info = reply.content[wire.INFO]
-        channel = str(info[wire.CHANNEL])
-        shard = int(info.get(wire.SHARD, 0))
+        info = reply.content.get(wire.INFO)
+        found = wire.sender(reply.content)
+        if found is None or not isinstance(info, ConfigRecord):
+            raise ValueError(f"node {node} did not say which channel and shard it serves")
+        channel, shard = found
         if channel not in matrices:
             raise ValueError(
                 f"node {node} serves channel {channel!r}, which this run does not have ({sorted(matrices)})"

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -33,14 +33,22 @@ UNAVAILABLE = {
 }
 
 
-class RecordingMixin:
+if TYPE_CHECKING:
+    # At run time the mixin comes first in a class with one of FedAvg's subclasses (below);
+    # typed as a FedAvg, its super() calls are checked against the strategy it extends.
+    _Strategy = FedAvg
+else:
+    _Strategy = object
+
+
+class RecordingMixin(_Strategy):
     """Checks, records and checkpoints around the parent strategy's aggregation."""
 
     def setup_recording(
         self,
         run: RunDir,
         shapes: dict[str, tuple[int, ...]],
-        node_channels: dict[int, str],
+        node_channels: dict[int, tuple[str, int]],
         round_offset: int = 0,
     ) -> None:
         self.run = run
@@ -63,7 +71,7 @@ class RecordingMixin:
         self.started = time.monotonic()
         self.sent = list(
             super().configure_train(server_round + self.round_offset, arrays, config, grid)
-        )  # type: ignore[misc]
+        )
         return self.sent
 
     def configure_evaluate(
@@ -72,14 +80,13 @@ class RecordingMixin:
         self.started = time.monotonic()
         self.sent = list(
             super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
-        )  # type: ignore[misc]
+        )
         return self.sent
 
     def _label(self, node: int, content: RecordDict | None) -> tuple[str, int]:
         """(channel, shard) a node serves: from its reply, else from the items hand-shake."""
-        info = content.get(wire.INFO) if content is not None else None
-        if info is not None and wire.CHANNEL in info:
-            found = (str(info[wire.CHANNEL]), int(info.get(wire.SHARD, 0)))
+        found = wire.sender(content) if content is not None else None
+        if found is not None:
             self.node_channels.setdefault(node, found)
             return found
         return self.node_channels.get(node, (f"node-{node}", 0))
@@ -172,7 +179,7 @@ class RecordingMixin:
                 }
             )
             self.run.metrics(
-                round_, _node_label(channel, shard), "train", dict(msg.content[wire.METRICS])
+                round_, _node_label(channel, shard), "train", wire.scalar_metrics(msg.content)
             )
         for channel, shard in self._missing(status):
             status[_node_label(channel, shard)] = "missing"
@@ -187,7 +194,7 @@ class RecordingMixin:
             )
         self.round_status[round_] = status
         self._own_heads(kept)
-        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, kept)
         if arrays is not None:
             self.run.checkpoint(round_, {k: arrays[k].numpy() for k in arrays.keys()})
         self.train_seconds = time.monotonic() - self.started
@@ -202,8 +209,8 @@ class RecordingMixin:
         replies = [
             (
                 self._label(m.metadata.src_node_id, m.content)[0],
-                float(m.content[wire.METRICS][wire.NUM_EXAMPLES]),
-                m.content[wire.ARRAYS],
+                float(wire.scalar_metrics(m.content)[wire.NUM_EXAMPLES]),
+                wire.model_arrays(m.content),
             )
             for m in kept
         ]
@@ -222,7 +229,7 @@ class RecordingMixin:
         kept, _ = self._screen(round_, "evaluate", replies)
         for msg in kept:
             label = _node_label(*self._label(msg.metadata.src_node_id, msg.content))
-            values = dict(msg.content[wire.METRICS])
+            values = wire.scalar_metrics(msg.content)
             self.last_eval[label] = values
             self.run.metrics(round_, label, "evaluate", values)
         line = " | ".join(
@@ -243,7 +250,7 @@ class RecordingMixin:
             times["train-seconds"],
             times["evaluate-seconds"],
         )
-        return super().aggregate_evaluate(server_round, kept)  # type: ignore[misc]
+        return super().aggregate_evaluate(server_round, kept)
 
 
 def pool_heads(
@@ -264,7 +271,11 @@ def pool_heads(
             continue
         own = [(w, a[k]) for ch, w, a in replies if ch == owner]
         total = sum(w for w, _ in own)
-        out[k] = sum(w / total * a for w, a in own) if own and total > 0 else value
+        out[k] = (
+            sum((w / total * a for w, a in own), np.zeros_like(value))
+            if own and total > 0
+            else value
+        )
     return out
 
 

@@ -147,11 +147,12 @@ class RecModel(nn.Module):
             self.profile_own.weight.zero_()
         if self.profile_mlp is None:
             return
-        for layer in (self.profile_mlp[0], self.profile_mlp[2]):
+        layers = [m for m in self.profile_mlp if isinstance(m, nn.Linear)]
+        for layer in layers:
             bound = 1.0 / layer.in_features**0.5
             layer.weight.uniform_(-bound, bound, generator=g)
             layer.bias.zero_()
-        self.profile_mlp[2].weight.zero_()
+        layers[-1].weight.zero_()
 
     def user_code(
         self, hist: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
@@ -239,9 +240,18 @@ class CrossPlatformModel(nn.Module):
             )
         m = RecModel(self.spec)
         m.profile_lin, m.profile_mlp = self.profile_lin, self.profile_mlp
-        m.to_items = self.heads[key]["to_items"]
-        m.profile_own = self.heads[key]["profile_own"] if self.spec.own_tower else None
+        m.to_items = _head_layer(self.heads, key, "to_items")
+        m.profile_own = _head_layer(self.heads, key, "profile_own") if self.spec.own_tower else None
         return m
+
+
+def _head_layer(heads: nn.ModuleDict, key: str, name: str) -> nn.Linear:
+    """``heads[key][name]``: every head is a ModuleDict of ``nn.Linear`` layers."""
+    head = heads[key]
+    layer = head[name] if isinstance(head, nn.ModuleDict) else None
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"heads.{key}.{name} is a {type(layer).__name__}, not an nn.Linear")
+    return layer
 
 
 def head_owner(name: str) -> str | None:

@@ -82,8 +82,10 @@ PRIVACY_KEYS = (
 
 COUNT_BUCKET = 100
 
+Record = ArrayRecord | MetricRecord | ConfigRecord
+
 # kind -> record key -> (record type, allowed keys or None for "model parameters").
-ALLOWLIST: dict[str, dict[str, tuple[type, tuple[str, ...] | None]]] = {
+ALLOWLIST: dict[str, dict[str, tuple[type[Record], tuple[str, ...] | None]]] = {
     "train": {
         ARRAYS: (ArrayRecord, None),
         METRICS: (MetricRecord, (TRAIN_LOSS, NUM_EXAMPLES)),
@@ -142,13 +144,17 @@ def _violations(
         if not isinstance(record, rtype):
             out.append(f"{kind} reply: record {name!r} must be a {rtype.__name__}")
             continue
-        if keys is None:  # model parameters: exactly the model's names and shapes
+        if isinstance(record, ArrayRecord):  # model parameters: exactly their names and shapes
             got = {k: tuple(int(d) for d in record[k].shape) for k in record.keys()}
             out += [f"{kind} reply: {p}" for p in shape_problems(got, param_shapes)]
-        else:
-            for k in record.keys():
-                if k not in keys:
-                    out.append(f"{kind} reply: key {k!r} in {name!r} is not allowed")
+            continue
+        for k, value in record.items():
+            if keys is None or k not in keys:
+                out.append(f"{kind} reply: key {k!r} in {name!r} is not allowed")
+            elif isinstance(value, list):
+                out.append(
+                    f"{kind} reply: {name}.{k} is a list, not a scalar (per-example values?)"
+                )
     for name in allowed:
         if name not in records and not (kind == "train" and name == PRIVACY):
             out.append(f"{kind} reply: record {name!r} is missing")
@@ -162,7 +168,7 @@ def build_reply(
     arrays: Mapping[str, np.ndarray] | None = None,
     metrics: Mapping[str, float | int] | None = None,
     privacy: Mapping[str, float | int | str | bool] | None = None,
-    info: Mapping[str, str] | None = None,
+    info: Mapping[str, str | int] | None = None,
 ) -> RecordDict:
     """Build a reply's content, refusing (raising) if anything is outside the allowlist.
 
@@ -192,6 +198,48 @@ def check_reply(
     """Server-side re-check of a received reply; returns the violations (empty if clean)."""
     records = dict(content.items())
     return _violations(kind, records, param_shapes)
+
+
+def sender(content: RecordDict) -> tuple[str, int] | None:
+    """``(channel, shard)`` that a reply's info record names; None if it names none (no
+    info record, no channel string, or a shard that is not an integer)."""
+    info = content.get(INFO)
+    if not isinstance(info, ConfigRecord):
+        return None
+    channel, shard = info.get(CHANNEL), info.get(SHARD, 0)
+    if not isinstance(channel, str) or isinstance(shard, bool) or not isinstance(shard, int):
+        return None
+    return channel, shard
+
+
+def model_arrays(content: RecordDict) -> ArrayRecord:
+    """The arrays record of a train reply that passed :func:`check_reply`.
+
+    Raises:
+        EgressViolation: the reply has no arrays record.
+    """
+    record = content.get(ARRAYS)
+    if not isinstance(record, ArrayRecord):
+        raise EgressViolation(f"the reply has no {ARRAYS!r} record")
+    return record
+
+
+def scalar_metrics(content: RecordDict) -> dict[str, float]:
+    """The metrics record of a reply that passed :func:`check_reply` (so every value is a
+    number), as a plain dict.
+
+    Raises:
+        EgressViolation: the reply has no metrics record, or a value that is not a number.
+    """
+    record = content.get(METRICS)
+    if not isinstance(record, MetricRecord):
+        raise EgressViolation(f"the reply has no {METRICS!r} record")
+    out: dict[str, float] = {}
+    for k, value in record.items():
+        if isinstance(value, list):
+            raise EgressViolation(f"{METRICS}.{k} is a list, not a number")
+        out[k] = value
+    return out
 
 
 def describe(content: RecordDict) -> dict[str, Any]:

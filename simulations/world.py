@@ -710,9 +710,9 @@ def _sequences(
     primary = np.asarray(items["primary"])
     secondary = np.asarray(items["secondary"])
     for z in range(k):
-        members = np.flatnonzero((primary == z) | (secondary == z))
-        w = weight[members] * np.where(primary[members] == z, 1.0, 0.5)
-        pools.append((members.tolist(), list(itertools.accumulate(w.tolist()))))
+        in_pool = np.flatnonzero((primary == z) | (secondary == z))
+        w = weight[in_pool] * np.where(primary[in_pool] == z, 1.0, 0.5)
+        pools.append((in_pool.tolist(), list(itertools.accumulate(w.tolist()))))
     everything = (list(range(n_items)), list(itertools.accumulate(weight.tolist())))
     t_cum = [list(itertools.accumulate(row)) for row in transition.tolist()]
     kind = spec.item_kind

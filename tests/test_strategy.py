@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.server.rundir import RunDir
@@ -115,6 +115,33 @@ def test_array_with_another_shape_is_rejected(tmp_path) -> None:
     assert arrays is None
     entry = hashlog.read(tmp_path / "run" / "egress.jsonl")[0]
     assert any("shape (5000, 2)" in v for v in entry["violations"])
+
+
+def test_list_valued_metric_is_rejected_not_aggregated(tmp_path) -> None:
+    # Prepare: finance sends its example count as a list (per-example values would fit there)
+    strategy = _strategy(tmp_path)
+    bad = _train(
+        "finance",
+        100.0,
+        100,
+        {wire.METRICS: MetricRecord({wire.TRAIN_LOSS: 1.0, wire.NUM_EXAMPLES: [60, 40]})},
+    )
+    replies = [_reply(1, _train("ecommerce", 1.0, 100)), _reply(2, bad)]
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: the average is ecommerce's alone; the egress log says why finance was refused
+    assert np.allclose(arrays["w"].numpy(), 1.0)
+    egress = {e["channel"]: e for e in hashlog.read(tmp_path / "run" / "egress.jsonl")}
+    assert egress["finance"]["violations"] == [
+        "train reply: metrics.num-examples is a list, not a scalar (per-example values?)"
+    ]
+
+
+def test_build_reply_refuses_a_list_valued_metric() -> None:
+    with pytest.raises(wire.EgressViolation, match="hr@10 is a list"):
+        wire.build_reply("evaluate", metrics={wire.HR10: [1, 0, 1]}, info={wire.CHANNEL: "x"})
 
 
 @pytest.mark.parametrize(
