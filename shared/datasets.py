@@ -558,7 +558,7 @@ def _row_lines(data: bytes) -> np.ndarray:
     lengths = ends - starts
     last = buf[np.clip(ends - 1, 0, None)] if len(buf) else np.zeros(len(ends), np.uint8)
     lengths -= (lengths > 0) & (last == ord("\r"))
-    lines = np.searchsorted(breaks, starts[lengths > 0]) + 1
+    lines: np.ndarray = np.searchsorted(breaks, starts[lengths > 0]) + 1
     return lines[1:]  # the header is line 1
 
 
@@ -765,11 +765,13 @@ def _as_str(values: pa.Array) -> np.ndarray:
     """A numpy str array; converts each distinct value once (ids and events repeat a lot)."""
     encoded = pc.dictionary_encode(values)
     uniques = encoded.dictionary.to_numpy(zero_copy_only=False).astype(np.str_)
-    return uniques[encoded.indices.to_numpy(zero_copy_only=False)]
+    strings: np.ndarray = uniques[encoded.indices.to_numpy(zero_copy_only=False)]
+    return strings
 
 
 def _as_text(values: pa.Array) -> np.ndarray:
-    return values.to_numpy(zero_copy_only=False)  # object array of str
+    text: np.ndarray = values.to_numpy(zero_copy_only=False)  # object array of str
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -852,12 +854,14 @@ def _days_from_civil(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> np.ndarray:
     yoe = y - era * 400
     doy = (153 * (m + np.where(m > 2, -3, 9)) + 2) // 5 + d - 1
     doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146_097 + doe - 719_468
+    days: np.ndarray = era * 146_097 + doe - 719_468
+    return days
 
 
 def _ints(values: pa.Array) -> np.ndarray:
     filled = pc.if_else(pc.equal(values, ""), "0", values)
-    return pc.cast(filled, pa.int64()).to_numpy(zero_copy_only=False)
+    ints: np.ndarray = pc.cast(filled, pa.int64()).to_numpy(zero_copy_only=False)
+    return ints
 
 
 def parse_timestamps(values: pa.Array | list[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1185,7 +1189,10 @@ def _interactions_csv(inter: Interactions, cat: Catalogue) -> bytes:
 
 def _iso_utc(seconds: np.ndarray) -> np.ndarray:
     stamps = pa.array(seconds, pa.int64()).cast(pa.timestamp("s", tz="UTC"))
-    return pc.strftime(stamps, format="%Y-%m-%dT%H:%M:%SZ").to_numpy(zero_copy_only=False)
+    text: np.ndarray = pc.strftime(stamps, format="%Y-%m-%dT%H:%M:%SZ").to_numpy(
+        zero_copy_only=False
+    )
+    return text
 
 
 def write_dataset(

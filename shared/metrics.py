@@ -49,7 +49,8 @@ def rank_of_target(
         seen = np.asarray(seen, dtype=np.int64)
         seen = seen[seen != target[i]]
         beats[i, seen] = False
-    return beats.sum(1).astype(np.int64)  # the target counts itself once
+    ranks: np.ndarray = beats.sum(1).astype(np.int64)  # the target counts itself once
+    return ranks
 
 
 def sampled_rank(scores: np.ndarray, target: np.ndarray, negatives: np.ndarray) -> np.ndarray:
@@ -57,7 +58,8 @@ def sampled_rank(scores: np.ndarray, target: np.ndarray, negatives: np.ndarray) 
     u = np.arange(len(target))
     t = scores[u, target]
     neg = scores[u[:, None], negatives]  # (U, S)
-    return 1 + (neg >= t[:, None]).sum(1).astype(np.int64)
+    ranks: np.ndarray = 1 + (neg >= t[:, None]).sum(1).astype(np.int64)
+    return ranks
 
 
 def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:

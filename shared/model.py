@@ -162,7 +162,7 @@ class RecModel(nn.Module):
 
     def code(self, x: torch.Tensor) -> torch.Tensor:
         """History summaries (..., 2E) -> profiles (..., D)."""
-        p = self.profile_lin(x)
+        p: torch.Tensor = self.profile_lin(x)
         if self.profile_own is not None:
             p = p + self.profile_own(x)
         if self.profile_mlp is not None:
@@ -173,7 +173,8 @@ class RecModel(nn.Module):
         self, hist: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
     ) -> torch.Tensor:
         """User vector in item space: (B, L, E), (B, L) [, (B, E)] -> (B, E)."""
-        return self(summarize_history(hist, mask, query))  # (B, E)
+        out: torch.Tensor = self(summarize_history(hist, mask, query))  # (B, E)
+        return out
 
     @torch.no_grad()
     def item_codes(self, items: torch.Tensor) -> torch.Tensor:
@@ -197,7 +198,8 @@ class RecModel(nn.Module):
         outside the model against the constant, public item matrix, so each user's loss
         depends on that user's data and public items only.
         """
-        return TAU * self.to_items(self.code(x))
+        out: torch.Tensor = TAU * self.to_items(self.code(x))
+        return out
 
 
 SHARED_HEAD = "shared"  # the head's key when every platform shares one (model.heads = "shared")
@@ -219,7 +221,9 @@ class CrossPlatformModel(nn.Module):
     Parameter names: ``profile_lin.*`` (``profile_mlp.*``) and ``heads.<channel>.*``.
     """
 
-    def __init__(self, spec: ModelSpec, channels: tuple[str, ...], per_channel: bool = True):
+    def __init__(
+        self, spec: ModelSpec, channels: tuple[str, ...], per_channel: bool = True
+    ) -> None:
         super().__init__()
         base = RecModel(spec)
         self.spec, self.per_channel = spec, per_channel
