@@ -1,11 +1,11 @@
 """``fedrec encode``: turn every channel's public catalogue into an item matrix on disk.
 
-Owns: the command line around :mod:`server.encoder` (options, progress bar, summary table).
+Owns: the command line around :mod:`fedrec.server.encoder` (options, progress bar, summary table).
 Reads only the catalogues of a dataset, never its interactions. Writes
 ``<out>/<channel>.items.npz`` (see :func:`fedrec.shared.items.save_item_matrix`).
 
-Must not: hold encoding logic (it lives in ``server/encoder.py``); import torch, transformers or
-the encoder at module import time, so that ``fedrec --help`` stays instant.
+Must not: hold encoding logic (it lives in :mod:`fedrec.server.encoder`); import torch,
+transformers or the encoder at module import time, so that ``fedrec --help`` stays instant.
 """
 
 from __future__ import annotations

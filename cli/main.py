@@ -1,4 +1,4 @@
-"""The ``fedrec`` command line: one typer app; each module under ``simulations/`` adds its
+"""The ``fedrec`` command line: one typer app; each module in :data:`COMMAND_MODULES` adds its
 commands through a ``register(app)`` function. Heavy imports stay inside the commands so that
 ``fedrec --help`` is instant.
 """
@@ -40,7 +40,7 @@ for _name in COMMAND_MODULES:
 # Known, understood library warnings that would bury the command's own output (the command
 # line only; libraries and apps keep every warning).
 QUIET = (
-    r"Secure RNG turned off",  # Opacus: OS-entropy-seeded noise, see client/training.py
+    r"Secure RNG turned off",  # Opacus: OS-entropy-seeded noise (DPSession.noise_seed)
     r"Full backward hook is firing",  # Opacus ghost clipping's second backward pass
     r"Optimal order is the largest alpha",  # RDP: ε is still a valid (looser) upper bound
 )

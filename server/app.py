@@ -1,7 +1,8 @@
 """fedrec ServerApp: encode public catalogues, deliver item matrices once, run the strategy.
 
-Thin: the encoder lives in ``server/encoder.py``, the strategy in ``server/strategy.py``, the
-run directory in ``server/rundir.py``. Reads catalogues only, never interactions.
+Thin: the encoder lives in :mod:`fedrec.server.encoder`, the strategy in
+:mod:`fedrec.server.strategy`, the run directory in :mod:`fedrec.server.rundir`. Reads
+catalogues only, never interactions.
 """
 
 from __future__ import annotations

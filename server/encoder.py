@@ -7,7 +7,7 @@ fingerprint; the on-disk embedding cache keyed by (encoder fingerprint, sha256 o
 and building each channel's :class:`fedrec.shared.items.ItemMatrix`, which is sent to clients.
 
 Must not: read interactions (item text is public, encoding costs no privacy budget); download
-anything; import ``client/``; import torch or transformers at module import time, so that
+anything; import ``fedrec.client``; import torch or transformers at module import time, so that
 ``import fedrec.server.encoder`` stays cheap.
 
 Output: ``encode(texts)[i] = normalise(sum_t m_it * h_it / sum_t m_it)`` where ``h_it`` is the
@@ -358,10 +358,6 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task("encode", total=total)
         yield lambda n: bar.advance(task, n)
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic files
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Layout (the audit reads exactly this)::
     checkpoints/round-NNNN.safetensors
     results.json           final metrics per channel, log heads, wall time
 
-Must not: import ``client/``; read any channel's interactions.
+Must not: import ``fedrec.client``; read any channel's interactions.
 """
 
 from __future__ import annotations

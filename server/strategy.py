@@ -2,7 +2,7 @@
 against the wire allowlist, log what crossed the boundary, keep the privacy ledger, record
 refusals and missing channels, and checkpoint every round.
 
-Must not: import ``client/``.
+Must not: import ``fedrec.client``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Owns: the one place where configuration keys, defaults and checks live. Keys are
 grouped with dots (``dp.target-epsilon``), exactly as in ``pyproject.toml`` and ``--run-config``.
 Unknown keys are rejected and every problem is reported at once, with the bad value.
 
-Must not: import ``server/`` or ``client/``, or read files.
+Must not: import ``fedrec.server`` or ``fedrec.client``, or read files.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """In-memory data model for channels: public catalogues and private interactions.
 
 Owns: the types every layer passes around. Loading, validation and writing live in
-``shared/datasets.py``; the synthetic world and MovieLens converters in ``simulations/``.
+:mod:`fedrec.shared.datasets`; the synthetic world and the MovieLens converters in
+:mod:`fedrec.simulations.world` and :mod:`fedrec.simulations.movielens`.
 
-Must not: import ``server/`` or ``client/``, or do I/O.
+Must not: import ``fedrec.server`` or ``fedrec.client``, or do I/O.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Dataset folders on disk: the ``fedrec-dataset/1`` format, its loaders, validation and writer.
 
-Owns: reading a dataset folder into :class:`shared.data.Catalogue` and
-:class:`shared.data.Interactions`, checking every file where it enters (each problem located by
-file, line, column and value, with a fix), and writing datasets atomically
-(through :mod:`fedrec.shared.fsio`).
+Owns: reading a dataset folder into :class:`fedrec.shared.data.Catalogue` and
+:class:`fedrec.shared.data.Interactions`, checking every file where it enters (each problem
+located by file, line, column and value, with a fix), and writing datasets atomically (through
+:mod:`fedrec.shared.fsio`).
 
-Must not: import ``server/`` or ``client/``; read anything under ``ground_truth/``; log
-interactions, user ids or cell values (errors carry values to the person who owns the file, logs
-do not).
+Must not: import ``fedrec.server`` or ``fedrec.client``; read anything under ``ground_truth/``;
+log interactions, user ids or cell values (errors carry values to the person who owns the file,
+logs do not).
 
 Format ``fedrec-dataset/1``
 ---------------------------
@@ -44,8 +44,8 @@ present exactly once and no other column may appear. Empty lines are skipped.
 - ``interactions.csv``: ``user_id`` and ``item_id`` non-empty, ``item_id`` must be in the
   channel's ``items.csv``; ``timestamp`` is integer Unix seconds (``1709296496``) or ISO-8601
   with a zone (``2024-03-01T12:34:56Z``, ``2024-03-01T14:34:56+02:00``; fractions of a second
-  are dropped), years 0000-9999; ``event`` is one of :data:`shared.data.EVENT_TYPES`; ``query``
-  is free text, empty when there was none. Rows may come in any order.
+  are dropped), years 0000-9999; ``event`` is one of :data:`fedrec.shared.data.EVENT_TYPES`;
+  ``query`` is free text, empty when there was none. Rows may come in any order.
 
 Loaders return interactions sorted by (user_id, timestamp, file row); :func:`write_dataset` writes
 them in that order with ISO-8601 UTC timestamps (``Z``). In memory, ids, events and categories
@@ -362,7 +362,8 @@ def _read_manifest_json(given: Path, file: str) -> tuple[str, dict[str, Any]]:
             problem="manifest not found",
             hint=(
                 f"every dataset folder needs a {MANIFEST_NAME} in format '{FORMAT}' (see "
-                "shared/datasets.py); write datasets with shared.datasets.write_dataset."
+                "fedrec.shared.datasets); write datasets with "
+                "fedrec.shared.datasets.write_dataset."
             ),
         ) from None
     except OSError as exc:

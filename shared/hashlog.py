@@ -6,7 +6,7 @@ entry without ``hash``. Editing, deleting or reordering any line breaks the chai
 on, and :func:`verify` says where. Truncation of the tail is caught by comparing the last hash
 with one kept elsewhere (results.json keeps the head of each log).
 
-Must not: import ``server/`` or ``client/``.
+Must not: import ``fedrec.server`` or ``fedrec.client``.
 """
 
 from __future__ import annotations

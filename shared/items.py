@@ -4,7 +4,7 @@ command reads them.
 Owns: :class:`ItemMatrix` (ids, float32 matrix, encoder fingerprint, content fingerprint) and
 its ``.npz`` file format, written atomically and checked on every read.
 
-Must not: import ``server/`` or ``client/``; hold anything computed from interactions.
+Must not: import ``fedrec.server`` or ``fedrec.client``; hold anything computed from interactions.
 """
 
 from __future__ import annotations

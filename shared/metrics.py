@@ -8,9 +8,12 @@ candidates left after excluding the items the user has already seen. Then, per u
   NDCG@K   = 1 / log2(rank + 1) if rank <= K else 0   (ideal DCG is 1)
   MRR      = 1 / rank                      (full list, no cut-off)
 
-and each metric is the mean over users. This is the protocol of research/recbole-ml1m.md §3.
+and each metric is the mean over users: RecBole's full-ranking leave-one-out protocol with the
+user's known items excluded (the target stays a candidate). RecBole's own sequential evaluation
+excludes nothing but padding and breaks ties in ``torch.topk`` order, so its figures compare
+with these only when it is run with the same exclusion.
 
-Must not: import ``server/`` or ``client/``.
+Must not: import ``fedrec.server`` or ``fedrec.client``.
 """
 
 from __future__ import annotations

@@ -2,11 +2,14 @@
 
 Owns: the one architecture that every channel trains and the server aggregates
 (:class:`CrossPlatformModel`: a shared tower W_h; per platform ``W_o``, ``b`` and its own
-tower W_c; each platform trains its :class:`RecModel` view), and the history summaries it reads. Item vectors
-come from the central text encoder and are inputs, never parameters: there is no per-user or
-per-item embedding table, so nothing in the weights is indexed by a user or an item.
+tower W_c; each platform trains its :class:`RecModel` view), and the history summaries it
+reads. Item vectors come from the central text encoder and are inputs, never parameters: there
+is no per-user or per-item embedding table, so nothing in the weights is indexed by a user or
+an item.
 
-Design (DP utility decides it, see research/privacy.md §1):
+Design (DP utility decides it: under DP-SGD an MLP scorer over ``[p, c, p*c]`` stayed near
+chance in a probe, while a dot-product scorer whose untrained scores already correlate with the
+target learned):
   * profile  p = W_h x + W_c x + MLP(x),  x = [mean(h), recent(h)]  (B, D); W_c starts at 0
   * query    u = tau * (W_o p + b)                                (B, E)  back in item space
   * score    s(c) = <u, c>  = tau * <W_o^T c, p> + tau * <b, c>    for each item vector c
@@ -20,7 +23,7 @@ already ranks by text similarity to the history; DP-SGD only has to learn correc
 start at zero. Every layer is ``nn.Linear`` (no raw parameters, no weight tying): all Opacus
 grad-sample modes, ghost clipping included, support it.
 
-Must not: import ``server/`` or ``client/``.
+Must not: import ``fedrec.server`` or ``fedrec.client``.
 """
 
 from __future__ import annotations
@@ -214,8 +217,8 @@ class CrossPlatformModel(nn.Module):
     (a shared-plus-specific split in the spirit of STAR, Sheng et al. 2021). It starts at zero,
     so the model starts as the shared tower alone. Each platform trains the tower and its own
     head; the server averages the tower over all platforms and each head over its own platform
-    only, so a small platform's head is not diluted by the others' updates
-    (research/anchors.md §5.7-5.8: per-platform parts against negative transfer).
+    only, so a small platform's head is not diluted by the others' updates: per-platform
+    parts guard against negative transfer, where a platform does worse federated than alone.
     ``model.heads = "shared"`` gives the fully shared model (one head) for comparison.
 
     Parameter names: ``profile_lin.*`` (``profile_mlp.*``) and ``heads.<channel>.*``.

@@ -5,16 +5,21 @@ Owns: every key that crosses between a client and the server. Replies are built 
 again on receipt with :func:`check_reply`. :func:`describe` turns a reply into the egress-log
 entry (keys, shapes, dtypes, bytes, sha256) that the server writes for every reply it receives.
 
-What may leave a client (DESIGN.md, "What may leave a client"):
+What may leave a client, and nothing else:
   * train: the shared model's weights (exactly its parameter names and shapes), the training
-    loss, the aggregation weight, and the privacy report;
+    loss, the aggregation weight, and the privacy report (:data:`PRIVACY_KEYS`: ε, δ, noise
+    multiplier, clipping bound, sample rate, steps, accountant);
   * evaluate: aggregate ranking metrics and the number of evaluated users;
   * items: an acknowledgement (rows cached, fingerprint), both about public data.
+Metric and config values are single numbers, strings or booleans: a list could carry
+per-example values.
+Never: interactions, user ids or indices, per-example values or gradients, the items a user
+touched, optimizer state.
 Counts (``num-examples``) are sent rounded up to a multiple of :data:`COUNT_BUCKET`: they reveal
 the platform's size to the server at that granularity. They are not covered by DP; the audit
 says so.
 
-Must not: import ``server/`` or ``client/``.
+Must not: import ``fedrec.server`` or ``fedrec.client``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,17 @@
 """Non-learned reference scorers for leave-last-out evaluation.
 
 Owns: the two baselines every quality table shows next to the trained model, as
-:data:`client.training.ScoreFn` functions ``(hist, mask) -> (B, N) scores``:
+:data:`fedrec.client.training.ScoreFn` functions ``(hist, mask) -> (B, N) scores``:
 
 * popularity: ``score(i) = #(training interactions with item i)`` on the channel's own training
   split. It reads private interactions, so it is an evaluation-only reference: never a negative
-  sampler or a model input (research/privacy.md §2, "Also avoid these").
+  sampler or a model input, where the counts would be an access to other users' data that the
+  per-user DP guarantee does not cover.
 * text similarity: ``score(i) = cos(mean_t h_t, v_i)``, the cosine between the mean of the
   history's item vectors and each item vector. No training, no private data beyond the user's
   own history.
 
-Must not: train anything, or be imported by ``client/`` or ``server/``.
+Must not: train anything, or be imported by ``fedrec.client`` or ``fedrec.server``.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 ``run_simulation`` calls ``flwr run <app> --stream`` with a private ``FLWR_HOME`` (so the
 managed SuperLink, its state and its installed apps belong to this run only), from a neutral
 working directory (Ray puts the SuperLink's working directory on its workers' ``sys.path``,
-where a stray ``server.py`` or ``client.py`` would shadow ours), with runtime dependency
-installation off (everything is installed already); afterwards it stops every process that
-carries that ``FLWR_HOME``.
+where a stray ``fedrec`` module or folder would shadow the installed package), with runtime
+dependency installation off (everything is installed already); afterwards it stops every
+process that carries that ``FLWR_HOME``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ user ids ``u<n>``. ML-1M's RecBole files name movies by title, so ``<n>`` there 
 Licence: MovieLens is for non-commercial research and may not be redistributed. Read it from
 ``../shared/data`` (or ``$FEDREC_SHARED_DATA``); never copy it into the repository.
 
-Must not: hold training logic, or write anything (``shared.datasets.write_dataset`` does that).
+Must not: hold training logic, or write anything
+(:func:`fedrec.shared.datasets.write_dataset` does that).
 """
 
 from __future__ import annotations

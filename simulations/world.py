@@ -23,7 +23,7 @@ Generative model, in brief (the ground truth is written apart, under ``ground_tr
   on learnable transitions and on popularity: neither popularity nor text similarity to the
   history is enough.
 
-Must not: hold training logic the apps need, or import ``server/``/``client/``.
+Must not: hold training logic the apps need, or import ``fedrec.server``/``fedrec.client``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for shared/datasets.py: the dataset format, loaders, validation and writing.
+"""Tests for fedrec.shared.datasets: the dataset format, loaders, validation and writing.
 
 Fixtures are hand-written under tests/data/: ``tiny/`` is a good two-channel dataset;
 ``bad_items/`` and ``bad_interactions/`` hold one problem per channel; ``bad_manifest/`` one

@@ -1,4 +1,4 @@
-"""Tests for shared/fsio.py: atomic files and folders, and the locked append of the logs."""
+"""Tests for fedrec.shared.fsio: atomic files and folders, and the locked append of the logs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Ranking metrics (shared/metrics.py) on vectors small enough to check by hand.
+"""Ranking metrics (fedrec.shared.metrics) on vectors small enough to check by hand.
 
-Formulas (shared/metrics.py docstring; research/recbole-ml1m.md §3): with one relevant item,
+Formulas (the fedrec.shared.metrics docstring): with one relevant item,
 rank = 1 + #(other candidates scored >= the target), HR@K = 1[rank <= K],
 NDCG@K = 1/log2(rank + 1) if rank <= K else 0, MRR = 1/rank.
 """

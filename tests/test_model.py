@@ -1,4 +1,4 @@
-"""The shared RecModel (shared/model.py): shapes, Opacus compatibility, the text-similarity
+"""The shared RecModel (fedrec.shared.model): shapes, Opacus compatibility, the text-similarity
 initialisation, and the history summary."""
 
 from __future__ import annotations

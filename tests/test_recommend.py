@@ -1,4 +1,4 @@
-"""``fedrec recommend``'s serving path (simulations/recommend.py) on a hand-made run directory:
+"""``fedrec recommend``'s serving path (fedrec.serving.recommend) on a hand-made run directory:
 it loads the last checkpoint, serves a platform with its own head, excludes seen items,
 blends a query, ranks items added after training (cold start) and refuses bad requests; and
 the run directory's check that a checkpoint fits the model before a run resumes from it."""
