@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -419,6 +420,36 @@ class WorldConfig:
     def _membership_bounds(self) -> tuple[int, int]:
         m = self.multi_channel()
         return self.people + m, self.people + (len(self.channels) - 1) * m
+
+    def with_users(self, users: Mapping[str, int]) -> WorldConfig:
+        """This config with the named channels' user counts set (a size-skewed world, e.g. a
+        small new partner), keeping the overlap: the number of people follows the memberships,
+        at the same mean number of channels per person as before.
+
+        Raises:
+            ConfigError: an unknown channel, or a count below 1.
+        """
+        known = [c.name for c in self.channels]
+        problems = [
+            f"--users names channel {name!r}, which the world does not have (it has {known})."
+            for name in users
+            if name not in known
+        ]
+        problems += [
+            f"--users {name}={n}: a channel needs at least 1 user."
+            for name, n in users.items()
+            if n < 1
+        ]
+        if problems:
+            raise ConfigError(problems)
+        total = sum(c.users for c in self.channels)
+        spread = total / self.people  # memberships per person
+        channels = tuple(
+            dataclasses.replace(c, users=users.get(c.name, c.users)) for c in self.channels
+        )
+        new_total = sum(c.users for c in channels)
+        people = max(max(c.users for c in channels), round(new_total / spread))
+        return dataclasses.replace(self, people=people, channels=channels)
 
     def resized(self, *, people: int | None = None, overlap: float | None = None) -> WorldConfig:
         """This config with another number of people and/or overlap, kept consistent.
@@ -911,6 +942,23 @@ class Scenario(StrEnum):
     movielens_100k = "movielens-100k"
 
 
+def parse_users(values: list[str]) -> dict[str, int]:
+    """``["finance=400", "social=900"]`` to ``{"finance": 400, "social": 900}``.
+
+    Raises:
+        ValueError: a value that is not CHANNEL=N with a whole number N.
+    """
+    out: dict[str, int] = {}
+    for value in values:
+        name, sep, count = value.partition("=")
+        if not sep or not name.strip() or not count.strip().isdigit():
+            raise ValueError(
+                f"--users takes CHANNEL=N with a whole number N, e.g. finance=400. Found {value!r}."
+            )
+        out[name.strip()] = int(count)
+    return out
+
+
 def register(app: typer.Typer) -> None:
     """Add ``fedrec world`` to the fedrec app."""
 
@@ -942,6 +990,14 @@ def register(app: typer.Typer) -> None:
                 "channel sizes and changes the number of people. Default: 0.5."
             ),
         ] = None,
+        users: Annotated[
+            list[str] | None,
+            typer.Option(
+                help="CHANNEL=N: that channel's number of users (synthetic only; repeatable), "
+                "e.g. --users finance=400 for a small new partner. People follow, at the same "
+                "overlap.",
+            ),
+        ] = None,
         data_root: Annotated[
             Path | None,
             typer.Option(
@@ -968,6 +1024,8 @@ def register(app: typer.Typer) -> None:
                 cfg = WorldConfig(seed=0 if seed is None else seed).resized(
                     people=people, overlap=overlap
                 )
+                if users:
+                    cfg = cfg.with_users(parse_users(users))
             except (ConfigError, ValueError) as err:
                 console.print(f"[red]{err}[/red]")
                 raise typer.Exit(2) from None
@@ -977,7 +1035,12 @@ def register(app: typer.Typer) -> None:
         else:
             given = [
                 flag
-                for flag, v in (("--seed", seed), ("--people", people), ("--overlap", overlap))
+                for flag, v in (
+                    ("--seed", seed),
+                    ("--people", people),
+                    ("--overlap", overlap),
+                    ("--users", users or None),
+                )
                 if v is not None
             ]
             if given:

@@ -275,6 +275,42 @@ def test_resized_people_scales_channel_sizes():
     assert cfg.multi_channel() == 350
 
 
+def test_with_users_makes_a_small_partner_and_keeps_the_overlap():
+    # Execute: finance 2,000 -> 400 users. 11,000 memberships over 7,000 people is 11/7 per
+    # person; 9,400 memberships at 11/7 is 5,982 people.
+    cfg = WorldConfig().with_users({"finance": 400})
+
+    # Assert
+    assert [c.users for c in cfg.channels] == [5000, 4000, 400]
+    assert cfg.people == 5982
+    assert cfg.overlap == 0.5
+
+
+def test_with_users_refuses_unknown_channels_and_empty_ones():
+    with pytest.raises(ConfigError) as err:
+        WorldConfig().with_users({"bank": 100, "finance": 0})
+    assert "'bank'" in str(err.value) and "finance=0" in str(err.value)
+
+
+def test_cli_writes_a_size_skewed_world(tmp_path):
+    # Prepare
+    runner, app = _cli()
+    out = tmp_path / "w"
+
+    # Execute: 300 people (214 / 171 / 86 users), then finance down to 40.
+    result = runner.invoke(
+        app, ["world", "--out", str(out), "--people", "300", "--users", "finance=40"]
+    )
+    bad = runner.invoke(app, ["world", "--out", str(tmp_path / "x"), "--users", "finance"])
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    finance = [c for c in manifest["source"]["config"]["channels"] if c["name"] == "finance"]
+    assert finance[0]["users"] == 40
+    assert bad.exit_code == 2 and "CHANNEL=N" in bad.output
+
+
 # --- Default world: size, speed and difficulty ----------------------------------------------
 
 
