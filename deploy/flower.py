@@ -1,19 +1,23 @@
 """Flower's processes as fedrec starts them, in simulation, deployment and audits alike.
 
-Owns: the Flower app project handed to ``flwr run`` (:func:`app_project`), the environment of
-one run's Flower processes, free loopback ports, run-config override files, and finding and
-stopping every process a run started.
+Owns: the Flower app project handed to ``flwr run`` (:func:`app_project`), the path of Flower's
+executables in this environment, the environment of one run's Flower processes, free loopback
+ports, TOML values and run-config override files, and finding and stopping processes (the one
+:func:`terminate`, used by simulation and deployment alike).
 
-Must not: import ``client/`` or ``simulations/``.
+Must not: import ``client/`` or ``simulations/``, or know what a deployment or a simulation
+does with the processes it starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from fedrec.shared.fsio import atomic_write_text
 
 SERVER_APP = "fedrec.server.app:app"
 CLIENT_APP = "fedrec.client.app:app"
+LOOPBACK = "127.0.0.1"
 
 
 def app_project(folder: Path) -> Path:
@@ -42,22 +47,28 @@ def app_project(folder: Path) -> Path:
         "",
         "[project]",
         'name = "fedrec"',
-        f"version = {_toml_value(version('fedrec'))}",
+        f"version = {toml_value(version('fedrec'))}",
         "dependencies = []",
         "",
         "[tool.flwr.app]",
         'publisher = "fedrec"',
         "",
         "[tool.flwr.app.components]",
-        f"serverapp = {_toml_value(SERVER_APP)}",
-        f"clientapp = {_toml_value(CLIENT_APP)}",
+        f"serverapp = {toml_value(SERVER_APP)}",
+        f"clientapp = {toml_value(CLIENT_APP)}",
         "",
         "[tool.flwr.app.config]",
-        *(f'"{k}" = {_toml_value(v)}' for k, v in sorted(defaults.items())),
+        *(f'"{k}" = {toml_value(v)}' for k, v in sorted(defaults.items())),
     ]
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "pyproject.toml", "\n".join(lines) + "\n")
     return folder
+
+
+def flower_bin(name: str) -> str:
+    """Path of Flower's executable ``name`` (``flwr``, ``flower-superlink``, ...) installed
+    next to this Python, so every process runs the same environment's Flower."""
+    return str(Path(sys.executable).with_name(name))
 
 
 def free_ports(n: int) -> list[int]:
@@ -65,34 +76,45 @@ def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
-            s.bind(("127.0.0.1", 0))
+            s.bind((LOOPBACK, 0))
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for s in socks:
             s.close()
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for one run's Flower processes: its own FLWR_HOME and its own local
-    SuperLink ports (the managed SuperLink otherwise always takes 39091/39093, and two runs
-    at once would share it)."""
+def process_env(flwr_home: Path) -> dict[str, str]:
+    """This process's environment for a Flower process with its own ``FLWR_HOME``: no runtime
+    dependency installation (everything is installed already), one OpenMP thread, unbuffered
+    output, and this environment's executables first on ``PATH``."""
     env = dict(os.environ)
-    http_port, control_port = free_ports(2)
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
-        RAY_DEDUP_LOGS="1",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
-        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     )
     return env
 
 
-def _toml_value(v: Any) -> str:
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for one simulation run's Flower processes: its own FLWR_HOME and its own
+    local SuperLink ports (the managed SuperLink otherwise always takes 39091/39093, and two
+    runs at once would share it)."""
+    env = process_env(flwr_home)
+    http_port, control_port = free_ports(2)
+    env.update(
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        RAY_DEDUP_LOGS="1",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+    )
+    return env
+
+
+def toml_value(v: Any) -> str:
+    """``v`` as a TOML value: booleans, numbers (NaN as ``nan``), anything else a quoted string."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
@@ -101,7 +123,7 @@ def _toml_value(v: Any) -> str:
 
 
 def write_overrides(path: Path, run_config: dict[str, Any]) -> Path:
-    lines = [f'"{k}" = {_toml_value(v)}' for k, v in sorted(run_config.items())]
+    lines = [f'"{k}" = {toml_value(v)}' for k, v in sorted(run_config.items())]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -122,27 +144,36 @@ def processes_with_env(key: str, value: str) -> list[int]:
     return pids
 
 
-def stop_processes(flwr_home: Path, grace: float = 5.0) -> int:
-    """SIGTERM, then SIGKILL, every process started for this FLWR_HOME; returns how many."""
-    pids = processes_with_env("FLWR_HOME", str(flwr_home))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
+def terminate(pids: Sequence[int], grace: float = 8.0, kill_wait: float = 3.0) -> list[int]:
+    """SIGTERM, wait up to ``grace`` s, then SIGKILL and wait up to ``kill_wait`` s; returns
+    the PIDs still alive after both (a zombie counts as gone)."""
+    left = list(pids)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            pids = [p for p in pids if Path(f"/proc/{p}").exists() and _alive(p)]
-            if not pids:
-                return 0
-            time.sleep(0.2)
-    return len(pids)
+        deadline = time.monotonic() + wait
+        while left and time.monotonic() < deadline:
+            left = [p for p in left if _alive(p)]
+            if left:
+                time.sleep(0.1)
+        if not left:
+            break
+    return left
+
+
+def stop_processes(flwr_home: Path, grace: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL, every process started for this FLWR_HOME; returns how many
+    survived both."""
+    pids = processes_with_env("FLWR_HOME", str(flwr_home))
+    return len(terminate(pids, grace=grace, kill_wait=grace))
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (Linux /proc; the state follows the last
+    ``)``, since the command name in parentheses may itself contain one)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
     except OSError:
         return False
     return state != "Z"
