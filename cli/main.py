@@ -23,7 +23,7 @@ COMMAND_MODULES = (
     "fedrec.cli.train",  # fedrec train
     "fedrec.simulations.simulate",  # fedrec simulate
     "fedrec.serving.recommend",  # fedrec recommend
-    "fedrec.deploy.local",  # fedrec deploy certs|local|superlink|node
+    "fedrec.deploy.cli",  # fedrec deploy certs|local|superlink|node
     "fedrec.audit.cli",  # fedrec audit
 )
 

@@ -1,8 +1,10 @@
 """Deployment runtime with real processes: ``flower-superlink`` (TLS, SuperNode authentication,
 state in a file) and one ``flower-supernode`` per platform on 127.0.0.1, driven by
-``fedrec.deploy.local`` exactly as ``fedrec deploy local`` drives them.
+``fedrec.deploy.local`` exactly as ``fedrec deploy local`` drives them. The faults (a host
+dies, a node comes back, a node is misconfigured) come from tests/deploy_faults.py.
 
-The fast tests check the pieces (certificates, the per-platform data split, the commands).
+The fast tests check the pieces (certificates, the per-platform data split, the commands,
+stopping processes).
 The ``e2e`` tests share one SuperLink and three platforms (module fixture) and run in file
 order; each reads the platforms' ledgers when it starts, so it does not depend on what ran
 before it:
@@ -20,25 +22,24 @@ Every process is stopped by the fixture's finalizer, also when a test fails.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fedrec.deploy.local import (
-    DEPLOYMENT_ENV,
-    LocalDeployment,
-    make_certs,
-    node_config,
-    processes_with_env,
-    split_dataset,
-    superlink_command,
-    supernode_command,
-)
+from fedrec.deploy.certs import make_certs
+from fedrec.deploy.commands import node_config, superlink_command, supernode_command
+from fedrec.deploy.flower import processes_with_env, stop_processes, terminate
+from fedrec.deploy.local import DEPLOYMENT_ENV, LocalDeployment
+from fedrec.deploy.split import split_dataset
 from fedrec.shared import hashlog, privacy, wire
 from fedrec.shared.config import from_run_config
+from tests.deploy_faults import crash, restart_node, start_misconfigured_node, stop
 from tests.tiny import save_tiny_bert, write_small_world
 
 CHANNELS = ("ecommerce", "finance", "social")
@@ -108,7 +109,9 @@ def _run_config(world: dict[str, Any], run_dir: Path, **extra: Any) -> dict[str,
 def _node_history(d: LocalDeployment, channel: str) -> list[tuple[float, float, int]]:
     """The accountant history the platform's own ledger (on its disk) holds now."""
     entries = hashlog.read(d.state_dir(channel) / "privacy-ledger.jsonl")
-    return [tuple(e) for e in entries[-1]["history"]] if entries else []  # type: ignore[misc]
+    if not entries:
+        return []
+    return [(float(sigma), float(q), int(n)) for sigma, q, n in entries[-1]["history"]]
 
 
 def _steps(history: list[tuple[float, float, int]]) -> int:
@@ -210,6 +213,46 @@ def test_node_config_refuses_what_flower_would_misparse(tmp_path: Path) -> None:
         node_config("finance", tmp_path / 'da"ta', tmp_path / "state")
 
 
+def _ignores_sigterm(env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A process that ignores SIGTERM (``sleep`` inherits the ignored disposition)."""
+    proc = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 60"], env=env)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] != b"sleep":
+        assert time.monotonic() < deadline, "sh never exec'd sleep"
+        time.sleep(0.02)
+    return proc
+
+
+def test_terminate_kills_what_ignores_sigterm() -> None:
+    # Prepare
+    proc = _ignores_sigterm()
+
+    # Execute
+    left = terminate([proc.pid], grace=0.3, kill_wait=5.0)
+
+    # Assert: SIGTERM was ignored, SIGKILL was not
+    assert left == []
+    assert proc.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_stop_processes_stops_only_its_flwr_home(tmp_path: Path) -> None:
+    # Prepare: one process of this FLWR_HOME, one of another
+    mine = _ignores_sigterm({**os.environ, "FLWR_HOME": str(tmp_path / "mine")})
+    other = _ignores_sigterm({**os.environ, "FLWR_HOME": str(tmp_path / "other")})
+    try:
+        # Execute
+        survivors = stop_processes(tmp_path / "mine", grace=0.3)
+
+        # Assert
+        assert survivors == 0
+        assert mine.wait(timeout=5) == -signal.SIGKILL
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait(timeout=5)
+        mine.kill()
+
+
 @pytest.mark.e2e
 def test_commands_use_flags_the_installed_flower_has(tmp_path: Path) -> None:
     certs = make_certs(tmp_path / "certs", ["finance"])
@@ -253,25 +296,30 @@ def rejected(
         return sorted(n["node-id"] for n in cluster.nodes() if n["status"] == "online")
 
     before = online()
-    options: dict[str, dict[str, Any]] = {
-        "unregistered": {"private_key": other.node_key("intruder")},
-        "no-tls": {"root_certificates": False, "private_key": False},
-        "wrong-ca": {
-            "root_certificates": other.ca_cert,
-            "private_key": cluster.certs.node_key("finance"),  # registered: only TLS is wrong
-        },
+    # case -> (CA the node trusts, key it authenticates with); None: --insecure / no key
+    options: dict[str, tuple[Path | None, Path | None]] = {
+        "unregistered": (cluster.certs.ca_cert, other.node_key("intruder")),
+        "no-tls": (None, None),
+        # a registered key: only TLS is wrong
+        "wrong-ca": (other.ca_cert, cluster.certs.node_key("finance")),
     }
     procs = {}
     try:
-        for case, kwargs in options.items():
+        for case, (ca, key) in options.items():
             # --max-retries 1: a node refused at the transport level retries forever otherwise
-            procs[case] = cluster.start_node(
-                "intruder", other.root, name=f"bad-{case}", extra=["--max-retries", "1"], **kwargs
+            procs[case] = start_misconfigured_node(
+                cluster,
+                f"bad-{case}",
+                "intruder",
+                other.root,
+                root_certificates=ca,
+                private_key=key,
+                extra=["--max-retries", "1"],
             )
         codes = {case: proc.popen.wait(timeout=120) for case, proc in procs.items()}
     finally:
         for case in procs:
-            cluster.stop(f"bad-{case}")
+            stop(cluster, f"bad-{case}")
     after = online()
     return {
         case: (codes[case], proc.log.read_text(errors="replace"), before, after)
@@ -370,7 +418,7 @@ def test_platform_crash_rejoin_and_spent_budget(
     def restart() -> None:
         try:
             assert round_2.wait(timeout=300), "round 2 never started"
-            cluster.restart_node("finance", world["platforms"]["finance"])
+            restart_node(cluster, "finance", world["platforms"]["finance"])
         except BaseException as exc:  # reported by the test thread
             errors.append(exc)
 
@@ -378,7 +426,7 @@ def test_platform_crash_rejoin_and_spent_budget(
 
     def on_line(line: str) -> None:
         if "aggregate_train: Received" in line and restarter.ident is None:
-            cluster.crash("node-finance")  # the host dies: SuperNode, SuperExec, ClientApp
+            crash(cluster, "node-finance")  # the host dies: SuperNode, SuperExec, ClientApp
             restarter.start()
         if "[ROUND 2/" in line:
             round_2.set()
@@ -416,7 +464,10 @@ def test_platform_crash_rejoin_and_spent_budget(
     egress = hashlog.read(run_dir / "egress.jsonl")
     unknown = sorted({e["channel"] for e in ledger + egress} - set(CHANNELS))
     if unknown:
-        pytest.xfail(f"run logs name {unknown}, not a channel: see change request (strategy)")
+        pytest.xfail(
+            f"run logs name {unknown}, not a channel: server/strategy.py does not attribute "
+            "the SuperLink's NODE_UNAVAILABLE reply (sender node 1) to the lost node's channel"
+        )
 
 
 @pytest.mark.e2e
@@ -430,7 +481,7 @@ def test_coordinator_restart_resumes_from_last_checkpoint(
 
     def on_line(line: str) -> None:
         if "[fedrec] round 1:" in line and cluster.procs["superlink"].running():
-            cluster.crash("superlink")  # the coordinator's host dies, ServerApp included
+            crash(cluster, "superlink")  # the coordinator's host dies, ServerApp included
 
     # Execute: crash after round 1, bring the coordinator back, resubmit with resume=true
     code, crashed_run = cluster.submit(cfg, on_line=on_line, log_name="coordinator-1")

@@ -1,0 +1,99 @@
+"""The plain Flower command lines of a deployment, as an operator runs them on real machines.
+
+Owns: the ``flower-superlink`` and ``flower-supernode`` argument lists (:func:`superlink_command`,
+:func:`supernode_command`), a platform's ``--node-config`` string (:func:`node_config`) and the
+``flwr`` CLI's connection file (:func:`write_flower_config`). ``fedrec deploy local`` and the
+``fedrec deploy superlink`` / ``node`` wrappers use the same functions, so what a test checks
+against the installed Flower is what an operator is shown.
+
+Must not: start processes, or make up a flag the installed Flower lacks (a test runs each
+executable's ``--help``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedrec.deploy.certs import Certs
+from fedrec.deploy.flower import LOOPBACK, flower_bin, toml_value
+
+LINK_NAME = "fedrec-local"  # the SuperLink connection name in $FLWR_HOME/config.toml
+
+
+def node_config(channel: str, data_dir: Path, state_dir: Path, torch_threads: int = 1) -> str:
+    """The ``--node-config`` string of one platform's SuperNode.
+
+    Flower splits it with a regular expression that does not know escapes, so a value may not
+    contain ``"`` or ``\\`` (spaces are fine).
+    """
+    values = {"channel": channel, "data-dir": str(data_dir), "state-dir": str(state_dir)}
+    bad = {k: v for k, v in values.items() if '"' in v or "\\" in v}
+    if bad:
+        raise ValueError(f"--node-config values cannot contain '\"' or '\\'. Found {bad}.")
+    body = " ".join(f'{k}="{v}"' for k, v in values.items())
+    return f"{body} torch-threads={int(torch_threads)}"
+
+
+def superlink_command(
+    *, port: int, certs: Certs | None, database: Path | None, host: str = LOOPBACK
+) -> list[str]:
+    """``flower-superlink`` with TLS and SuperNode authentication (``certs=None``: insecure).
+
+    ``--disable-runtime-dependency-installation``: otherwise the SuperLink ``uv sync``s the
+    app's dependencies (torch included) into a fresh environment for every run.
+    """
+    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port)]
+    if certs is None:
+        cmd.append("--insecure")
+    else:
+        cmd += [
+            "--ssl-ca-certfile",
+            str(certs.ca_cert),
+            "--ssl-certfile",
+            str(certs.server_cert),
+            "--ssl-keyfile",
+            str(certs.server_key),
+            "--enable-supernode-auth",
+        ]
+    if database is not None:
+        cmd += ["--database", str(database)]
+    cmd.append("--disable-runtime-dependency-installation")
+    return cmd
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    port: int,
+    config: str,
+    root_certificates: Path | None,
+    private_key: Path | None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``flower-supernode`` for one platform (``root_certificates=None``: ``--insecure``)."""
+    cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port)]
+    if root_certificates is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_certificates)]
+    if private_key is not None:
+        cmd += ["--auth-supernode-private-key", str(private_key)]
+    cmd += ["--node-config", config, *extra]
+    return cmd
+
+
+def write_flower_config(
+    flwr_home: Path, address: str, root_certificates: Path | None, name: str = LINK_NAME
+) -> Path:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection (where 1.42 keeps federations)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f"default = {toml_value(name)}", "", f"[superlink.{name}]"]
+    lines.append(f"address = {toml_value(address)}")
+    if root_certificates is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {toml_value(str(root_certificates))}")
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
