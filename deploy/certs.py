@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedrec.deploy.flower import LOOPBACK
+from fedrec.shared.fsio import atomic_write_text
 
 TEST_CERT_NOTE = (
     "These certificates and keys are for local testing only: the CA key sits next to the "
@@ -174,5 +175,5 @@ def make_certs(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
         certs.node_pub(channel).write_bytes(pub + f" fedrec-{channel}\n".encode())
-    (certs.root / "README.txt").write_text(TEST_CERT_NOTE + "\n", encoding="utf-8")
+    atomic_write_text(certs.root / "README.txt", TEST_CERT_NOTE + "\n")
     return certs

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedrec.deploy.certs import Certs
 from fedrec.deploy.flower import LOOPBACK, flower_bin, toml_value
+from fedrec.shared.fsio import atomic_write_text
 
 LINK_NAME = "fedrec-local"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
@@ -95,5 +96,5 @@ def write_flower_config(
     else:
         lines.append(f"root-certificates = {toml_value(str(root_certificates))}")
     path = flwr_home / "config.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -124,7 +124,7 @@ def toml_value(v: Any) -> str:
 
 def write_overrides(path: Path, run_config: dict[str, Any]) -> Path:
     lines = [f'"{k}" = {toml_value(v)}' for k, v in sorted(run_config.items())]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -44,7 +44,8 @@ def split_dataset(data_dir: Path, out_dir: Path) -> tuple[Path, dict[str, Path]]
     Returns:
         The coordinator folder and channel -> platform folder.
     """
-    from fedrec.shared.datasets import atomic_dir, load_manifest
+    from fedrec.shared.datasets import load_manifest
+    from fedrec.shared.fsio import atomic_dir
 
     manifest = load_manifest(data_dir)
     out_dir = Path(out_dir).resolve()

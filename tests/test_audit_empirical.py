@@ -1,4 +1,4 @@
-"""Tests of the empirical audit that runs the pipeline (simulations/audit/empirical.py) and of
+"""Tests of the empirical audit that runs the pipeline (audit/empirical.py) and of
 the client's audit hook (gradient canaries, the noise-off fault injection)."""
 
 from __future__ import annotations
