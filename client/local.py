@@ -130,6 +130,7 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         split.train,
         spec,
         global_params=global_params,
+        head_mean=federated.head_mean() if cfg.train.head_pull > 0 else None,
         optimizer_state=nodes.load_optimizer(node, context.run_id),
     )
     report: dict[str, float | int | str | bool] = {wire.DP_ENABLED: cfg.dp.enabled}

@@ -53,6 +53,7 @@ class TrainSpec:
     scores_dtype: str = "auto"  # as TrainConfig.scores_dtype
     max_history: int = 50
     proximal_mu: float = 0.0
+    head_pull: float = 0.0  # as TrainConfig.head_pull
     seed: int = 0
 
     @classmethod
@@ -71,6 +72,7 @@ class TrainSpec:
             scores_dtype=t.scores_dtype,
             max_history=cfg.model.max_history,
             proximal_mu=proximal_mu,
+            head_pull=t.head_pull,
             seed=seed,
         )
 
@@ -363,17 +365,25 @@ def train_local(
     *,
     dp: DPSession | None = None,
     global_params: dict[str, torch.Tensor] | None = None,
+    head_mean: dict[str, torch.Tensor] | None = None,
     grad_hook: GradHook | None = None,
     optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``spec.steps`` steps; with ``dp``, DP-SGD via Opacus.
 
     With DP, the session checks the budget first (raises :class:`privacy.BudgetExceeded`,
-    nothing trained) and its accountant records the steps the optimizer runs. ``grad_hook`` runs after per-user clipping
-    and before noise (for white-box audits only).
+    nothing trained) and its accountant records the steps the optimizer runs. ``grad_hook``
+    runs after per-user clipping and before noise (for white-box audits only).
 
-    FedProx's proximal term mu/2 ||w - w_global||^2 does not depend on any user's data, so it
-    is applied as a separate, data-independent step after each (noised) update: it costs no ε.
+    Two proximal terms may pull the weights, each applied as a separate step after every
+    (noised) update. Neither depends on any user's data, so neither costs ε:
+
+    * FedProx, ``spec.proximal_mu / 2 * ||w - w_global||^2`` over every parameter, toward
+      ``global_params`` (Li et al., MLSys 2020);
+    * mean-regularised multi-task learning, ``spec.head_pull / 2 * ||h - h_mean||^2`` over the
+      platform's head, toward ``head_mean``, the average of every platform's head in the
+      global model (MR-MTL; Liu, Hu, Wu and Smith, NeurIPS 2022). The platforms' heads stay
+      their own but share what their noisy updates agree on.
     """
     check_item_range(seqs, len(items))
     examples = UserExamples(seqs, items, spec)
@@ -383,9 +393,9 @@ def train_local(
             f"({len(seqs)} users): nothing to train on"
         )
     # Opacus draws Poisson sampling and Gaussian noise from torch's global RNG. Under DP it is
-    # seeded from OS entropy (:meth:`DPSession.noise_seed`): noise that a known seed (the run config is
-    # known to the server) determines could be regenerated and subtracted. ``spec.seed`` fixes
-    # everything else.
+    # seeded from OS entropy (:meth:`DPSession.noise_seed`): noise that a known seed (the run
+    # config is known to the server) determines could be regenerated and subtracted.
+    # ``spec.seed`` fixes everything else.
     torch.manual_seed(spec.seed if dp is None else dp.noise_seed(spec.seed))
     model.train()
     loader = torch.utils.data.DataLoader(
@@ -412,23 +422,23 @@ def train_local(
         if grad_hook is not None:
             _install_grad_hook(dp_optimizer, grad_hook)
         optimizer = dp_optimizer
-    anchor = None
-    if global_params and spec.proximal_mu > 0:
-        # (parameter, its global value, its group's learning rate): the proximal step moves
-        # each parameter at the rate its data gradient does (W_o at lr x head_lr_scale).
-        lr_of = {id(p): g["lr"] for g in base_optimizer.param_groups for p in g["params"]}
-        anchor = [
-            (p, global_params[name].detach().clone(), lr_of[id(p)])
-            for name, p in model.named_parameters()
-        ]
+    # (parameter, where it is pulled, step size): a pull moves each parameter at its group's
+    # learning rate, as its data gradient does (W_o at lr x head_lr_scale).
+    lr_of = {id(p): g["lr"] for g in base_optimizer.param_groups for p in g["params"]}
+    anchors = [
+        (p, target[name].detach().clone(), lr_of[id(p)] * strength)
+        for target, strength in ((global_params, spec.proximal_mu), (head_mean, spec.head_pull))
+        if target and strength > 0
+        for name, p in model.named_parameters()
+        if name in target
+    ]
     low_precision = resolve_scores_dtype(spec.scores_dtype) == "bfloat16"
     losses: list[float] = []
     for batch in _cycle(loader, spec.steps):
         per_user = train_step(net, optimizer, criterion, items, batch, low_precision)
-        if anchor is not None:
-            with torch.no_grad():
-                for p, global_value, lr in anchor:
-                    p.sub_(lr * spec.proximal_mu * (p - global_value))
+        with torch.no_grad():
+            for p, target, step in anchors:
+                p.sub_(step * (p - target))
         if len(per_user):
             losses.append(float(per_user.mean()))
     epsilon, steps = 0.0, spec.steps

@@ -59,6 +59,9 @@ class TrainConfig:
     # noise costs most, and it learns too slowly at the shared rate (README, "Where DP-SGD
     # costs quality")
     head_lr_scale: float = 2.5
+    # MR-MTL's lambda: each platform's head is pulled toward the mean of every platform's head
+    # (a data-independent proximal step after each update; 0 = heads fully separate)
+    head_pull: float = 0.0
     optimizer: str = "adam"
     # dtype of the (predictions x catalogue) scores in training: "auto" takes bfloat16 where
     # the CPU has native bfloat16 matrix instructions (about 3x faster there), else float32
@@ -263,6 +266,8 @@ def check(cfg: FedrecConfig) -> list[str]:
         )
     positive("train.lr", cfg.train.lr)
     positive("train.head-lr-scale", cfg.train.head_lr_scale)
+    if cfg.train.head_pull < 0:
+        p.append(f"train.head-pull must be >= 0. Found {cfg.train.head_pull}.")
     if cfg.train.scores_dtype not in SCORE_DTYPES:
         p.append(
             f"train.scores-dtype must be one of {list(SCORE_DTYPES)}. Found {cfg.train.scores_dtype!r}."

@@ -251,6 +251,16 @@ class CrossPlatformModel(nn.Module):
         m.profile_own = _head_layer(self.heads, key, "profile_own") if self.spec.own_tower else None
         return m
 
+    @torch.no_grad()
+    def head_mean(self) -> dict[str, torch.Tensor]:
+        """Every platform's head averaged, under :class:`RecModel`'s parameter names
+        (``to_items.weight``, ``to_items.bias``, ``profile_own.weight``): the centre that
+        MR-MTL pulls each platform's head toward. Empty with one head."""
+        if len(self.heads) < 2:
+            return {}
+        states = [head.state_dict() for head in self.heads.values()]
+        return {k: torch.stack([st[k] for st in states]).mean(0) for k in states[0]}
+
 
 def _head_layer(heads: nn.ModuleDict, key: str, name: str) -> nn.Linear:
     """``heads[key][name]``: every head is a ModuleDict of ``nn.Linear`` layers."""

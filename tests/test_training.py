@@ -363,6 +363,54 @@ def test_proximal_step_pulls_each_parameter_at_its_own_learning_rate() -> None:
         assert torch.allclose(prox[name], expected, atol=1e-6), name
 
 
+def test_head_pull_moves_only_the_head_toward_the_mean_head() -> None:
+    # Prepare: as above, with a mean head 0.1 away from the start for the head's parameters
+    # only; the MR-MTL step after the update is h -= lr_group * head_pull * (h - h_mean).
+    items, seqs = topic_world(shift=1)
+    split = leave_last_out(seqs)
+    start = RecModel().state_dict()
+    mean = {k: v + 0.1 for k, v in start.items() if k.startswith("to_items.")}
+    after = []
+    for pull in (0.0, 0.5):
+        model = RecModel()
+        spec = TrainSpec(
+            steps=1, batch_size=32, negatives=20, optimizer="sgd", lr=0.1, head_pull=pull
+        )
+
+        # Execute
+        train_local(model, items, split.train, spec, head_mean=mean)
+        after.append(model.state_dict())
+
+    # Assert: W_o pulled at lr x head_lr_scale, b at lr, the tower not at all.
+    plain, pulled = after
+    for name in plain:
+        if name in mean:
+            lr = 0.1 * (spec.head_lr_scale if name == "to_items.weight" else 1.0)
+            expected = plain[name] - lr * 0.5 * (plain[name] - mean[name])
+        else:
+            expected = plain[name]
+        assert torch.allclose(pulled[name], expected, atol=1e-6), name
+
+
+def test_head_mean_averages_every_platforms_head() -> None:
+    # Prepare: two platforms' heads set to 1 and 3 everywhere.
+    from fedrec.shared.model import CrossPlatformModel
+
+    model = CrossPlatformModel(ModelSpec(own_tower=True), ("a", "b"))
+    with torch.no_grad():
+        for value, head in zip((1.0, 3.0), model.heads.values(), strict=True):
+            for param in head.parameters():
+                param.fill_(value)
+
+    # Execute
+    mean = model.head_mean()
+
+    # Assert: under RecModel's names, every value 2; the shared tower is not part of it.
+    assert sorted(mean) == ["profile_own.weight", "to_items.bias", "to_items.weight"]
+    assert all(torch.all(v == 2.0) for v in mean.values())
+    assert CrossPlatformModel(ModelSpec(), ("a",)).head_mean() == {}
+
+
 # ------------------------------------------------------------------------------ evaluation
 
 
