@@ -422,9 +422,13 @@ class WorldConfig:
         return self.people + m, self.people + (len(self.channels) - 1) * m
 
     def with_users(self, users: Mapping[str, int]) -> WorldConfig:
-        """This config with the named channels' user counts set (a size-skewed world, e.g. a
-        small new partner), keeping the overlap: the number of people follows the memberships,
-        at the same mean number of channels per person as before.
+        """This config with the named channels' user counts set: a size-skewed world (e.g. a
+        small new partner).
+
+        The number of people stays (raised to the largest channel, or to half the memberships,
+        if needed) and the overlap follows: every person beyond a single channel is on exactly
+        two. (Keeping the overlap instead can ask for people on three channels that a small
+        channel cannot hold.)
 
         Raises:
             ConfigError: an unknown channel, or a count below 1.
@@ -442,14 +446,13 @@ class WorldConfig:
         ]
         if problems:
             raise ConfigError(problems)
-        total = sum(c.users for c in self.channels)
-        spread = total / self.people  # memberships per person
         channels = tuple(
             dataclasses.replace(c, users=users.get(c.name, c.users)) for c in self.channels
         )
-        new_total = sum(c.users for c in channels)
-        people = max(max(c.users for c in channels), round(new_total / spread))
-        return dataclasses.replace(self, people=people, channels=channels)
+        total = sum(c.users for c in channels)
+        people = min(max(self.people, -(-total // 2), max(c.users for c in channels)), total)
+        overlap = (total - people) / people
+        return dataclasses.replace(self, people=people, overlap=overlap, channels=channels)
 
     def resized(self, *, people: int | None = None, overlap: float | None = None) -> WorldConfig:
         """This config with another number of people and/or overlap, kept consistent.

@@ -275,15 +275,22 @@ def test_resized_people_scales_channel_sizes():
     assert cfg.multi_channel() == 350
 
 
-def test_with_users_makes_a_small_partner_and_keeps_the_overlap():
-    # Execute: finance 2,000 -> 400 users. 11,000 memberships over 7,000 people is 11/7 per
-    # person; 9,400 memberships at 11/7 is 5,982 people.
+def test_with_users_makes_a_small_partner_with_the_same_people():
+    # Execute: finance 2,000 -> 400 users: 9,400 memberships over the same 7,000 people, so
+    # 2,400 people are on two channels (overlap 2,400 / 7,000).
     cfg = WorldConfig().with_users({"finance": 400})
+    world = generate_world(cfg)
 
     # Assert
     assert [c.users for c in cfg.channels] == [5000, 4000, 400]
-    assert cfg.people == 5982
-    assert cfg.overlap == 0.5
+    assert (cfg.people, cfg.multi_channel()) == (7000, 2400)
+    assert [
+        len(set(world.interactions[c].user_ids)) for c in ("ecommerce", "social", "finance")
+    ] == [
+        5000,
+        4000,
+        400,
+    ]
 
 
 def test_with_users_refuses_unknown_channels_and_empty_ones():
