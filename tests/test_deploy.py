@@ -96,6 +96,7 @@ def _run_config(world: dict[str, Any], run_dir: Path, **extra: Any) -> dict[str,
         "train.batch-size": BATCH,
         "train.negatives": 20,
         "dp.noise-multiplier": SIGMA,
+        "dp.accountant": "rdp",  # the tests compute expected ε with RDP
         "dp.target-epsilon": 1000.0,
         "dp.target-delta": DELTA,
         "eval.max-users": 100,

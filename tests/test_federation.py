@@ -78,6 +78,7 @@ def _config(
             "train.batch-size": BATCH,
             "train.negatives": 20,
             "dp.noise-multiplier": SIGMA,
+            "dp.accountant": "rdp",  # the expected ε above is RDP's
             "dp.target-epsilon": target,
             "dp.target-delta": 1e-4,
             "eval.max-users": 100,

@@ -499,7 +499,7 @@ def test_budget_refusal_trains_nothing() -> None:
 
 def test_a_session_plans_sigma_for_the_whole_run() -> None:
     # Prepare: 64 users, B = 8 -> q = 1/8; 5 rounds x 30 steps.
-    dp = DPConfig(target_epsilon=8.0)
+    dp = DPConfig(target_epsilon=8.0, accountant="rdp")
 
     # Execute
     s = DPSession(dp, users=64, batch_size=8, planned_steps=150, channel="shop")
