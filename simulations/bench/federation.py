@@ -102,6 +102,7 @@ def main(
 ) -> None:
     """Run simulate for each seed and print mean ± std and paired ratios per channel."""
     from fedrec.client.dp import NOISE_SEED_ENV
+    from fedrec.client.standalone import quiet_opacus
     from fedrec.shared.fsio import atomic_write_text
     from fedrec.simulations.simulate import simulate
 
@@ -110,9 +111,10 @@ def main(
     for seed in range(seeds):
         os.environ[NOISE_SEED_ENV] = str(seed)  # benchmark only: paired DP noise
         try:
-            summary = simulate(
-                data, scenario, out=out / f"seed-{seed}", seed=seed, run_config=run_config
-            )
+            with quiet_opacus():
+                summary = simulate(
+                    data, scenario, out=out / f"seed-{seed}", seed=seed, run_config=run_config
+                )
         finally:
             del os.environ[NOISE_SEED_ENV]
         runs.append(summary["rows"])
