@@ -154,21 +154,6 @@ def one_run_audit(
     return {**best, "m": m, "p": p, "p_per_test": level, "tests": tests, "ceiling": ceiling}
 
 
-def epsilon_lower_bound_one_run(
-    scores: Sequence[float] | np.ndarray,
-    included: Sequence[bool] | np.ndarray,
-    k_pos_list: Sequence[int],
-    k_neg_list: Sequence[int],
-    delta: float,
-    p: float = 0.05,
-) -> float:
-    """The ε lower bound of :func:`one_run_audit` (Steinke, Nasr, Jagielski 2023) alone."""
-    return float(one_run_audit(scores, included, k_pos_list, k_neg_list, delta, p)["epsilon_lb"])
-
-
-# --- Membership inference metrics ---------------------------------------------------------
-
-
 def _scores(scores_in: Any, scores_out: Any) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(scores_in, dtype=float).ravel()
     b = np.asarray(scores_out, dtype=float).ravel()

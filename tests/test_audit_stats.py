@@ -60,8 +60,8 @@ def test_bonferroni_lowers_the_bound() -> None:
     scores = inc.astype(float)
 
     # Execute
-    one = stats.epsilon_lower_bound_one_run(scores, inc, [50], [50], 1e-5)
-    two = stats.epsilon_lower_bound_one_run(scores, inc, [50, 10], [50, 10], 1e-5)
+    one = stats.one_run_audit(scores, inc, [50], [50], 1e-5)["epsilon_lb"]
+    two = stats.one_run_audit(scores, inc, [50, 10], [50, 10], 1e-5)["epsilon_lb"]
 
     # Assert: same best guess, tested at p/2 instead of p
     assert 0 < two < one
@@ -74,7 +74,7 @@ def test_random_scores_give_no_evidence() -> None:
     scores = rng.normal(size=1000)
 
     # Execute
-    eps = stats.epsilon_lower_bound_one_run(scores, inc, [50, 100], [50, 100], 1e-5)
+    eps = stats.one_run_audit(scores, inc, [50, 100], [50, 100], 1e-5)["epsilon_lb"]
 
     # Assert
     assert eps < 0.3
