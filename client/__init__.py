@@ -1,1 +1,1 @@
-"""fedrec client side: ClientApp, local data, DP training and evaluation."""
+"""fedrec client side: ClientApp, local data, the DP lifecycle, DP training and evaluation."""

@@ -1,1 +1,2 @@
-"""The fedrec command line, scenarios, runners, baselines, benchmarks and audits."""
+"""Simulation only: the synthetic world, MovieLens scenarios, the Simulation Engine runner,
+``fedrec simulate``, baselines and benchmarks (``bench/``)."""
