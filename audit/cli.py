@@ -56,7 +56,8 @@ def audit(
     from rich.console import Console
     from rich.table import Table
 
-    from .report import build_report, fmt, write_report
+    from .document import fmt
+    from .report import build_report, write_report
 
     console = Console()
     spec = None
@@ -170,8 +171,8 @@ def audit_empirical(
     from fedrec.shared.config import parse_value
     from fedrec.simulations.simulate import ensure_data
 
+    from .document import fmt
     from .empirical import AuditPlan, run_empirical_audit
-    from .report import fmt
 
     console = Console()
     root = (out or Path("runs") / f"audit-empirical-{_time.strftime('%Y%m%d-%H%M%S')}").resolve()

@@ -40,11 +40,7 @@ def app_project(folder: Path) -> Path:
     from fedrec.shared.config import FedrecConfig
 
     defaults = FedrecConfig().to_run_config()
-    lines = [
-        "[build-system]",
-        'requires = ["hatchling"]',
-        'build-backend = "hatchling.build"',
-        "",
+    lines = [  # nothing builds this project: Flower reads [project] and [tool.flwr.app] only
         "[project]",
         'name = "fedrec"',
         f"version = {toml_value(version('fedrec'))}",

@@ -642,3 +642,26 @@ def test_pyproject_defaults_equal_the_dataclass_defaults() -> None:
     # Execute / Assert
     assert run_config == FedrecConfig().to_run_config()
     assert from_run_config(run_config) == FedrecConfig()
+
+
+def test_the_client_refuses_to_train_on_a_tampered_ledger(tmp_path: Path) -> None:
+    # Prepare: a node whose ledger claims fewer steps than it recorded (a hash mismatch).
+    from flwr.app import Context, RecordDict
+
+    from fedrec.client import local
+    from fedrec.client.node import Node
+
+    ledger = tmp_path / "state" / "privacy-ledger.jsonl"
+    _write_ledger(ledger)
+    lines = ledger.read_text(encoding="utf-8").splitlines()
+    last = json.loads(lines[-1])
+    last["history"] = [[1.1, 0.02, 1]]
+    ledger.write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n", encoding="utf-8")
+    node = Node("shop", tmp_path / "data", tmp_path / "state")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    _, seqs = topic_world()
+    cfg = FedrecConfig(dp=DPConfig(accountant="rdp", noise_multiplier=1.1))
+
+    # Execute / Assert: a refusal the server records (not a crash), saying why.
+    with pytest.raises(local.Refused, match=f"{local.BUDGET_REFUSED}.*failed verification"):
+        local._dp_session(cfg, node, seqs, context)
