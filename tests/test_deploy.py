@@ -278,10 +278,15 @@ def test_commands_use_flags_the_installed_flower_has(tmp_path: Path) -> None:
 
 
 REJECTIONS = {
-    # case: what the node gets wrong, and what its log must say
-    "unregistered": ("a key the SuperLink never registered", "Failed to activate SuperNode"),
-    "no-tls": ("--insecure against the TLS SuperLink", "Server disconnected without sending"),
-    "wrong-ca": ("a CA that did not sign the SuperLink's cert", "CERTIFICATE_VERIFY_FAILED"),
+    # case: what the node gets wrong, and what its log must say (one of). A plaintext client
+    # against the TLS port is dropped by the server; depending on when, the client reads it
+    # as a disconnect or a reset (both seen with flwr 1.42).
+    "unregistered": ("a key the SuperLink never registered", ("Failed to activate SuperNode",)),
+    "no-tls": (
+        "--insecure against the TLS SuperLink",
+        ("Server disconnected without sending", "Connection reset by peer"),
+    ),
+    "wrong-ca": ("a CA that did not sign the SuperLink's cert", ("CERTIFICATE_VERIFY_FAILED",)),
 }
 
 
@@ -337,7 +342,7 @@ def test_superlink_refuses_node(
 
     # Assert: the node gave up with Flower's connection-error exit and never got a node ID
     assert code == 1 and "Exit Code: 305" in log, log[-2000:]
-    assert REJECTIONS[case][1] in log, log[-2000:]
+    assert any(m in log for m in REJECTIONS[case][1]), log[-2000:]
     assert "SuperNode ID" not in log
     assert online_after == online_before
 
