@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from fedrec.deploy.certs import make_certs
 from fedrec.deploy.commands import node_config, superlink_command, supernode_command
@@ -512,6 +513,14 @@ def test_coordinator_restart_resumes_from_last_checkpoint(
         eps = [e["epsilon"] for e in trained if e["channel"] == ch]
         assert eps[0] < eps[1]  # the new Flower run started from the platforms' ledgers
     _assert_node_ledgers_grow(cluster, before)
-    # The restarted SuperLink closed the crashed run itself (its ServerApp never came back).
-    listed = cluster.flwr("ls", "fedrec-local", "--run-id", str(crashed_run), "--format", "json")
-    assert json.loads(listed.stdout)["runs"][0]["status"].startswith("finished"), listed.stdout
+    # The restarted SuperLink closes the crashed run itself once its ServerApp's task token
+    # expires (HEARTBEAT_PATIENCE heartbeat intervals after its last one), checked lazily.
+    deadline = time.monotonic() + HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 60
+    while True:
+        listed = cluster.flwr(
+            "ls", "fedrec-local", "--run-id", str(crashed_run), "--format", "json"
+        )
+        if json.loads(listed.stdout)["runs"][0]["status"].startswith("finished"):
+            break
+        assert time.monotonic() < deadline, listed.stdout
+        time.sleep(5)
