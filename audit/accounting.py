@@ -51,6 +51,7 @@ HISTORY = "history"
 SHARD = "shard"  # optional: which shard of a channel (disjoint users, own accountant)
 TRAINED, REFUSED, MISSING = "trained", "refused", "missing"
 FAILED, REJECTED = "failed", "rejected"
+RELEASED = "released"  # a node ledger line: the item prior was released (its history has it)
 # A rejected reply (egress violation) was still trained: the client spent ε on it.
 SPENT = (TRAINED, REJECTED)
 NOT_SPENT = (REFUSED, MISSING, FAILED)
@@ -450,6 +451,7 @@ class _LedgerWalk:
     sample_rates: set[float] = field(default_factory=set)
     steps_per_round: set[int] = field(default_factory=set)
     total_steps: int = 0
+    releases: int = 0  # item-prior releases counted into ``events`` so far
     last_round: int = 0
     exceeded: bool = False
     _cache: dict[tuple[Event, ...], float] = field(default_factory=dict)
@@ -497,6 +499,7 @@ class _LedgerWalk:
             self.dp_off_rounds.append(rnd)
         elif problem is None:
             self.sample_rates.add(event[1])
+        self._add_releases(e, at)
         self.events.append(event)
         self.total_steps += event[2]
         self.steps_per_round.add(event[2])
@@ -504,6 +507,28 @@ class _LedgerWalk:
             if e.get(k) is not None:
                 values.add(e.get(k))
         return True
+
+    def _add_releases(self, e: Mapping[str, Any], at: str) -> None:
+        """The item-prior releases the client's history holds by this line (one Gaussian
+        mechanism each, (σ, 1, 1)), added ahead of the round's steps as the client did."""
+        count = e.get(wire.PRIOR_RELEASES)
+        if count is None:
+            return
+        sigma = as_float(e.get(wire.PRIOR_NOISE_MULTIPLIER))
+        if not isinstance(count, int) or isinstance(count, bool) or count < self.releases:
+            self.problems.append(
+                f"{at}: prior-releases must be an integer that never decreases "
+                f"(counted {self.releases} so far). Found {count!r}."
+            )
+            return
+        if count > self.releases and (sigma is None or sigma <= 0):
+            self.problems.append(
+                f"{at}: {count - self.releases} item-prior release(s) without a positive "
+                f"prior-noise-multiplier ({sigma!r}); counted as no noise"
+            )
+            sigma = 0.0
+        self.events += [(float(sigma or 0.0), 1.0, 1)] * (count - self.releases)
+        self.releases = count
 
     def _epsilon_now(self) -> float:
         key = tuple(merge_history(self.events))
@@ -672,7 +697,13 @@ def _check_node_ledger(
         at = f"{where}: entry {e.get('_line', idx)}"
         rnd = e.get(ROUND)
         node_eps = as_float(e.get(wire.EPSILON))
-        if rnd in server_eps and node_eps is not None and server_eps[rnd] is not None:
+        released = e.get(STATUS) == RELEASED  # the item prior, ahead of the round's steps
+        if (
+            not released
+            and rnd in server_eps
+            and node_eps is not None
+            and server_eps[rnd] is not None
+        ):
             if not _close(node_eps, server_eps[rnd], SAME_ACCOUNTANT_RTOL):
                 problems.append(
                     f"{at}: round {rnd}: the client logged ε {_fmt(node_eps)}, the server's "

@@ -286,9 +286,12 @@ def score_run(
     """Every audit statistic's inputs for one finished run, per channel."""
     import torch
 
+    from fedrec.client.node import NODES
     from fedrec.client.training import canary_directions, model_scorer
     from fedrec.shared.data import to_sequences
     from fedrec.shared.datasets import load_channel
+    from fedrec.shared.model import with_prior
+    from fedrec.shared.prior import released_prior
 
     cfg, initial_all, final_all = _final_model(run_dir, matrices)
     out: dict[str, dict[str, Any]] = {}
@@ -299,6 +302,11 @@ def score_run(
         delta = _flat(initial) - _flat(final)
         shapes = [tuple(p.shape) for p in final.parameters()]
         items = torch.from_numpy(np.array(matrices[ch].matrix, dtype=np.float32))  # writable copy
+        if final.spec.item_prior:  # the prior the channel's node released and trained with
+            prior = released_prior([run_dir / NODES / ch])
+            if prior is None:
+                raise FileNotFoundError(f"{run_dir / NODES / ch}: no item prior kept")
+            items = with_prior(items, prior)
         score = model_scorer(final, items)
         res: dict[str, Any] = {
             "one_run_scores": one_run_scores(

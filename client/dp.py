@@ -37,13 +37,14 @@ from fedrec.shared import hashlog, privacy
 from fedrec.shared.config import DPConfig, check_delta
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from opacus.accountants.accountant import IAccountant
     from opacus.optimizers import DPOptimizer
     from torch import nn
 
 Event = privacy.Event
-TRAINED, REFUSED = "trained", "refused"  # ledger statuses
+TRAINED, REFUSED, RELEASED = "trained", "refused", "released"  # ledger statuses
 # Benchmarks only: a node whose own environment sets this draws its DP noise from a seed, so
 # that runs can be compared pairwise. It is read from the node process's environment, never
 # from the run config (which the server writes): noise that the server could determine would
@@ -67,6 +68,9 @@ class DPSession:
         channel: the platform, for messages and ledger lines.
         ledger: the node's ledger file; ``None`` keeps the history in memory only.
         saved: ``state_dict()`` of an earlier session of this run (``context.state``).
+        item_prior: the run releases the platform's item popularity once
+            (:meth:`release_prior`): its σ is planned so that it alone costs
+            ``dp.prior_share`` of the target ε, and DP-SGD's σ for what the release leaves.
 
     Raises:
         PrivacyConfigError: δ is not below 1/users, no user can be trained on, the accountant
@@ -83,6 +87,7 @@ class DPSession:
         channel: str,
         ledger: Path | None = None,
         saved: Mapping[str, Any] | None = None,
+        item_prior: bool = False,
     ) -> None:
         problem = check_delta(dp.target_delta, users, channel)
         if problem:
@@ -94,6 +99,20 @@ class DPSession:
         self.accountant_name = dp.accountant
         self.grad_sample_mode = dp.grad_sample_mode
         self.sample_rate = privacy.sample_rate_for(users, batch_size)
+        # σ of the item-prior release (0: the run releases none), a Gaussian mechanism of
+        # L2 sensitivity 1: one event (σ, sample rate 1, 1 step) in the accountant
+        self.prior_noise_multiplier = (
+            privacy.plan_noise_multiplier(
+                target_epsilon=dp.prior_share * dp.target_epsilon,
+                target_delta=dp.target_delta,
+                sample_rate=1.0,
+                steps=1,
+                accountant=dp.accountant,
+            )
+            if item_prior
+            else 0.0
+        )
+        release: tuple[Event, ...] = ((self.prior_noise_multiplier, 1.0, 1),) if item_prior else ()
         self.noise_multiplier = (
             dp.noise_multiplier
             if dp.noise_multiplier >= 0
@@ -103,10 +122,12 @@ class DPSession:
                 sample_rate=self.sample_rate,
                 steps=planned_steps,
                 accountant=dp.accountant,
+                before=release,
             )
         )
         self.ledger = ledger
         self.accountant: IAccountant = privacy.make_accountant(dp.accountant)
+        self.releases: list[Event] = []  # the accountant's events that were not DP-SGD steps
         self._restore(saved)
 
     # ------------------------------------------------------------------ the accountant
@@ -116,7 +137,8 @@ class DPSession:
         return [(float(s), float(q), int(n)) for s, q, n in self.accountant.history]
 
     def total_steps(self) -> int:
-        return sum(n for _, _, n in self.history)
+        """DP-SGD steps on record (the item-prior releases are events, not steps)."""
+        return sum(n for _, _, n in self.history) - sum(n for _, _, n in self.releases)
 
     def epsilon(self) -> float:
         """ε spent so far, at the session's δ, with its accountant (0 before any step)."""
@@ -141,8 +163,13 @@ class DPSession:
         return after
 
     def state_dict(self) -> dict[str, Any]:
-        """What to keep between calls: Opacus's accountant ``state_dict()`` and δ."""
-        return {**self.accountant.state_dict(), "delta": self.delta}
+        """What to keep between calls: Opacus's accountant ``state_dict()``, δ and which of
+        its events were releases."""
+        return {
+            **self.accountant.state_dict(),
+            "delta": self.delta,
+            "releases": [list(e) for e in self.releases],
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.state_dict())
@@ -151,11 +178,15 @@ class DPSession:
         """Load the accountant from ``saved`` or from the ledger, whichever has more steps."""
         candidates = [self._from_ledger()]
         if saved is not None:
-            candidates.append(self._checked(dict(saved), "this run's saved state"))
-        best = max(candidates, key=lambda h: sum(int(n) for _, _, n in h))
+            state = dict(saved)
+            candidates.append(
+                (self._checked(state, "this run's saved state"), _events(state.get("releases")))
+            )
+        best, releases = max(candidates, key=lambda c: sum(int(n) for _, _, n in c[0]))
         self.accountant.load_state_dict(
             {"history": list(best), "mechanism": self.accountant.mechanism()}
         )
+        self.releases = releases
 
     def _checked(self, state: dict[str, Any], where: str) -> list[Event]:
         mechanism = state.get("mechanism")
@@ -166,10 +197,11 @@ class DPSession:
             )
         return [(float(s), float(q), int(n)) for s, q, n in state["history"]]
 
-    def _from_ledger(self) -> list[Event]:
-        """The history the ledger last recorded; refuses a tampered ledger (fail closed)."""
+    def _from_ledger(self) -> tuple[list[Event], list[Event]]:
+        """The history (and releases) the ledger last recorded; refuses a tampered ledger
+        (fail closed)."""
         if self.ledger is None or not self.ledger.exists():
-            return []
+            return [], []
         verdict = hashlog.verify(self.ledger)
         if not verdict.ok:
             raise privacy.PrivacyConfigError(
@@ -178,12 +210,45 @@ class DPSession:
             )
         entries = hashlog.read(self.ledger)
         if not entries:
-            return []
+            return [], []
         last = entries[-1]
-        return self._checked(
+        history = self._checked(
             {"mechanism": last["accountant"], "history": last["history"]},
             f"privacy ledger {self.ledger}",
         )
+        return history, _events(last.get("releases"))
+
+    # ------------------------------------------------------------------ the item prior
+
+    def release_prior(self, counts: np.ndarray, *, round_: int) -> np.ndarray:
+        """The platform's popularity counts (L2 sensitivity 1) plus Gaussian noise of std
+        ``prior_noise_multiplier``, accounted as one event and recorded in the ledger.
+
+        Raises:
+            BudgetExceeded: the release would take ε past the target (nothing released).
+        """
+        import numpy as np
+        import torch
+
+        sigma = self.prior_noise_multiplier
+        if sigma <= 0:
+            raise privacy.PrivacyConfigError("this session plans no item-prior release")
+        after = privacy.epsilon_of(
+            [*self.history, (sigma, 1.0, 1)], self.delta, self.accountant_name
+        )
+        if after > self.target_epsilon * (1 + 1e-6):
+            raise privacy.BudgetExceeded(
+                f"privacy budget: releasing the item prior (noise_multiplier={sigma:.4g}) would "
+                f"take ε from {self.epsilon():.4f} to {after:.4f}, past the target "
+                f"{self.target_epsilon} at δ={self.delta:g} ({self.accountant_name}). Not "
+                "released. Raise dp.target-epsilon or set model.item-prior = none."
+            )
+        g = torch.Generator().manual_seed(self.noise_seed(-1 - round_))
+        noise = torch.randn(len(counts), generator=g, dtype=torch.float64).numpy()
+        self.accountant.step(noise_multiplier=sigma, sample_rate=1.0)
+        self.releases.append((sigma, 1.0, 1))
+        self.record(round_=round_, steps=0, status=RELEASED)
+        return np.asarray(counts, dtype=np.float64) + sigma * noise
 
     # ------------------------------------------------------------------ training
 
@@ -254,6 +319,14 @@ class DPSession:
                 "delta": self.delta,
                 "accountant": self.accountant_name,
                 "history": [list(e) for e in self.history],
+                "releases": [list(e) for e in self.releases],
                 "noise-seeded": noise_is_seeded(),
             },
         )
+
+
+def _events(raw: object) -> list[Event]:
+    """Events kept as JSON lists (a state's or a ledger line's ``releases``)."""
+    if not isinstance(raw, list):
+        return []
+    return [(float(s), float(q), int(n)) for s, q, n in raw]

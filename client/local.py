@@ -36,7 +36,14 @@ from fedrec.client.training import (
 from fedrec.shared import privacy, wire
 from fedrec.shared.config import FedrecConfig, from_run_config
 from fedrec.shared.data import Sequences
-from fedrec.shared.model import CrossPlatformModel, RecModel, build_model, param_shapes
+from fedrec.shared.model import (
+    CrossPlatformModel,
+    RecModel,
+    build_model,
+    param_shapes,
+    with_prior,
+)
+from fedrec.shared.prior import popularity_counts, prior_logits
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +122,9 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
     federated = _model(cfg, content, items.shape[1])
     model = federated.channel_model(node.channel)  # the shared tower and this platform's head
     server_round = int(_config(content, wire.SERVER_ROUND))
+    session = _dp_session(cfg, node, split.train, context) if cfg.dp.enabled else None
+    if cfg.model.item_prior != "none":
+        items = with_prior(items, _prior(cfg, node, context, split.train, session, server_round))
     mu = float(_config(content, wire.PROXIMAL_MU, 0.0))
     spec = TrainSpec.from_config(
         cfg,
@@ -134,8 +144,7 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         optimizer_state=nodes.load_optimizer(node, context.run_id),
     )
     report: dict[str, float | int | str | bool] = {wire.DP_ENABLED: cfg.dp.enabled}
-    if cfg.dp.enabled:
-        session = _dp_session(cfg, node, split.train, context)
+    if session is not None:
         try:
             result = train(dp=session, grad_hook=_audit_hook(cfg, node, model, session, spec))
         except privacy.BudgetExceeded as exc:
@@ -154,6 +163,8 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
                 wire.TOTAL_STEPS: session.total_steps(),
                 wire.ACCOUNTANT: session.accountant_name,
                 wire.GRAD_SAMPLE_MODE: session.grad_sample_mode,
+                wire.PRIOR_NOISE_MULTIPLIER: session.prior_noise_multiplier,
+                wire.PRIOR_RELEASES: len(session.releases),
             }
         )
     else:
@@ -177,6 +188,33 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
     )
 
 
+def _prior(
+    cfg: FedrecConfig,
+    node: nodes.Node,
+    context: Context,
+    train: Sequences,
+    session: DPSession | None,
+    server_round: int,
+) -> np.ndarray:
+    """This platform's item prior for this run: released once (under DP, through the session,
+    recorded in the ledger) and kept on the node's disk for the rounds after."""
+    prior = nodes.load_prior(node, context.run_id)
+    if prior is not None:
+        return prior
+    _, n_items = nodes.load_sequences(node)
+    counts = popularity_counts(train, n_items)
+    if session is not None:
+        try:
+            counts = session.release_prior(counts, round_=server_round)
+        except privacy.BudgetExceeded as exc:
+            session.record(round_=server_round, steps=0, status=REFUSED)
+            raise Refused(f"{BUDGET_REFUSED}: {exc}") from exc
+        context.state[nodes.STATE_KEY] = ConfigRecord({"json": session.to_json()})
+    prior = prior_logits(counts)
+    nodes.save_prior(node, context.run_id, prior)
+    return prior
+
+
 def _dp_session(
     cfg: FedrecConfig, node: nodes.Node, train: Sequences, context: Context
 ) -> DPSession:
@@ -191,6 +229,7 @@ def _dp_session(
             channel=node.channel,
             ledger=node.ledger,
             saved=json.loads(str(record["json"])) if record else None,
+            item_prior=cfg.model.item_prior != "none",
         )
     except privacy.PrivacyConfigError as exc:
         raise Refused(f"{BUDGET_REFUSED}: {exc}") from exc
@@ -222,7 +261,14 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
     items = _items(content, node)
     seqs, _ = nodes.load_sequences(node)
     split = leave_last_out(seqs)
+    server_round = int(_config(content, wire.SERVER_ROUND, 0))
     model = _model(cfg, content, items.shape[1]).channel_model(node.channel)
+    if cfg.model.item_prior != "none":
+        prior = nodes.load_prior(node, context.run_id)
+        if prior is None:  # evaluated before it trained: release the prior now
+            session = _dp_session(cfg, node, split.train, context) if cfg.dp.enabled else None
+            prior = _prior(cfg, node, context, split.train, session, server_round)
+        items = with_prior(items, prior)
     metrics, n = evaluate(
         model_scorer(model, items),
         len(items),
@@ -231,7 +277,6 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
         max_users=cfg.eval.max_users,
         seed=cfg.seed,
     )
-    server_round = int(_config(content, wire.SERVER_ROUND, 0))
     nodes.record_timing(node, server_round, "evaluate", time.perf_counter() - t0)
     return wire.build_reply(
         "evaluate",

@@ -23,6 +23,7 @@ import numpy as np
 from fedrec.shared.config import FedrecConfig
 from fedrec.shared.data import Sequences, to_sequences
 from fedrec.shared.fsio import atomic_write_bytes
+from fedrec.shared.prior import prior_file
 
 STATE_KEY = "privacy"  # context.state ConfigRecord holding the accountant
 LEDGER = "privacy-ledger.jsonl"
@@ -158,6 +159,22 @@ def save_optimizer(node: Node, run_id: int, state: dict[str, Any] | None) -> Non
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(_optimizer_path(node, run_id), buffer.getvalue())
+
+
+def _prior_path(node: Node, run_id: int) -> Path:
+    return node.state_dir / prior_file(run_id)
+
+
+def load_prior(node: Node, run_id: int) -> np.ndarray | None:
+    """The item prior (logits) this node released for this run, if it has (never sent)."""
+    path = _prior_path(node, run_id)
+    return np.load(path) if path.exists() else None
+
+
+def save_prior(node: Node, run_id: int, prior: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(prior, dtype=np.float32))
+    atomic_write_bytes(_prior_path(node, run_id), buffer.getvalue())
 
 
 def cached_fingerprints(node: Node) -> list[str]:

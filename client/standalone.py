@@ -66,7 +66,8 @@ def fit(
 
     With ``dp``, DP-SGD through a :class:`~fedrec.client.dp.DPSession` whose run is
     ``spec.steps`` steps: σ is planned so that they spend at most ``dp.target_epsilon``.
-    Without it, plain training.
+    Without it, plain training. A model whose spec has an item prior gets the channel's
+    popularity (released through the same session under DP, exact without).
 
     Raises:
         ValueError: δ is not below 1/users, or no user can be trained on.
@@ -76,7 +77,8 @@ def fit(
     from fedrec.client.dp import DPSession
     from fedrec.client.training import evaluate, model_scorer, train_local, trainable_users
     from fedrec.shared import privacy
-    from fedrec.shared.model import ModelSpec, RecModel
+    from fedrec.shared.model import ModelSpec, RecModel, with_prior
+    from fedrec.shared.prior import popularity_counts, prior_logits
 
     users = trainable_users(split.train)
     if users == 0:
@@ -89,9 +91,19 @@ def fit(
     session = None
     if dp is not None:
         session = DPSession(
-            dp, users=users, batch_size=spec.batch_size, planned_steps=spec.steps, channel=channel
+            dp,
+            users=users,
+            batch_size=spec.batch_size,
+            planned_steps=spec.steps,
+            channel=channel,
+            item_prior=model.spec.item_prior,
         )
     start = time.perf_counter()
+    if model.spec.item_prior:
+        counts = popularity_counts(split.train, len(items))
+        if session is not None:
+            counts = session.release_prior(counts, round_=0)
+        items = with_prior(items, prior_logits(counts))
     result = train_local(model, items, split.train, spec, dp=session)
     seconds = time.perf_counter() - start
     with torch.inference_mode():

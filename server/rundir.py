@@ -134,7 +134,7 @@ class RunDir:
                 )
                 raise ValueError(
                     f"{found[-1]}: this checkpoint does not fit the run's model ({shown}). It "
-                    "was written with another model configuration (model.heads, model.dim, "
+                    "was written with another model configuration (model.heads, model.item-prior, model.dim, "
                     "model.hidden or channels). Resume with the configuration in "
                     f"{self.path / 'config.json'}, or start a new run-dir."
                 )

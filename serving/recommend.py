@@ -39,13 +39,21 @@ class Recommender:
 
     @classmethod
     def from_run(
-        cls, run_dir: Path, channel: str, item_matrix: np.ndarray, item_ids: np.ndarray
+        cls,
+        run_dir: Path,
+        channel: str,
+        item_matrix: np.ndarray,
+        item_ids: np.ndarray,
+        prior: np.ndarray | None = None,
     ) -> Recommender:
+        """``prior``: the platform's item prior in logits, for a model that has one; by
+        default the one its node released in this run (``nodes/<channel>/``). Items added
+        after it was released get 0 (no interactions)."""
         import torch
 
         from fedrec.server.rundir import RunDir
         from fedrec.shared.config import from_run_config
-        from fedrec.shared.model import build_model
+        from fedrec.shared.model import build_model, with_prior
 
         run = RunDir(run_dir)
         last = run.last_checkpoint()
@@ -63,12 +71,21 @@ class Recommender:
         except ValueError as exc:
             raise RecommendError(f"{run_dir}: {exc}") from None
         channel_model.eval()
-        return cls(
-            channel_model,
-            item_ids,
-            torch.from_numpy(np.array(item_matrix, dtype=np.float32)),
-            cfg.model.max_history,
-        )
+        items = torch.from_numpy(np.array(item_matrix, dtype=np.float32))
+        if channel_model.spec.item_prior:
+            prior = released_prior(run.path, channel) if prior is None else prior
+            if prior is None:
+                raise RecommendError(
+                    f"{run_dir}/nodes/{channel} holds no item prior (item-prior-run*.npy), and "
+                    "the model scores with one: serve on the platform whose node trained it"
+                )
+            if len(prior) > len(items):
+                raise RecommendError(
+                    f"the item prior has {len(prior)} items, the catalogue {len(items)}: "
+                    "items were removed since training; retrain"
+                )
+            items = with_prior(items, np.pad(prior, (0, len(items) - len(prior))))
+        return cls(channel_model, item_ids, items, cfg.model.max_history)
 
     def recommend(
         self, history: np.ndarray, k: int = 10, query: np.ndarray | None = None
@@ -113,6 +130,14 @@ class Recommender:
         ]
 
 
+def released_prior(run_dir: Path, channel: str) -> np.ndarray | None:
+    """The item prior ``channel``'s node released in this run (a simulation's run dir)."""
+    from fedrec.shared.prior import released_prior as newest
+
+    nodes = run_dir / "nodes"
+    return newest([nodes / channel, nodes / f"{channel}-0"])  # -0: the first of shards
+
+
 def register(app: typer.Typer) -> None:
     @app.command("recommend")
     def recommend_cmd(
@@ -136,6 +161,7 @@ def register(app: typer.Typer) -> None:
 
         from fedrec.shared.data import to_sequences
         from fedrec.shared.datasets import load_catalogue, load_interactions
+        from fedrec.shared.prior import popularity_counts, prior_logits
 
         console = Console()
         cfg_path = run_dir / "config.json"
@@ -151,10 +177,17 @@ def register(app: typer.Typer) -> None:
         from fedrec.server.app import encode_catalogues
 
         matrix = encode_catalogues(str(data_dir), (channel,), str(cache_dir or ""))[channel]
-        rec = Recommender.from_run(run_dir, channel, np.asarray(matrix.matrix), catalogue.item_ids)
+        seqs = to_sequences(load_interactions(data_dir, channel, catalogue))
+        prior = None
+        if released_prior(run_dir, channel) is None:
+            # not the node's run dir (a deployment keeps it on the node): the platform's own
+            # exact popularity, which serving its own users never sends anywhere
+            prior = prior_logits(popularity_counts(seqs, len(catalogue)))
+        rec = Recommender.from_run(
+            run_dir, channel, np.asarray(matrix.matrix), catalogue.item_ids, prior
+        )
         history = np.zeros(0, dtype=np.int64)
         if user is not None:
-            seqs = to_sequences(load_interactions(data_dir, channel, catalogue))
             where = np.flatnonzero(seqs.users == user)
             if len(where) == 0:
                 console.print(f"[red]user {user!r} has no interactions on channel {channel!r}[/]")

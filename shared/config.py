@@ -20,6 +20,7 @@ GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
 OPTIMIZERS = ("sgd", "adam")
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
 HEADS = ("channel-tower", "channel", "shared")
+ITEM_PRIORS = ("popularity", "none")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,10 @@ class ModelConfig:
     # "channel": a head per platform on the shared tower; "shared": one head, all shared
     heads: str = "channel-tower"
     max_history: int = 50
+    # "popularity": each platform scores items with its own item popularity added (log of the
+    # user-level counts, released once with the Gaussian mechanism under DP), weighted by a
+    # learned beta in the head; it never leaves the platform. "none": text only
+    item_prior: str = "popularity"
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,9 @@ class DPConfig:
     # recomputes every history with an independent PLD accountant and RDP.
     accountant: str = "prv"
     grad_sample_mode: str = "ghost"
+    # model.item-prior = popularity: the popularity release alone costs at most this share of
+    # target_epsilon (its σ is the smallest that does); DP-SGD's σ is then planned for the rest
+    prior_share: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -257,6 +265,10 @@ def check(cfg: FedrecConfig) -> list[str]:
     positive("model.dim", cfg.model.dim)
     if cfg.model.heads not in HEADS:
         p.append(f"model.heads must be one of {list(HEADS)}. Found {cfg.model.heads!r}.")
+    if cfg.model.item_prior not in ITEM_PRIORS:
+        p.append(
+            f"model.item-prior must be one of {list(ITEM_PRIORS)}. Found {cfg.model.item_prior!r}."
+        )
     if cfg.model.hidden < 0:
         p.append(f"model.hidden must be >= 0. Found {cfg.model.hidden}.")
     positive("model.max-history", cfg.model.max_history)
@@ -284,6 +296,8 @@ def check(cfg: FedrecConfig) -> list[str]:
     if not 0 < dp.target_delta < 1:
         p.append(f"dp.target-delta must be in (0, 1). Found {dp.target_delta}.")
     positive("dp.max-grad-norm", dp.max_grad_norm)
+    if not 0 < dp.prior_share < 1:
+        p.append(f"dp.prior-share must be in (0, 1). Found {dp.prior_share}.")
     if dp.accountant not in ACCOUNTANTS:
         p.append(f"dp.accountant must be one of {list(ACCOUNTANTS)}. Found {dp.accountant!r}.")
     if dp.grad_sample_mode not in GRAD_SAMPLE_MODES:

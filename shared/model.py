@@ -14,7 +14,10 @@ target learned):
   * query    u = tau * (W_o p + b)                                (B, E)  back in item space
   * score    s(c) = <u, c>  = tau * <W_o^T c, p> + tau * <b, c>    for each item vector c
 This is a dot-product scorer with a trainable projection of item vectors (``W_o^T c``), an
-item prior carried by text (``<b, c>``) and an MLP residual. The projection is applied on the
+item prior carried by text (``<b, c>``) and an MLP residual. With ``spec.item_prior`` each item
+vector carries one more column, the platform's own popularity prior in logits over ``TAU``
+(:func:`with_prior`; the platform computes it from its own users and keeps it), and the
+bias on that column is a learned weight beta, 1 at the start: the score adds ``beta * prior``. The projection is applied on the
 user side, so every parameterised layer sees (B, ...) inputs: per-user gradients are cheap,
 and full ranking is one matrix product with the constant item matrix.
 ``W_h`` and ``W_o`` start from the same random orthonormal projection, so the untrained model
@@ -50,6 +53,26 @@ class ModelSpec:
     hidden: int = 0
     seed: int = 0
     own_tower: bool = False  # a platform's own tower, added to the shared one (zero at start)
+    item_prior: bool = False  # item vectors carry one more column: the platform's item prior
+
+    @property
+    def in_dim(self) -> int:
+        """Columns of the item matrix the model reads: text vector [+ prior]."""
+        return self.item_dim + int(self.item_prior)
+
+
+def with_prior(items: torch.Tensor, prior: np.ndarray) -> torch.Tensor:
+    """(N, E) item vectors + an (N,) item prior in logits -> (N, E+1).
+
+    The column holds ``prior / TAU``: the head's bias on it (beta, 1 at the start) turns it
+    back into ``beta * prior`` added to each item's score.
+    """
+    if prior.shape != (len(items),):
+        raise ValueError(
+            f"the item prior has shape {prior.shape}, the catalogue {len(items)} items"
+        )
+    column = torch.from_numpy(np.asarray(prior, dtype=np.float32) / TAU).unsqueeze(1)
+    return torch.cat([items, column], dim=1)
 
 
 def summarize_history(
@@ -126,7 +149,7 @@ class RecModel(nn.Module):
                 f"model.dim must be in [1, item vector size {spec.item_dim}]. Found {spec.dim}."
             )
         self.spec = spec
-        e, d = spec.item_dim, spec.dim
+        e, d = spec.in_dim, spec.dim
         self.profile_lin = nn.Linear(2 * e, d, bias=False)
         self.profile_mlp = (
             nn.Sequential(nn.Linear(2 * e, spec.hidden), nn.GELU(), nn.Linear(spec.hidden, d))
@@ -143,9 +166,13 @@ class RecModel(nn.Module):
         e, d = self.spec.item_dim, self.spec.dim
         q, _ = torch.linalg.qr(torch.randn(e, d, generator=g))  # (E, D) orthonormal columns
         s = (e / d) ** 0.5
+        if self.spec.item_prior:  # the prior column: read by nothing but beta = 1
+            q = torch.cat([q, torch.zeros(1, d)])
         self.profile_lin.weight.copy_(torch.cat([0.5 * s * q.T, 0.5 * s * q.T], dim=1))
         self.to_items.weight.copy_(s * q)
         self.to_items.bias.zero_()
+        if self.spec.item_prior:
+            self.to_items.bias[-1] = 1.0
         if self.profile_own is not None:
             self.profile_own.weight.zero_()
         if self.profile_mlp is None:
@@ -285,6 +312,7 @@ def model_spec(cfg: FedrecConfig, item_dim: int) -> ModelSpec:
         hidden=cfg.model.hidden,
         seed=cfg.seed,
         own_tower=cfg.model.heads == "channel-tower",
+        item_prior=cfg.model.item_prior != "none",
     )
 
 

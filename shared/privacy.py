@@ -51,14 +51,25 @@ def epsilon_of(history: list[Event], delta: float, accountant: str) -> float:
 
 @functools.lru_cache(maxsize=64)
 def plan_noise_multiplier(
-    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    before: tuple[Event, ...] = (),
 ) -> float:
     """Smallest σ (to 0.01 in ε) such that ``steps`` steps at ``sample_rate`` stay ≤ target ε.
 
     Computed once for the whole planned run (all rounds x local steps), never per round:
     per-round calibration spends the budget again every round. Cached: a node asks again
     every round with the same arguments, and the search takes about 0.7 s.
+
+    ``before``: events that compose ahead of these steps (the item-prior release); σ is then
+    the smallest for which the whole history stays ≤ the target.
     """
+    if before:
+        return _plan_after(before, target_epsilon, target_delta, sample_rate, steps, accountant)
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():
@@ -75,6 +86,60 @@ def plan_noise_multiplier(
                 epsilon_tolerance=0.01,
             )
         )
+
+
+def _plan_after(
+    before: tuple[Event, ...],
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+) -> float:
+    """Bisection on σ over the composed history (Opacus's own search takes no prefix).
+
+    It starts from σ without the prefix (a lower bound: events only add ε) and stops, as
+    Opacus's search does, once ε is within 0.01 under the target.
+    """
+
+    def eps(sigma: float) -> float:
+        return epsilon_of([*before, (sigma, sample_rate, steps)], target_delta, accountant)
+
+    if epsilon_of(list(before), target_delta, accountant) >= target_epsilon:
+        raise PrivacyConfigError(
+            f"the events before training already spend ε ≥ {target_epsilon}: nothing is left "
+            "for DP-SGD. Raise dp.target-epsilon or lower dp.prior-share."
+        )
+    lo = plan_noise_multiplier(
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+    )
+    e_lo, hi = eps(lo), 1.05 * lo
+    e_hi = eps(hi)
+    while e_hi > target_epsilon:
+        lo, e_lo, hi = hi, e_hi, hi + 2 * (hi - lo)
+        e_hi = eps(hi)
+    # regula falsi (Illinois): ε(σ) is smooth and decreasing, so few evaluations suffice
+    side = 0
+    while target_epsilon - e_hi > 0.01 and hi - lo > 1e-4 * hi:
+        f_lo, f_hi = e_lo - target_epsilon, e_hi - target_epsilon  # > 0, <= 0
+        mid = hi - f_hi * (hi - lo) / (f_hi - f_lo)
+        mid = min(max(mid, lo + 1e-3 * (hi - lo)), hi - 1e-3 * (hi - lo))
+        e_mid = eps(mid)
+        if e_mid > target_epsilon:
+            lo, e_lo = mid, e_mid
+            if side == -1:
+                e_hi = target_epsilon + (e_hi - target_epsilon) / 2
+            side = -1
+        else:
+            hi, e_hi = mid, e_mid
+            if side == 1:
+                e_lo = target_epsilon + (e_lo - target_epsilon) / 2
+            side = 1
+    return hi
 
 
 def sample_rate_for(num_users: int, batch_size: int) -> float:

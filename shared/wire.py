@@ -8,7 +8,7 @@ entry (keys, shapes, dtypes, bytes, sha256) that the server writes for every rep
 What may leave a client, and nothing else:
   * train: the shared model's weights (exactly its parameter names and shapes), the training
     loss, the aggregation weight, and the privacy report (:data:`PRIVACY_KEYS`: ε, δ, noise
-    multiplier, clipping bound, sample rate, steps, accountant);
+    multiplier, clipping bound, sample rate, steps, accountant, item-prior releases);
   * evaluate: aggregate ranking metrics and the number of evaluated users;
   * items: an acknowledgement (rows cached, fingerprint), both about public data.
 Metric and config values are single numbers, strings or booleans: a list could carry
@@ -72,6 +72,9 @@ TOTAL_STEPS = "total-steps"
 ACCOUNTANT = "accountant"
 GRAD_SAMPLE_MODE = "grad-sample-mode"
 DP_ENABLED = "dp-enabled"
+# the item-prior release: its noise multiplier and how many releases the history holds
+PRIOR_NOISE_MULTIPLIER = "prior-noise-multiplier"
+PRIOR_RELEASES = "prior-releases"
 PRIVACY_KEYS = (
     EPSILON,
     DELTA,
@@ -83,6 +86,8 @@ PRIVACY_KEYS = (
     ACCOUNTANT,
     GRAD_SAMPLE_MODE,
     DP_ENABLED,
+    PRIOR_NOISE_MULTIPLIER,
+    PRIOR_RELEASES,
 )
 
 COUNT_BUCKET = 100

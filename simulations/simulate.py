@@ -39,7 +39,8 @@ def _comparisons(
     )
     from fedrec.shared.data import Sequences, to_sequences
     from fedrec.shared.datasets import load_channel
-    from fedrec.shared.model import build_channel_model
+    from fedrec.shared.model import build_channel_model, with_prior
+    from fedrec.shared.prior import popularity_counts, prior_logits
     from fedrec.simulations.baselines import popularity_scorer
 
     torch.set_num_threads(2)
@@ -73,6 +74,12 @@ def _comparisons(
         )
     # Pooled: every channel's users in one non-private model (item indices offset per channel).
     t = time.perf_counter()
+    dim = items[cfg.channels[0]].shape[1]
+    if cfg.model.item_prior != "none":  # each channel's exact popularity: nothing is private here
+        items = {
+            ch: with_prior(items[ch], prior_logits(popularity_counts(splits[ch].train, len(m))))
+            for ch, m in items.items()
+        }
     offsets = np.cumsum([0] + [len(items[ch]) for ch in cfg.channels])
     pooled_items = torch.cat([items[ch] for ch in cfg.channels])
     parts = [splits[ch].train for ch in cfg.channels]
@@ -82,7 +89,7 @@ def _comparisons(
         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         np.concatenate([p.item_index + off for p, off in zip(parts, offsets, strict=False)]),
     )
-    model = build_channel_model(cfg, pooled_items.shape[1])  # as many steps as one platform's
+    model = build_channel_model(cfg, dim)  # as many steps as one platform's
     train_local(model, pooled_items, pooled, spec)
     for ch in cfg.channels:
         rows[ch]["pooled centralised (no DP)"] = evaluate(

@@ -102,6 +102,9 @@ def _run_config(world: dict[str, Any], run_dir: Path, **extra: Any) -> dict[str,
         "dp.target-delta": DELTA,
         "eval.max-users": 100,
         "model.dim": 16,
+        # the expected ε and steps here are DP-SGD's; the item prior's release is accounted
+        # and audited in the Simulation Engine test (tests/test_federation.py)
+        "model.item-prior": "none",
         "round-timeout": 300.0,
         **extra,
     }

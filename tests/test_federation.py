@@ -63,11 +63,18 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _config(
-    world: tuple[Path, Path], run_dir: Path, rounds: int, target: float, resume: bool
+    world: tuple[Path, Path],
+    run_dir: Path,
+    rounds: int,
+    target: float,
+    resume: bool,
+    **more: object,
 ) -> FedrecConfig:
     data, bert = world
     return from_run_config(
         {
+            # the budget above counts DP-SGD only: the item prior's release is tested below
+            "model.item-prior": "none",
             "num-server-rounds": rounds,
             "data-dir": str(data),
             "run-dir": str(run_dir),
@@ -84,6 +91,7 @@ def _config(
             "eval.max-users": 100,
             "model.dim": 16,
             "round-timeout": 300.0,
+            **more,
         }
     )
 
@@ -174,3 +182,46 @@ def test_two_rounds_then_resume_refuses_past_budget(
         assert sum(int(s) for _, _, s in node[-1]["history"]) == 2 * STEPS
     assert not (run_dir / "checkpoints" / "round-0003.safetensors").exists()
     assert np.isfinite(json.loads((run_dir / "results.json").read_text())["wall_seconds"])
+
+
+def test_the_item_prior_is_released_once_accounted_and_audited(
+    world: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Prepare: σ planned for the release and the DP-SGD steps together
+    from fedrec.audit.accounting import audit_accounting
+    from fedrec.client.dp import RELEASED, TRAINED
+
+    run_dir = tmp_path / "run"
+    cfg = _config(
+        world,
+        run_dir,
+        2,
+        4.0,
+        False,
+        **{"model.item-prior": "popularity", "dp.noise-multiplier": -1.0},
+    )
+
+    # Execute
+    run_simulation(run_dir, cfg.to_run_config(), 3)
+
+    # Assert: each node released once (first), then trained twice, within the target
+    ledger = hashlog.read(run_dir / "privacy-ledger.jsonl")
+    for ch in cfg.channels:
+        node = hashlog.read(run_dir / "nodes" / ch / "privacy-ledger.jsonl")
+        assert [e["status"] for e in node] == [RELEASED, TRAINED, TRAINED]
+        sigma_p = node[0]["releases"][0][0]
+        assert node[-1]["history"][0] == [sigma_p, 1.0, 1] and sigma_p > 0
+        assert sum(n for _, _, n in node[-1]["history"]) == 2 * STEPS + 1
+        assert list((run_dir / "nodes" / ch).glob("item-prior-run*.npy"))
+        mine = sorted((e for e in ledger if e["channel"] == ch), key=lambda e: e["round"])
+        assert [e[wire.PRIOR_RELEASES] for e in mine] == [1, 1]
+        assert [e[wire.TOTAL_STEPS] for e in mine] == [STEPS, 2 * STEPS]  # steps, not events
+        assert 0 < mine[0]["epsilon"] < mine[1]["epsilon"] <= 4.0
+    # the audit rebuilds the release into each history and agrees with every logged ε
+    nodes = {
+        ch: hashlog.read(run_dir / "nodes" / ch / "privacy-ledger.jsonl") for ch in cfg.channels
+    }
+    result = audit_accounting(
+        ledger, cfg.to_run_config(), channels=cfg.channels, node_ledgers=nodes
+    )
+    assert result["problems"] == [], result["problems"]

@@ -20,14 +20,15 @@ DIM = 384
 N_ITEMS = 40
 
 
-def _run(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, torch.nn.Module]:
+def _run(
+    tmp_path: Path, prior: str = "none"
+) -> tuple[Path, np.ndarray, np.ndarray, torch.nn.Module]:
     """A run directory whose round-2 checkpoint holds a model with distinct heads."""
-    cfg = FedrecConfig(channels=("shop", "bank"))
+    cfg = FedrecConfig(channels=("shop", "bank"), model=ModelConfig(item_prior=prior))
     model = build_model(cfg, DIM)
     with torch.no_grad():  # make the two platforms' heads differ, as training would
-        model.heads["bank"]["to_items"].bias.add_(
-            torch.randn(DIM, generator=torch.Generator().manual_seed(1))
-        )
+        bias = model.heads["bank"]["to_items"].bias
+        bias[:DIM].add_(torch.randn(DIM, generator=torch.Generator().manual_seed(1)))
     run = RunDir(tmp_path / "run")
     run.start(cfg.to_run_config(), list(cfg.channels), param_shapes(model))
     run.checkpoint(1, {k: np.zeros_like(v.numpy()) for k, v in model.state_dict().items()})
@@ -37,6 +38,25 @@ def _run(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, torch.nn.Module]
     items /= np.linalg.norm(items, axis=1, keepdims=True)
     ids = np.array([f"bank-{i}" for i in range(N_ITEMS)])
     return run.path, items, ids, model
+
+
+def test_a_model_with_an_item_prior_serves_with_the_prior_its_node_released(
+    tmp_path: Path,
+) -> None:
+    # Prepare: the bank node kept its released prior in the run dir, as a simulation does
+    run_dir, items, ids, model = _run(tmp_path, prior="popularity")
+    prior = np.zeros(N_ITEMS, dtype=np.float32)
+    prior[[5, 9]] = 1e4  # two items far more popular than any text score
+    (run_dir / "nodes" / "bank").mkdir(parents=True)
+    np.save(run_dir / "nodes" / "bank" / "item-prior-run7.npy", prior)
+
+    # Execute
+    top = Recommender.from_run(run_dir, "bank", items, ids).recommend(np.array([3]), k=2)
+    missing = Recommender.from_run
+    # Assert: beta = 1 adds the prior to the score; without a kept prior, a clear refusal
+    assert {item for item, _ in top} == {"bank-5", "bank-9"}
+    with pytest.raises(RecommendError, match="no item prior"):
+        missing(run_dir, "shop", items, ids)
 
 
 def test_top_k_uses_the_platforms_own_head_and_excludes_seen_items(tmp_path: Path) -> None:
@@ -117,14 +137,22 @@ def test_resuming_from_a_checkpoint_of_another_model_names_the_differences(
     run = RunDir(run_dir)
     heads_only = param_shapes(
         build_model(
-            FedrecConfig(channels=("shop", "bank"), model=ModelConfig(heads="channel")), DIM
+            FedrecConfig(
+                channels=("shop", "bank"), model=ModelConfig(heads="channel", item_prior="none")
+            ),
+            DIM,
         )
     )
 
     # Execute / Assert: the same model resumes; a heads-only model is told what differs
     assert (
         run.last_checkpoint(
-            param_shapes(build_model(FedrecConfig(channels=("shop", "bank")), DIM))
+            param_shapes(
+                build_model(
+                    FedrecConfig(channels=("shop", "bank"), model=ModelConfig(item_prior="none")),
+                    DIM,
+                )
+            )
         )[0]
         == 2
     )
