@@ -124,7 +124,8 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
     server_round = int(_config(content, wire.SERVER_ROUND))
     session = _dp_session(cfg, node, split.train, context) if cfg.dp.enabled else None
     if cfg.model.item_prior != "none":
-        items = with_prior(items, _prior(cfg, node, context, split.train, session, server_round))
+        prior = _prior(node, context, split.train, len(items), session, server_round)
+        items = with_prior(items, prior)
     mu = float(_config(content, wire.PROXIMAL_MU, 0.0))
     spec = TrainSpec.from_config(
         cfg,
@@ -189,10 +190,10 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
 
 
 def _prior(
-    cfg: FedrecConfig,
     node: nodes.Node,
     context: Context,
     train: Sequences,
+    n_items: int,
     session: DPSession | None,
     server_round: int,
 ) -> np.ndarray:
@@ -201,7 +202,6 @@ def _prior(
     prior = nodes.load_prior(node, context.run_id)
     if prior is not None:
         return prior
-    _, n_items = nodes.load_sequences(node)
     counts = popularity_counts(train, n_items)
     if session is not None:
         try:
@@ -267,7 +267,7 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
         prior = nodes.load_prior(node, context.run_id)
         if prior is None:  # evaluated before it trained: release the prior now
             session = _dp_session(cfg, node, split.train, context) if cfg.dp.enabled else None
-            prior = _prior(cfg, node, context, split.train, session, server_round)
+            prior = _prior(node, context, split.train, len(items), session, server_round)
         items = with_prior(items, prior)
     metrics, n = evaluate(
         model_scorer(model, items),
