@@ -40,7 +40,9 @@ from fedrec.shared.model import (
     CrossPlatformModel,
     RecModel,
     build_model,
+    mix_shared,
     param_shapes,
+    shared_weights,
     with_prior,
 )
 from fedrec.shared.prior import popularity_counts, prior_logits
@@ -120,6 +122,7 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         raise ValueError(f"{node.channel}: catalogue has {n_items} items, item matrix {len(items)}")
     split = leave_last_out(seqs)
     federated = _model(cfg, content, items.shape[1])
+    _personalise(cfg, node, context, federated)
     model = federated.channel_model(node.channel)  # the shared tower and this platform's head
     server_round = int(_config(content, wire.SERVER_ROUND))
     session = _dp_session(cfg, node, split.train, context) if cfg.dp.enabled else None
@@ -172,6 +175,8 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         result = train()
         report.update({wire.EPSILON: math.inf, wire.STEPS: result.steps})
     nodes.save_optimizer(node, context.run_id, result.optimizer_state)
+    if cfg.train.personal_mix > 0:
+        nodes.save_personal(node, context.run_id, shared_weights(federated))
     seconds = time.perf_counter() - t0
     nodes.record_timing(node, server_round, "train", seconds)
     log.info("%s round %d trained in %.1fs", node.channel, server_round, seconds)
@@ -187,6 +192,17 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         privacy=report,
         info={wire.CHANNEL: node.channel, wire.SHARD: node.shard},
     )
+
+
+def _personalise(
+    cfg: FedrecConfig, node: nodes.Node, context: Context, federated: CrossPlatformModel
+) -> None:
+    """``train.personal-mix``: mix this node's own last shared weights into the federation's."""
+    if cfg.train.personal_mix <= 0:
+        return
+    own = nodes.load_personal(node, context.run_id)
+    if own is not None:
+        mix_shared(federated, own, cfg.train.personal_mix)
 
 
 def _prior(
@@ -262,7 +278,9 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
     seqs, _ = nodes.load_sequences(node)
     split = leave_last_out(seqs)
     server_round = int(_config(content, wire.SERVER_ROUND, 0))
-    model = _model(cfg, content, items.shape[1]).channel_model(node.channel)
+    federated = _model(cfg, content, items.shape[1])
+    _personalise(cfg, node, context, federated)
+    model = federated.channel_model(node.channel)
     if cfg.model.item_prior != "none":
         prior = nodes.load_prior(node, context.run_id)
         if prior is None:  # evaluated before it trained: release the prior now

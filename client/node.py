@@ -177,6 +177,26 @@ def save_prior(node: Node, run_id: int, prior: np.ndarray) -> None:
     atomic_write_bytes(_prior_path(node, run_id), buffer.getvalue())
 
 
+def personal_file(run_id: int) -> str:
+    return f"personal-run{run_id}.npz"
+
+
+def load_personal(node: Node, run_id: int) -> dict[str, np.ndarray] | None:
+    """The shared weights this node trained last in this run (its own DP outputs; never sent
+    again): what ``train.personal-mix`` mixes back into the federation's."""
+    path = node.state_dir / personal_file(run_id)
+    if not path.exists():
+        return None
+    with np.load(path) as kept:
+        return {k: kept[k] for k in kept.files}
+
+
+def save_personal(node: Node, run_id: int, weights: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **weights)
+    atomic_write_bytes(node.state_dir / personal_file(run_id), buffer.getvalue())
+
+
 def cached_fingerprints(node: Node) -> list[str]:
     folder = node.state_dir / "items"
     return sorted(p.stem for p in folder.glob("*.npy")) if folder.exists() else []

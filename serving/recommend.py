@@ -53,7 +53,7 @@ class Recommender:
 
         from fedrec.server.rundir import RunDir
         from fedrec.shared.config import from_run_config
-        from fedrec.shared.model import build_model, with_prior
+        from fedrec.shared.model import build_model, mix_shared, with_prior
 
         run = RunDir(run_dir)
         last = run.last_checkpoint()
@@ -66,6 +66,10 @@ class Recommender:
         model.load_state_dict(
             {k: torch.from_numpy(v.copy()) for k, v in last[1].items()}, strict=True
         )
+        if cfg.train.personal_mix > 0:  # the node's personalised model, where it kept one
+            own = _newest_npz(run.path, channel, "personal-run*.npz")
+            if own is not None:
+                mix_shared(model, own, cfg.train.personal_mix)
         try:
             channel_model = model.channel_model(channel)
         except ValueError as exc:
@@ -136,6 +140,17 @@ def released_prior(run_dir: Path, channel: str) -> np.ndarray | None:
 
     nodes = run_dir / "nodes"
     return newest([nodes / channel, nodes / f"{channel}-0"])  # -0: the first of shards
+
+
+def _newest_npz(run_dir: Path, channel: str, pattern: str) -> dict[str, np.ndarray] | None:
+    """The newest file matching ``pattern`` that ``channel``'s node kept in a simulation's
+    run dir (``nodes/<channel>`` or its first shard), as arrays."""
+    folders = [run_dir / "nodes" / channel, run_dir / "nodes" / f"{channel}-0"]
+    found = sorted((p for d in folders for p in d.glob(pattern)), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    with np.load(found[-1]) as kept:
+        return {k: kept[k] for k in kept.files}
 
 
 def register(app: typer.Typer) -> None:

@@ -51,6 +51,11 @@ class ModelConfig:
     # user-level counts, released once with the Gaussian mechanism under DP), weighted by a
     # learned beta in the head; it never leaves the platform. "none": text only
     item_prior: str = "popularity"
+    # the head reads the profile times this (its weights start divided by it): the same
+    # function at the start, but W_o's share of each user's clipped gradient grows by its
+    # square, so DP-SGD's clipping spends more of the bound on W_o (with Adam, W_o's
+    # effective learning rate also grows by it: lower train.head-lr-scale to keep it)
+    head_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,10 @@ class TrainConfig:
     # MR-MTL's lambda: each platform's head is pulled toward the mean of every platform's head
     # (a data-independent proximal step after each update; 0 = heads fully separate)
     head_pull: float = 0.0
+    # personalisation: each node starts every round (and evaluates) from the federation's
+    # shared weights mixed with its own from its last round, (1 - this) x global + this x own;
+    # its own weights are its DP outputs kept on its disk (no ε). 0 = plain FedAvg
+    personal_mix: float = 0.0
     optimizer: str = "adam"
     # dtype of the (predictions x catalogue) scores in training: "auto" takes bfloat16 where
     # the CPU has native bfloat16 matrix instructions (about 3x faster there), else float32
@@ -263,6 +272,7 @@ def check(cfg: FedrecConfig) -> list[str]:
         p.append(f"strategy.proximal-mu must be >= 0. Found {cfg.strategy.proximal_mu}.")
     positive("strategy.server-lr", cfg.strategy.server_lr)
     positive("model.dim", cfg.model.dim)
+    positive("model.head-scale", cfg.model.head_scale)
     if cfg.model.heads not in HEADS:
         p.append(f"model.heads must be one of {list(HEADS)}. Found {cfg.model.heads!r}.")
     if cfg.model.item_prior not in ITEM_PRIORS:
@@ -281,6 +291,8 @@ def check(cfg: FedrecConfig) -> list[str]:
         )
     positive("train.lr", cfg.train.lr)
     positive("train.head-lr-scale", cfg.train.head_lr_scale)
+    if not 0 <= cfg.train.personal_mix < 1:
+        p.append(f"train.personal-mix must be in [0, 1). Found {cfg.train.personal_mix}.")
     if cfg.train.head_pull < 0:
         p.append(f"train.head-pull must be >= 0. Found {cfg.train.head_pull}.")
     if cfg.train.scores_dtype not in SCORE_DTYPES:

@@ -54,6 +54,7 @@ class ModelSpec:
     seed: int = 0
     own_tower: bool = False  # a platform's own tower, added to the shared one (zero at start)
     item_prior: bool = False  # item vectors carry one more column: the platform's item prior
+    head_scale: float = 1.0  # the head reads head_scale * profile (as ModelConfig.head_scale)
 
     @property
     def in_dim(self) -> int:
@@ -169,7 +170,7 @@ class RecModel(nn.Module):
         if self.spec.item_prior:  # the prior column: read by nothing but beta = 1
             q = torch.cat([q, torch.zeros(1, d)])
         self.profile_lin.weight.copy_(torch.cat([0.5 * s * q.T, 0.5 * s * q.T], dim=1))
-        self.to_items.weight.copy_(s * q)
+        self.to_items.weight.copy_(s * q / self.spec.head_scale)
         self.to_items.bias.zero_()
         if self.spec.item_prior:
             self.to_items.bias[-1] = 1.0
@@ -214,7 +215,7 @@ class RecModel(nn.Module):
         reads a matrix E/(D+1) times smaller per request.
         """
         w, b = self.to_items.weight, self.to_items.bias  # (E, D), (E,)
-        return torch.cat([items @ w, (items @ b).unsqueeze(-1)], dim=1)
+        return torch.cat([self.spec.head_scale * (items @ w), (items @ b).unsqueeze(-1)], dim=1)
 
     @staticmethod
     def score_items(profile: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -228,7 +229,7 @@ class RecModel(nn.Module):
         outside the model against the constant, public item matrix, so each user's loss
         depends on that user's data and public items only.
         """
-        out: torch.Tensor = TAU * self.to_items(self.code(x))
+        out: torch.Tensor = TAU * self.to_items(self.spec.head_scale * self.code(x))
         return out
 
 
@@ -289,6 +290,22 @@ class CrossPlatformModel(nn.Module):
         return {k: torch.stack([st[k] for st in states]).mean(0) for k in states[0]}
 
 
+@torch.no_grad()
+def mix_shared(model: nn.Module, own: dict[str, np.ndarray], weight: float) -> None:
+    """In place: every parameter outside the per-platform heads becomes
+    ``(1 - weight) * itself + weight * own[name]`` (a node's personalisation)."""
+    for name, p in model.named_parameters():
+        if head_owner(name) is None and name in own:
+            p.mul_(1.0 - weight).add_(torch.from_numpy(own[name]).to(p.dtype), alpha=weight)
+
+
+def shared_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """The parameters outside the per-platform heads, as arrays."""
+    return {
+        k: v.detach().numpy().copy() for k, v in model.state_dict().items() if head_owner(k) is None
+    }
+
+
 def _head_layer(heads: nn.ModuleDict, key: str, name: str) -> nn.Linear:
     """``heads[key][name]``: every head is a ModuleDict of ``nn.Linear`` layers."""
     head = heads[key]
@@ -313,6 +330,7 @@ def model_spec(cfg: FedrecConfig, item_dim: int) -> ModelSpec:
         seed=cfg.seed,
         own_tower=cfg.model.heads == "channel-tower",
         item_prior=cfg.model.item_prior != "none",
+        head_scale=cfg.model.head_scale,
     )
 
 

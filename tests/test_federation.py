@@ -198,14 +198,21 @@ def test_the_item_prior_is_released_once_accounted_and_audited(
         2,
         4.0,
         False,
-        **{"model.item-prior": "popularity", "dp.noise-multiplier": -1.0},
+        **{
+            "model.item-prior": "popularity",
+            "dp.noise-multiplier": -1.0,
+            "train.personal-mix": 0.5,
+        },
     )
 
     # Execute
     run_simulation(run_dir, cfg.to_run_config(), 3)
 
     # Assert: each node released once (first), then trained twice, within the target
+    from safetensors.numpy import load_file
+
     ledger = hashlog.read(run_dir / "privacy-ledger.jsonl")
+    final = load_file(run_dir / "checkpoints" / "round-0002.safetensors")
     for ch in cfg.channels:
         node = hashlog.read(run_dir / "nodes" / ch / "privacy-ledger.jsonl")
         assert [e["status"] for e in node] == [RELEASED, TRAINED, TRAINED]
@@ -213,6 +220,11 @@ def test_the_item_prior_is_released_once_accounted_and_audited(
         assert node[-1]["history"][0] == [sigma_p, 1.0, 1] and sigma_p > 0
         assert sum(n for _, _, n in node[-1]["history"]) == 2 * STEPS + 1
         assert list((run_dir / "nodes" / ch).glob("item-prior-run*.npy"))
+        # personalisation: the node kept its own last shared weights, not the federation's
+        (kept,) = (run_dir / "nodes" / ch).glob("personal-run*.npz")
+        with np.load(kept) as own:
+            assert set(own.files) == {"profile_lin.weight"}
+            assert not np.allclose(own["profile_lin.weight"], final["profile_lin.weight"])
         mine = sorted((e for e in ledger if e["channel"] == ch), key=lambda e: e["round"])
         assert [e[wire.PRIOR_RELEASES] for e in mine] == [1, 1]
         assert [e[wire.TOTAL_STEPS] for e in mine] == [STEPS, 2 * STEPS]  # steps, not events

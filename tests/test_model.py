@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedrec.shared.model import RECENT, ModelSpec, RecModel, param_shapes, summarize_history
+from fedrec.shared.model import (
+    RECENT,
+    TAU,
+    ModelSpec,
+    RecModel,
+    param_shapes,
+    summarize_history,
+)
 
 torch.set_num_threads(1)
 
@@ -293,3 +300,52 @@ def test_own_towers_start_at_zero_add_to_the_shared_tower_and_stay_per_platform(
         "heads.shop.to_items.bias",
         "heads.shop.to_items.weight",
     ]
+
+
+def test_head_scale_starts_as_the_same_function_and_grows_w_o_gradient_share() -> None:
+    # Prepare: the same seed at head scale 1 and 3
+    g = torch.Generator().manual_seed(0)
+    items = torch.nn.functional.normalize(torch.randn(50, 32, generator=g), dim=1)
+    x = torch.randn(6, 64, generator=g)
+    plain = RecModel(ModelSpec(item_dim=32, dim=8, seed=1))
+    scaled = RecModel(ModelSpec(item_dim=32, dim=8, seed=1, head_scale=3.0))
+
+    # Execute
+    scores = {m: (mod(x) @ items.T) for m, mod in (("plain", plain), ("scaled", scaled))}
+    grads = {}
+    for name, mod in (("plain", plain), ("scaled", scaled)):
+        mod.zero_grad()
+        scores[name].logsumexp(1).sum().backward(retain_graph=True)
+        grads[name] = (mod.to_items.weight.grad.norm(), mod.profile_lin.weight.grad.norm())
+
+    # Assert: identical scores; W_o's gradient x3, the tower's unchanged; serving codes agree
+    torch.testing.assert_close(scores["scaled"], scores["plain"])
+    torch.testing.assert_close(grads["scaled"][0], 3 * grads["plain"][0])
+    torch.testing.assert_close(grads["scaled"][1], grads["plain"][1])
+    codes = scaled.item_codes(items)
+    p = scaled.code(x)
+    torch.testing.assert_close(TAU * (p @ codes[:, :8].T + codes[:, 8]), scores["scaled"])
+
+
+def test_mix_shared_moves_the_shared_tower_toward_the_nodes_own_and_leaves_heads() -> None:
+    # Prepare
+    from fedrec.shared.config import FedrecConfig
+    from fedrec.shared.model import build_model, mix_shared, shared_weights
+
+    cfg = FedrecConfig(channels=("shop", "bank"))
+    model = build_model(cfg, 96)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    own = {k: np.full(v.shape, 2.0, dtype=np.float32) for k, v in shared_weights(model).items()}
+
+    # Execute
+    mix_shared(model, own, 0.25)
+
+    # Assert: 0.75 x global + 0.25 x own on the shared tower; every head as it was
+    after = model.state_dict()
+    assert set(own) == {"profile_lin.weight"}
+    torch.testing.assert_close(
+        after["profile_lin.weight"], 0.75 * before["profile_lin.weight"] + 0.5
+    )
+    for k in after:
+        if k.startswith("heads."):
+            torch.testing.assert_close(after[k], before[k])
