@@ -193,7 +193,8 @@ def load_personal(node: Node, run_id: int) -> dict[str, np.ndarray] | None:
 
 def save_personal(node: Node, run_id: int, weights: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, **weights)
+    savez: Any = np.savez  # numpy's stub types **arrays as its keyword flags
+    savez(buffer, **weights)
     atomic_write_bytes(node.state_dir / personal_file(run_id), buffer.getvalue())
 
 
