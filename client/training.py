@@ -48,7 +48,7 @@ class TrainSpec:
     negatives: int = 0  # as TrainConfig: softmax over the whole catalogue
     positions: int = 12
     lr: float = 0.003
-    head_lr_scale: float = 2.5  # as TrainConfig.head_lr_scale
+    head_lr_scale: float = 2.5  # for a model at head scale 1 (TrainConfig: 1.25 at scale 2)
     optimizer: str = "adam"
     scores_dtype: str = "auto"  # as TrainConfig.scores_dtype
     max_history: int = 50

@@ -55,7 +55,7 @@ class ModelConfig:
     # function at the start, but W_o's share of each user's clipped gradient grows by its
     # square, so DP-SGD's clipping spends more of the bound on W_o (with Adam, W_o's
     # effective learning rate also grows by it: lower train.head-lr-scale to keep it)
-    head_scale: float = 1.0
+    head_scale: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,17 @@ class TrainConfig:
     negatives: int = 0  # 0: softmax over the whole public catalogue
     positions: int = 12  # next-item predictions per user per step, averaged before clipping
     lr: float = 0.003
-    # the head's projection W_o (``to_items.weight``) learns at lr x this: under DP-SGD its
-    # noise costs most, and it learns too slowly at the shared rate (README, "Where DP-SGD
-    # costs quality")
-    head_lr_scale: float = 2.5
+    # the head's projection W_o (``to_items.weight``) learns at lr x this (and, under Adam, x
+    # model.head-scale): under DP-SGD its noise costs most, and it learns too slowly at the
+    # shared rate (README, "Where DP-SGD costs quality"); 1.25 x head scale 2 = 2.5
+    head_lr_scale: float = 1.25
     # MR-MTL's lambda: each platform's head is pulled toward the mean of every platform's head
     # (a data-independent proximal step after each update; 0 = heads fully separate)
     head_pull: float = 0.0
     # personalisation: each node starts every round (and evaluates) from the federation's
     # shared weights mixed with its own from its last round, (1 - this) x global + this x own;
     # its own weights are its DP outputs kept on its disk (no ε). 0 = plain FedAvg
-    personal_mix: float = 0.0
+    personal_mix: float = 0.5
     optimizer: str = "adam"
     # dtype of the (predictions x catalogue) scores in training: "auto" takes bfloat16 where
     # the CPU has native bfloat16 matrix instructions (about 3x faster there), else float32

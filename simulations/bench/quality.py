@@ -215,7 +215,7 @@ def main(
     lr: float = RUN.train.lr,
     head_lr_scale: Annotated[
         float, typer.Option(help="The head's projection learns at lr x this.")
-    ] = RUN.train.head_lr_scale,
+    ] = RUN.train.head_lr_scale * RUN.model.head_scale,  # the run's W_o rate, at head scale 1
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = RUN.train.optimizer,
     max_grad_norm: Annotated[
         float, typer.Option(help="Per-user clipping bound C.")
