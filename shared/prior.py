@@ -36,6 +36,9 @@ def prior_logits(counts: np.ndarray) -> np.ndarray:
     return np.log1p(np.maximum(np.asarray(counts, dtype=np.float64), 0.0)).astype(np.float32)
 
 
+PRIOR_GLOB = "item-prior-run*.npy"
+
+
 def prior_file(run_id: int) -> str:
     """The file a node keeps its released prior of one run in (in its state dir)."""
     return f"item-prior-run{run_id}.npy"
@@ -44,7 +47,7 @@ def prior_file(run_id: int) -> str:
 def released_prior(state_dirs: list[Path]) -> np.ndarray | None:
     """The newest prior kept in any of these node state dirs, or None."""
     found = sorted(
-        (p for d in state_dirs for p in d.glob(prior_file(0).replace("0", "*"))),
+        (p for d in state_dirs for p in d.glob(PRIOR_GLOB)),
         key=lambda p: p.stat().st_mtime,
     )
     return np.load(found[-1]) if found else None
