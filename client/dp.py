@@ -150,15 +150,21 @@ class DPSession:
 
         A 1e-6 relative slack absorbs the rounding of the σ search, nothing more.
         """
-        event = (self.noise_multiplier, self.sample_rate, steps)
+        return self._epsilon_after(
+            (self.noise_multiplier, self.sample_rate, steps),
+            f"{steps} more steps (noise_multiplier={self.noise_multiplier:.4g}, "
+            f"sample_rate={self.sample_rate:.4g})",
+            "Not training. Raise dp.target-epsilon or plan fewer rounds/steps.",
+        )
+
+    def _epsilon_after(self, event: Event, what: str, refusal: str) -> float:
+        """ε after ``event``, or raise BudgetExceeded naming ``what`` (fail closed)."""
         after = privacy.epsilon_of([*self.history, event], self.delta, self.accountant_name)
         if after > self.target_epsilon * (1 + 1e-6):
             raise privacy.BudgetExceeded(
-                f"privacy budget: {steps} more steps (noise_multiplier="
-                f"{self.noise_multiplier:.4g}, sample_rate={self.sample_rate:.4g}) would take ε "
-                f"from {self.epsilon():.4f} to {after:.4f}, past the target "
-                f"{self.target_epsilon} at δ={self.delta:g} ({self.accountant_name}). Not "
-                "training. Raise dp.target-epsilon or plan fewer rounds/steps."
+                f"privacy budget: {what} would take ε from {self.epsilon():.4f} to "
+                f"{after:.4f}, past the target {self.target_epsilon} at δ={self.delta:g} "
+                f"({self.accountant_name}). {refusal}"
             )
         return after
 
@@ -233,16 +239,11 @@ class DPSession:
         sigma = self.prior_noise_multiplier
         if sigma <= 0:
             raise privacy.PrivacyConfigError("this session plans no item-prior release")
-        after = privacy.epsilon_of(
-            [*self.history, (sigma, 1.0, 1)], self.delta, self.accountant_name
+        self._epsilon_after(
+            (sigma, 1.0, 1),
+            f"releasing the item prior (noise_multiplier={sigma:.4g})",
+            "Not released. Raise dp.target-epsilon or set model.item-prior = none.",
         )
-        if after > self.target_epsilon * (1 + 1e-6):
-            raise privacy.BudgetExceeded(
-                f"privacy budget: releasing the item prior (noise_multiplier={sigma:.4g}) would "
-                f"take ε from {self.epsilon():.4f} to {after:.4f}, past the target "
-                f"{self.target_epsilon} at δ={self.delta:g} ({self.accountant_name}). Not "
-                "released. Raise dp.target-epsilon or set model.item-prior = none."
-            )
         g = torch.Generator().manual_seed(self.noise_seed(-1 - round_))
         noise = torch.randn(len(counts), generator=g, dtype=torch.float64).numpy()
         self.accountant.step(noise_multiplier=sigma, sample_rate=1.0)

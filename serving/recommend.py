@@ -67,7 +67,7 @@ class Recommender:
             {k: torch.from_numpy(v.copy()) for k, v in last[1].items()}, strict=True
         )
         if cfg.train.personal_mix > 0:  # the node's personalised model, where it kept one
-            own = _newest_npz(run.path, channel, "personal-run*.npz")
+            own = _personal(run.path, channel)
             if own is not None:
                 mix_shared(model, own, cfg.train.personal_mix)
         try:
@@ -142,14 +142,15 @@ def released_prior(run_dir: Path, channel: str) -> np.ndarray | None:
     return newest([nodes / channel, nodes / f"{channel}-0"])  # -0: the first of shards
 
 
-def _newest_npz(run_dir: Path, channel: str, pattern: str) -> dict[str, np.ndarray] | None:
-    """The newest file matching ``pattern`` that ``channel``'s node kept in a simulation's
-    run dir (``nodes/<channel>`` or its first shard), as arrays."""
-    folders = [run_dir / "nodes" / channel, run_dir / "nodes" / f"{channel}-0"]
-    found = sorted((p for d in folders for p in d.glob(pattern)), key=lambda p: p.stat().st_mtime)
-    if not found:
+def _personal(run_dir: Path, channel: str) -> dict[str, np.ndarray] | None:
+    """The shared weights ``channel``'s node kept last in a simulation's run dir, if any."""
+    from fedrec.shared.prior import newest_kept
+
+    nodes = run_dir / "nodes"
+    path = newest_kept([nodes / channel, nodes / f"{channel}-0"], "personal-run*.npz")
+    if path is None:
         return None
-    with np.load(found[-1]) as kept:
+    with np.load(path) as kept:
         return {k: kept[k] for k in kept.files}
 
 

@@ -44,10 +44,15 @@ def prior_file(run_id: int) -> str:
     return f"item-prior-run{run_id}.npy"
 
 
+def newest_kept(state_dirs: list[Path], pattern: str) -> Path | None:
+    """The newest file matching ``pattern`` in any of these node state dirs, or None."""
+    found = sorted(
+        (p for d in state_dirs for p in d.glob(pattern)), key=lambda p: p.stat().st_mtime
+    )
+    return found[-1] if found else None
+
+
 def released_prior(state_dirs: list[Path]) -> np.ndarray | None:
     """The newest prior kept in any of these node state dirs, or None."""
-    found = sorted(
-        (p for d in state_dirs for p in d.glob(PRIOR_GLOB)),
-        key=lambda p: p.stat().st_mtime,
-    )
-    return np.load(found[-1]) if found else None
+    path = newest_kept(state_dirs, PRIOR_GLOB)
+    return None if path is None else np.load(path)
