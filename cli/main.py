@@ -1,11 +1,19 @@
 """The ``fedrec`` command line: one typer app; each module in :data:`COMMAND_MODULES` adds its
 commands through a ``register(app)`` function. Heavy imports stay inside the commands so that
 ``fedrec --help`` is instant.
+
+One error path (:func:`run`): a :class:`~fedrec.shared.errors.FedrecError` is printed as its
+message with its exit code, a file-system error as the path and what went wrong, anything else
+as an internal error; the traceback is shown only with ``fedrec --debug`` (or
+``FEDREC_DEBUG=1``).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from collections.abc import Sequence
 
 import typer
 
@@ -23,14 +31,22 @@ COMMAND_MODULES = (
     "fedrec.cli.train",  # fedrec train
     "fedrec.simulations.simulate",  # fedrec simulate
     "fedrec.serving.recommend",  # fedrec recommend
-    "fedrec.deploy.cli",  # fedrec deploy certs|local|superlink|node
+    "fedrec.deploy.cli",  # fedrec deploy certs|local|split|superlink|node
     "fedrec.audit.cli",  # fedrec audit
 )
+DEBUG_ENV = "FEDREC_DEBUG"
+INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in fedrec, not in the input
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the Python traceback of an error (also FEDREC_DEBUG=1)."
+    ),
+) -> None:
     """Federated, privacy-preserving, cross-platform recommender."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 
 for _name in COMMAND_MODULES:
@@ -46,12 +62,56 @@ QUIET = (
 )
 
 
+def _say(message: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(message)}")
+
+
+def run(args: Sequence[str] | None = None) -> int:
+    """Run the ``fedrec`` command line on ``args`` (default ``sys.argv[1:]``); the exit code."""
+    import click
+
+    from fedrec.shared.errors import FedrecError
+
+    debug = os.environ.get(DEBUG_ENV) == "1" or "--debug" in (args or sys.argv[1:])
+    try:
+        rv = app(args=list(args) if args is not None else None, standalone_mode=False)
+    except click.ClickException as exc:  # bad option or argument: click's own message
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        return 130
+    except FedrecError as exc:
+        if debug:
+            raise
+        _say(str(exc))
+        return exc.exit_code
+    except OSError as exc:
+        if debug:
+            raise
+        where = f" {exc.filename!s}" if exc.filename else ""
+        what = exc.strerror or type(exc).__name__
+        _say(f"{what}:{where}. Check that the path exists and is writable by you, then rerun.")
+        return 1
+    except Exception as exc:
+        if debug:
+            raise
+        _say(
+            f"internal error ({type(exc).__name__}: {exc}). This is a bug in fedrec, not in "
+            "your input; rerun with `fedrec --debug ...` for the traceback and report it."
+        )
+        return INTERNAL_ERROR
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+
 def main() -> None:
     import warnings
 
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
-    app()
+    sys.exit(run())
 
 
 if __name__ == "__main__":

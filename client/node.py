@@ -22,6 +22,7 @@ import numpy as np
 
 from fedrec.shared.config import FedrecConfig
 from fedrec.shared.data import Sequences, to_sequences
+from fedrec.shared.errors import FedrecError
 from fedrec.shared.fsio import atomic_write_bytes
 from fedrec.shared.prior import prior_file
 
@@ -31,7 +32,7 @@ TIMINGS = "timings.jsonl"  # node-local: seconds each handler took (never sent)
 NODES = "nodes"  # simulation: <run dir>/nodes/<channel>[-<shard>] is each node's disk
 
 
-class NodeConfigError(ValueError):
+class NodeConfigError(FedrecError, ValueError):
     """The node cannot tell which channel it serves, or where its data is."""
 
 

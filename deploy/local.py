@@ -53,6 +53,7 @@ from fedrec.deploy.flower import (
     write_overrides,
 )
 from fedrec.deploy.split import split_dataset
+from fedrec.shared.errors import FedrecError
 
 DEPLOYMENT_ENV = "FEDREC_DEPLOYMENT"  # marks every process of one deployment (for teardown)
 # flwr's SuperExec polls its SuperNode/SuperLink for work every 1 s by default
@@ -61,7 +62,7 @@ DEPLOYMENT_ENV = "FEDREC_DEPLOYMENT"  # marks every process of one deployment (f
 SUPEREXEC_POLL: str | None = None
 
 
-class DeployError(RuntimeError):
+class DeployError(FedrecError, RuntimeError):
     """A deployment step failed; the message names the process and the tail of its log."""
 
 

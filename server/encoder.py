@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedrec.shared.errors import FedrecError
 from fedrec.shared.fsio import atomic_write_bytes
 from fedrec.shared.items import ItemMatrix
 
@@ -53,7 +54,7 @@ _SORT_CHUNK = 16_384
 PROGRESS_MIN_ITEMS = 512
 
 
-class EncoderError(RuntimeError):
+class EncoderError(FedrecError, RuntimeError):
     """The item encoder cannot be built or used (missing weights, bad model folder)."""
 
 

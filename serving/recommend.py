@@ -18,9 +18,13 @@ from typing import Any
 import numpy as np
 import typer
 
+from fedrec.shared.errors import FedrecError
 
-class RecommendError(ValueError):
+
+class RecommendError(FedrecError, ValueError):
     """The request cannot be served (unknown user or channel, no history and no query...)."""
+
+    exit_code = 2
 
 
 @dataclass

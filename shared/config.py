@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedrec.shared.errors import FedrecError
+
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedprox")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
@@ -23,8 +25,10 @@ HEADS = ("channel-tower", "channel", "shared")
 ITEM_PRIORS = ("popularity", "none")
 
 
-class ConfigError(ValueError):
+class ConfigError(FedrecError, ValueError):
     """One or more configuration values are wrong; ``problems`` lists each of them."""
+
+    exit_code = 2
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems

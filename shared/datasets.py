@@ -81,6 +81,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from fedrec.shared.data import EVENT_TYPES, Catalogue, Interactions
+from fedrec.shared.errors import FedrecError
 from fedrec.shared.fsio import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -121,12 +122,14 @@ def _show(value: str, limit: int = 60) -> str:
     return repr(text)
 
 
-class DataError(ValueError):
+class DataError(FedrecError, ValueError):
     """One problem in a dataset, located: ``file:line: column 'c': problem. Fix: hint``.
 
     ``column`` is the CSV column, or the JSON key path for ``manifest.json``. ``line`` is the
     1-based line in the file (the header is line 1), ``None`` when the problem has no line.
     """
+
+    exit_code = 2
 
     def __init__(
         self,
@@ -166,8 +169,10 @@ class DataError(ValueError):
         return (rebuild, ())
 
 
-class DataErrors(ValueError):
+class DataErrors(FedrecError, ValueError):
     """Several problems found in one pass: ``errors`` lists them, ``total`` counts all of them."""
+
+    exit_code = 2
 
     def __init__(self, errors: list[DataError], *, total: int | None = None) -> None:
         self.errors = list(errors)

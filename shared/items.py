@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from fedrec.shared.errors import FedrecError
 from fedrec.shared.fsio import atomic_write_bytes
 
 ITEM_MATRIX_FORMAT = "fedrec-item-matrix/1"
 
 
-class ItemMatrixError(ValueError):
+class ItemMatrixError(FedrecError, ValueError):
     """An item matrix (in memory or on disk) is malformed."""
 
 

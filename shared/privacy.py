@@ -15,14 +15,16 @@ import math
 import warnings
 from typing import Any
 
+from fedrec.shared.errors import FedrecError
+
 Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(FedrecError, RuntimeError):
     """Training would take ε past the target; nothing was trained."""
 
 
-class PrivacyConfigError(ValueError):
+class PrivacyConfigError(FedrecError, ValueError):
     """A DP setting is invalid for this channel's data (e.g. δ ≥ 1/users)."""
 
 

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedrec.shared.errors import FedrecError
+
 # Message types (Flower: "train", "evaluate", and "query.<name>" for our own).
 ITEMS_QUERY = "items"  # handled by @app.query(ITEMS_QUERY), type "query.items"
 
@@ -113,7 +115,7 @@ ALLOWLIST: dict[str, dict[str, tuple[type[Record], tuple[str, ...] | None]]] = {
 }
 
 
-class EgressViolation(ValueError):
+class EgressViolation(FedrecError, ValueError):
     """A reply holds something outside the allowlist; nothing is sent or accepted."""
 
 

@@ -1,0 +1,22 @@
+"""The one base class of every error fedrec reports to a person rather than as a bug.
+
+Owns: :class:`FedrecError`. Each package's own error types (bad data, bad config, a refused
+budget, a failed deployment step...) derive from it as well as from the built-in type they
+always were (``ValueError``, ``RuntimeError``), so ``except ValueError`` still catches them and
+the command line (:func:`fedrec.cli.main.run`) prints any of them as one message and an exit
+code, with the traceback only under ``--debug``.
+
+Must not: import anything.
+"""
+
+from __future__ import annotations
+
+
+class FedrecError(Exception):
+    """A problem a user can fix: the message says what is wrong, where, and how to fix it.
+
+    ``exit_code``: what the command line exits with (2: bad input or configuration,
+    1: a step failed or a check refused).
+    """
+
+    exit_code = 1
