@@ -10,6 +10,8 @@ Layout (the audit reads exactly this)::
     egress.jsonl           hash-chained: every reply received (keys, shapes, dtypes, bytes, sha256)
     checkpoints/round-NNNN.safetensors
     results.json           final metrics per channel, log heads, wall time
+    INCOMPLETE             present from the run's start until results.json is written: a run
+                           that stopped early (crash, Ctrl-C, timeout) keeps it
 
 Must not: import ``fedrec.client``; read any channel's interactions.
 """
@@ -31,6 +33,8 @@ from fedrec.shared.wire import shape_problems
 LEDGER = "privacy-ledger.jsonl"
 EGRESS = "egress.jsonl"
 METRICS = "metrics.jsonl"
+RESULTS = "results.json"
+INCOMPLETE = "INCOMPLETE"  # marker: the run started and has not written results.json
 TIMING_CHANNEL, TIMING_PHASE = "server", "timing"  # metrics.jsonl lines of round wall times
 
 
@@ -66,6 +70,10 @@ class RunDir:
     def start(
         self, run_config: dict[str, Any], channels: list[str], shapes: dict[str, tuple[int, ...]]
     ) -> None:
+        atomic_write_text(
+            self.path / INCOMPLETE,
+            f"started {now()}; this run has not finished (no {RESULTS} yet)\n",
+        )
         write_json(
             self.path / "config.json",
             {
@@ -142,4 +150,9 @@ class RunDir:
 
     def results(self, obj: dict[str, Any]) -> None:
         heads = {name: hashlog.head(self.path / name) for name in (LEDGER, EGRESS)}
-        write_json(self.path / "results.json", {**obj, "log_heads": heads})
+        write_json(self.path / RESULTS, {**obj, "log_heads": heads})
+        (self.path / INCOMPLETE).unlink(missing_ok=True)
+
+    def incomplete(self) -> bool:
+        """Whether the run started and never wrote its results (see :data:`INCOMPLETE`)."""
+        return (self.path / INCOMPLETE).exists()
