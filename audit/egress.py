@@ -133,7 +133,8 @@ def _dims(shape: Any) -> tuple[int, ...] | None:
 
 
 def _is_scalar(value: Any) -> bool:
-    return isinstance(value, bool | int | float | str)
+    """One value, not a list; None is a non-finite float as the log's strict JSON writes it."""
+    return value is None or isinstance(value, bool | int | float | str)
 
 
 def check_entry(

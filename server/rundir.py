@@ -18,7 +18,6 @@ Must not: import ``fedrec.client``; read any channel's interactions.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fedrec.shared import hashlog
-from fedrec.shared.fsio import atomic_write_bytes, atomic_write_text
+from fedrec.shared.fsio import atomic_write_bytes, atomic_write_text, strict_json
 from fedrec.shared.wire import shape_problems
 
 LEDGER = "privacy-ledger.jsonl"
@@ -43,8 +42,8 @@ def now() -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (:func:`fedrec.shared.fsio.atomic_write_text`)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write strict JSON atomically (:func:`fedrec.shared.fsio.strict_json`: ∞ and NaN as null)."""
+    atomic_write_text(path, strict_json(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def versions() -> dict[str, str]:
@@ -95,7 +94,7 @@ class RunDir:
     def metrics(self, round_: int, channel: str, phase: str, values: dict[str, Any]) -> None:
         with (self.path / METRICS).open("a", encoding="utf-8") as fh:
             fh.write(
-                json.dumps(
+                strict_json(
                     {"round": round_, "channel": channel, "phase": phase, "metrics": values},
                     default=str,
                 )

@@ -10,6 +10,7 @@ Must not: import ``fedrec.server`` or ``fedrec.client``, or read files.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,6 +148,9 @@ class FedrecConfig:
     min_nodes: int = 3
     round_timeout: float = 600.0
     resume: bool = False
+    # "NODE_ID=channel,...": the only SuperLink node id allowed to serve each channel
+    # (what `flwr supernode register` printed for its key); "" = no binding
+    node_channels: str = ""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -254,13 +258,19 @@ def from_run_config(run_config: Mapping[str, Any]) -> FedrecConfig:
 
 def check(cfg: FedrecConfig) -> list[str]:
     """Value checks that do not need data (user counts are checked where data is loaded)."""
-    p: list[str] = []
+    p: list[str] = [
+        f"{key} must be a finite number. Found {value}."
+        for key, value in cfg.to_run_config().items()
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
 
     def positive(name: str, value: float) -> None:
-        if not value > 0:
+        if not value > 0 and math.isfinite(value):
             p.append(f"{name} must be > 0. Found {value}.")
 
     positive("num-server-rounds", cfg.num_server_rounds)
+    if not 0 <= cfg.seed < 2**32:
+        p.append(f"seed must be in [0, 2**32). Found {cfg.seed}.")
     positive("min-nodes", cfg.min_nodes)
     positive("round-timeout", cfg.round_timeout)
     if not cfg.channels:
@@ -270,6 +280,14 @@ def check(cfg: FedrecConfig) -> list[str]:
         p.append(f"channels must be letters, digits, '-' or '_'. Found {bad}.")
     if len(set(cfg.channels)) != len(cfg.channels):
         p.append(f"channels must not repeat. Found {list(cfg.channels)}.")
+    bindings, problems = node_bindings(cfg.node_channels)
+    p += problems
+    unknown = sorted(set(bindings.values()) - set(cfg.channels))
+    if unknown:
+        p.append(
+            f"node-channels binds channels that are not in channels {list(cfg.channels)}. "
+            f"Found {unknown}."
+        )
     if cfg.strategy.name not in STRATEGIES:
         p.append(f"strategy must be one of {list(STRATEGIES)}. Found {cfg.strategy.name!r}.")
     if cfg.strategy.proximal_mu < 0:
@@ -330,6 +348,30 @@ def check(cfg: FedrecConfig) -> list[str]:
             f"dp.enabled = true. Found dp.enabled = {dp.enabled}."
         )
     return p
+
+
+def node_bindings(text: str) -> tuple[dict[int, str], list[str]]:
+    """``node-channels`` (``"NODE_ID=channel,NODE_ID=channel"``) as node id -> channel, and
+    what is wrong with it. A node id is the integer the SuperLink gave the node's key
+    (``flwr supernode register`` prints it); one node serves one channel."""
+    out: dict[int, str] = {}
+    problems: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        node, eq, channel = (s.strip() for s in item.partition("="))
+        if not eq or not node.isdigit() or not channel:
+            problems.append(
+                f"node-channels entries must be NODE_ID=channel, e.g. '7382910=finance'. "
+                f"Found {item!r}."
+            )
+        elif int(node) in out and out[int(node)] != channel:
+            problems.append(
+                f"node-channels binds node {node} to both {out[int(node)]!r} and {channel!r}."
+            )
+        else:
+            out[int(node)] = channel
+    return out, problems
 
 
 def check_delta(target_delta: float, num_users: int, channel: str) -> str | None:

@@ -1,7 +1,8 @@
 """Files on disk that are either the old version or the whole new one, and log appends that
 never interleave: the only two ways fedrec writes a file it must not corrupt.
 
-Owns: :func:`atomic_write_bytes` / :func:`atomic_write_text` (temporary file in the same folder,
+Owns: :func:`strict_json` (JSON every parser reads: no bare ``NaN``/``Infinity``),
+:func:`atomic_write_bytes` / :func:`atomic_write_text` (temporary file in the same folder,
 fsync, ``os.replace``, fsync of the folder), :func:`atomic_dir` (a whole folder, renamed into
 place) and :func:`locked_append` (an exclusive ``flock`` around "read the tail, append one line,
 fsync", so that two writers of one hash-chained log cannot fork it).
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import math
 import os
 import shutil
 import stat
@@ -20,6 +23,24 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (in dicts, lists and tuples) replaced by None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that writes strict JSON: NaN and ±∞ become ``null`` (a reader of an ε
+    takes null as "no guarantee", ∞), never the bare ``NaN``/``Infinity`` many parsers refuse."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
 def _umask() -> int:

@@ -1,6 +1,6 @@
 """Append-only, hash-chained JSON Lines logs (privacy ledgers, egress log).
 
-Each line is a JSON object with two extra fields: ``prev`` (the previous line's ``hash``, or
+Each line is a strict JSON object (an ε of ∞ is written as null) with two extra fields: ``prev`` (the previous line's ``hash``, or
 :data:`GENESIS` for the first) and ``hash`` = sha256 of ``prev`` and the canonical JSON of the
 entry without ``hash``. Editing, deleting or reordering any line breaks the chain from there
 on, and :func:`verify` says where. Truncation of the tail is caught by comparing the last hash
@@ -51,9 +51,9 @@ def append(path: Path, entry: dict[str, Any]) -> dict[str, Any]:
 
     def line() -> str:
         prev = head(path)
-        record.update(entry, prev=prev)
+        record.update(fsio.finite(entry), prev=prev)  # strict JSON: ∞ and NaN as null
         record["hash"] = chain_hash(prev, record)
-        return json.dumps(record, sort_keys=True, default=str)
+        return json.dumps(record, sort_keys=True, default=str, allow_nan=False)
 
     fsio.locked_append(path, line)
     return record

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedrec.shared.config import FedrecConfig
+from fedrec.shared.config import ConfigError, FedrecConfig
 from fedrec.shared.data import Sequences
 
 RECENT = 3  # the "recent" summary averages the last RECENT history items
@@ -146,8 +146,12 @@ class RecModel(nn.Module):
     def __init__(self, spec: ModelSpec = ModelSpec()) -> None:
         super().__init__()
         if not 0 < spec.dim <= spec.item_dim:
-            raise ValueError(
-                f"model.dim must be in [1, item vector size {spec.item_dim}]. Found {spec.dim}."
+            raise ConfigError(
+                [
+                    f"model.dim must be in [1, item vector size {spec.item_dim}] (the item "
+                    f"encoder's output size). Found {spec.dim}. Fix: --set model.dim="
+                    f"{min(spec.item_dim, 64)} or an encoder with larger vectors."
+                ]
             )
         self.spec = spec
         e, d = spec.in_dim, spec.dim

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -157,22 +158,31 @@ def simulate(
     scenario: str = "synthetic",
     rounds: int | None = None,
     epsilon: float | None = None,
-    dp: bool = True,
+    dp: bool | None = None,
     strategy: str | None = None,
     shards: int = 1,
     out: Path | None = None,
     seed: int = 0,
     baselines: bool = True,
     run_config: list[str] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
+    """The main job (see the module docstring); returns what it writes to ``summary.json``.
+
+    ``out`` must be new or empty, or hold an earlier simulate's run with ``resume`` (its
+    federated runs then continue from their last checkpoints, and their ledgers continue).
+    """
     from rich.console import Console
 
-    from fedrec.shared.config import ConfigError, parse_value
+    from fedrec.server.rundir import INCOMPLETE
+    from fedrec.shared.config import ConfigError
+    from fedrec.shared.fsio import atomic_write_text
 
     console = Console()
     t0 = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = (out or Path("runs") / f"{scenario}-{stamp}").resolve()
+    check_out_dir(out, resume)
     data_dir = ensure_data(data, scenario, seed, console)
     overrides: dict[str, Any] = {"data-dir": str(data_dir), "seed": seed}
     if rounds is not None:
@@ -181,19 +191,33 @@ def simulate(
         overrides["dp.target-epsilon"] = epsilon
     if strategy is not None:
         overrides["strategy"] = strategy
-    channels = dataset_channels(data_dir)
-    overrides["channels"] = ",".join(channels)
-    overrides["min-nodes"] = len(channels) * shards
-    for item in run_config or []:
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = parse_value(value.strip())
-    try:
-        cfg = preflight(
-            {**overrides, "run-dir": str(out / "federated-dp"), "dp.enabled": dp}, data_dir
+    overrides["channels"] = ",".join(dataset_channels(data_dir))
+    overrides.update(parse_sets(run_config))  # --set channels=a,b runs a subset
+    channels = [c.strip() for c in str(overrides["channels"]).split(",") if c.strip()]
+    overrides.setdefault("min-nodes", len(channels) * shards)
+    set_dp = overrides.pop("dp.enabled", None)
+    if set_dp is not None and not isinstance(set_dp, bool):
+        raise ConfigError([f"dp.enabled must be true or false. Found {set_dp!r}."])
+    if dp is not None and set_dp is not None and set_dp != dp:
+        raise ConfigError(
+            [
+                f"--{'' if dp else 'no-'}dp and --set dp.enabled={str(set_dp).lower()} disagree. "
+                "Fix: give one of them."
+            ]
         )
-    except ConfigError as exc:
-        console.print(f"[red]{exc}")
-        raise typer.Exit(2) from exc
+    dp = dp if dp is not None else (set_dp if set_dp is not None else True)
+    if resume:
+        overrides["resume"] = True
+    cfg = preflight(
+        {
+            **overrides,
+            "run-dir": str(out / ("federated-dp" if dp else "federated-nodp")),
+            "dp.enabled": dp,
+        },
+        data_dir,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / INCOMPLETE, f"fedrec simulate started {stamp}; no summary.json yet\n")
     console.print(
         f"[bold]fedrec simulate[/]: {scenario} at {data_dir}; channels {', '.join(channels)}; "
         f"{cfg.num_server_rounds} rounds × {cfg.train.local_steps} local steps; run dir {out}"
@@ -227,10 +251,8 @@ def simulate(
         console.print(f"[bold]{label}[/]: Flower Simulation Engine, {len(channels) * shards} nodes")
         results = _federated(Path(run_cfg.run_dir), run_cfg, len(channels) * shards, console)
         for ch, res in results.items():
-            rows[ch][label] = {
-                **res["metrics"],
-                "epsilon": res["privacy"].get("epsilon", float("inf")),
-            }
+            eps = res["privacy"].get("epsilon")  # strict JSON: null is ∞ (no guarantee)
+            rows[ch][label] = {**res["metrics"], "epsilon": float("inf") if eps is None else eps}
         console.print(f"  done in {time.perf_counter() - t:.1f}s")
     print_tables(rows, console)
     summary = {
@@ -243,6 +265,7 @@ def simulate(
     from fedrec.server.rundir import write_json
 
     write_json(out / "summary.json", summary)
+    (out / INCOMPLETE).unlink(missing_ok=True)
     console.print(
         f"total {summary['wall_seconds']:.1f}s; δ={cfg.dp.target_delta:g}; summary in {out / 'summary.json'}"
     )
@@ -287,15 +310,65 @@ def preflight(run_config: dict[str, Any], data_dir: Path) -> Any:
     if unknown:
         problems.append(f"channels {unknown} are not in the dataset {data_dir} (it has {known}).")
     delta = run_config.get("dp.target-delta", 1e-5)
-    if run_config.get("dp.enabled", True) and isinstance(delta, float) and 0 < delta < 1:
-        for ch in (c for c in channels if c in known):
-            split = leave_last_out(to_sequences(load_channel(data_dir, ch)[1]))
-            problem = check_delta(delta, trainable_users(split.train), ch)
-            if problem:
-                problems.append(problem)
+    dp = run_config.get("dp.enabled", True) and isinstance(delta, float) and 0 < delta < 1
+    for ch in (c for c in channels if c in known):
+        split = leave_last_out(to_sequences(load_channel(data_dir, ch)[1]))
+        users = trainable_users(split.train)
+        if users == 0:
+            problems.append(
+                f"channel {ch}: no user has the 3 interactions training needs (one held out "
+                "for evaluation, a prefix and a next item to learn from). Fix: drop the channel "
+                "from `channels` or add interactions."
+            )
+        elif dp and (problem := check_delta(delta, users, ch)):
+            problems.append(problem)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``--set key=value`` options as run-config overrides; a malformed one is a ConfigError."""
+    from fedrec.shared.config import ConfigError, parse_value
+
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.local-steps=30")
+            continue
+        out[key.strip()] = parse_value(value.strip())
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Refuse, before any work, an output folder that cannot hold a new run: a file, a folder
+    fedrec cannot write, or a folder that already holds something (unless ``resume``: then it
+    must hold an earlier run)."""
+    from fedrec.shared.config import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError([f"--out {out} is a file, not a folder. Fix: give a new folder."])
+    used = out.is_dir() and any(out.iterdir())
+    if resume and not used:
+        raise ConfigError(
+            [f"--resume: {out} holds no earlier run to resume. Fix: drop --resume to start one."]
+        )
+    if used and not resume:
+        raise ConfigError(
+            [
+                f"--out {out} already holds files (an earlier run?); a new run never reuses a "
+                "folder. Fix: give a new --out, or add --resume to continue the run there."
+            ]
+        )
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            [f"--out {out}: cannot write in {existing}. Fix: give a folder you can write."]
+        )
 
 
 def dataset_channels(data_dir: Path) -> list[str]:
@@ -349,9 +422,11 @@ def register(app: typer.Typer) -> None:
         scenario: str = typer.Option("synthetic", help=f"One of {', '.join(SCENARIOS)}."),
         rounds: int = typer.Option(None, help="Federated rounds (default from pyproject)."),
         epsilon: float = typer.Option(None, help="Target ε per channel for the whole run."),
-        dp: bool = typer.Option(True, "--dp/--no-dp", help="DP-SGD on the clients."),
+        dp: bool = typer.Option(
+            None, "--dp/--no-dp", help="DP-SGD on the clients.  [default: dp]", show_default=False
+        ),
         strategy: str = typer.Option(None, help="fedavg, fedadam or fedprox."),
-        shards: int = typer.Option(1, help="Simulated nodes per channel."),
+        shards: int = typer.Option(1, min=1, help="Simulated nodes per channel."),
         out: Path = typer.Option(None, help="Run directory (default runs/<scenario>-<time>)."),
         seed: int = typer.Option(0),
         baselines: bool = typer.Option(
@@ -360,6 +435,9 @@ def register(app: typer.Typer) -> None:
         run_config: list[str] = typer.Option(
             None, "--set", help="Any run-config key, e.g. --set train.local-steps=30"
         ),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue the run in --out from its last checkpoints."
+        ),
     ) -> None:
         """Run the main job: federated cross-platform training in Flower's Simulation Engine."""
         if scenario not in SCENARIOS:
@@ -367,5 +445,16 @@ def register(app: typer.Typer) -> None:
                 f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}"
             )
         simulate(
-            data, scenario, rounds, epsilon, dp, strategy, shards, out, seed, baselines, run_config
+            data,
+            scenario,
+            rounds,
+            epsilon,
+            dp,
+            strategy,
+            shards,
+            out,
+            seed,
+            baselines,
+            run_config,
+            resume,
         )
