@@ -59,12 +59,15 @@ def versions() -> dict[str, str]:
 
 
 class RunDir:
-    def __init__(self, path: str | Path) -> None:
+    """A run directory; ``create=False`` reads an existing one and creates nothing."""
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
         if not str(path):
             raise ValueError("run-dir is empty: set run-dir in the run config to an absolute path")
         self.path = Path(path).expanduser().resolve()
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "checkpoints").mkdir(exist_ok=True)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "checkpoints").mkdir(exist_ok=True)
 
     def start(
         self, run_config: dict[str, Any], channels: list[str], shapes: dict[str, tuple[int, ...]]
@@ -127,12 +130,19 @@ class RunDir:
         fit the model raises ``ValueError`` naming the differences: it was written under
         another model configuration, and resuming from it would fail on every node.
         """
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         found = sorted((self.path / "checkpoints").glob("round-*.safetensors"))
         if not found:
             return None
-        arrays = load_file(found[-1])
+        try:
+            arrays = load_file(found[-1])
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(
+                f"{found[-1]}: not a readable checkpoint ({exc}); it was cut short or damaged. "
+                "Fix: restore it from a backup, or delete it to fall back to the round before."
+            ) from None
         if shapes is not None:
             problems = shape_problems({k: v.shape for k, v in arrays.items()}, shapes)
             if problems:

@@ -56,17 +56,29 @@ class Recommender:
         import torch
 
         from fedrec.server.rundir import RunDir
-        from fedrec.shared.config import from_run_config
-        from fedrec.shared.model import build_model, mix_shared, with_prior
+        from fedrec.shared.model import build_model, mix_shared, param_shapes, with_prior
+        from fedrec.shared.wire import shape_problems
 
-        run = RunDir(run_dir)
-        last = run.last_checkpoint()
+        run = RunDir(run_dir, create=False)
+        try:
+            last = run.last_checkpoint()
+        except ValueError as exc:
+            raise RecommendError(str(exc)) from None
         if last is None:
             raise RecommendError(
                 f"{run_dir} has no checkpoint (checkpoints/round-*.safetensors): train first"
             )
-        cfg = from_run_config(json.loads((run.path / "config.json").read_text())["run_config"])
+        cfg = load_run_config(run.path)
         model = build_model(cfg, item_matrix.shape[1])
+        shapes = param_shapes(model)
+        problems = shape_problems({k: v.shape for k, v in last[1].items()}, shapes)
+        if problems:
+            raise RecommendError(
+                f"checkpoint round {last[0]} of {run_dir} does not fit the model its config.json "
+                f"describes with {item_matrix.shape[1]}-dimensional item vectors "
+                f"({'; '.join(problems[:3])}). Fix: serve with the run's own encoder "
+                "(encoder-dir in config.json) and an unedited config.json."
+            )
         model.load_state_dict(
             {k: torch.from_numpy(v.copy()) for k, v in last[1].items()}, strict=True
         )
@@ -116,11 +128,10 @@ class Recommender:
         if len(window):
             hist[0, :] = torch.from_numpy(window)
             mask[0, :] = True
-        q = (
-            None
-            if query is None
-            else torch.from_numpy(np.asarray(query, dtype=np.float32)).reshape(1, -1)
-        )
+        q = None
+        if query is not None:  # text vector; 0 in the item prior's column, if the model has one
+            q = torch.zeros((1, self.items.shape[1]))
+            q[0, : len(query)] = torch.from_numpy(np.asarray(query, dtype=np.float32))
         with torch.inference_mode():
             from fedrec.shared.model import TAU
 
@@ -136,6 +147,28 @@ class Recommender:
             (str(self.item_ids[i]), float(s))
             for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         ]
+
+
+def load_run_config(run_dir: Path) -> Any:
+    """The :class:`~fedrec.shared.config.FedrecConfig` a run recorded in its config.json."""
+    from fedrec.shared.config import ConfigError, from_run_config
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise RecommendError(
+            f"{run_dir} is not a run directory (no config.json). Fix: pass the folder fedrec "
+            "simulate or a deployment wrote, e.g. runs/<name>/federated-dp."
+        )
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["run_config"]
+        return from_run_config(recorded)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RecommendError(
+            f"{path}: not a readable run record ({type(exc).__name__}: {exc}). Fix: restore "
+            "the file the run wrote; fedrec never edits it after the run starts."
+        ) from None
+    except ConfigError as exc:
+        raise RecommendError(f"{path}: the recorded run config is invalid: {exc}") from None
 
 
 def released_prior(run_dir: Path, channel: str) -> np.ndarray | None:
@@ -169,7 +202,7 @@ def register(app: typer.Typer) -> None:
             None, help="User id on that platform (their local history is used)."
         ),
         query: str = typer.Option(None, help="Free-text query, blended into the user's interests."),
-        k: int = typer.Option(10, help="How many items."),
+        k: int = typer.Option(10, min=1, max=10_000, help="How many items."),
         data: Path = typer.Option(None, help="Dataset directory (default: the run's data-dir)."),
         cache_dir: Path = typer.Option(
             None, help="Encoder cache (default: $FEDREC_CACHE_DIR or ~/.cache/fedrec/encoder)."
@@ -179,24 +212,39 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from fedrec.server.rundir import INCOMPLETE
         from fedrec.shared.data import to_sequences
         from fedrec.shared.datasets import load_catalogue, load_interactions
         from fedrec.shared.prior import popularity_counts, prior_logits
 
         console = Console()
-        cfg_path = run_dir / "config.json"
-        if not cfg_path.exists():
-            console.print(f"[red]{run_dir} is not a run directory (no config.json)")
-            raise typer.Exit(2)
-        data_dir = data or Path(json.loads(cfg_path.read_text())["run_config"]["data-dir"])
         if user is None and query is None:
-            console.print("[red]give --user, --query, or both")
-            raise typer.Exit(2)
+            raise RecommendError("give --user, --query, or both")
+        if query is not None and not query.strip():
+            raise RecommendError("--query is empty. Fix: give words to search for, or drop it.")
+        cfg = load_run_config(run_dir)
+        if channel not in cfg.channels:
+            raise RecommendError(
+                f"channel {channel!r} is not in this run (it has {', '.join(cfg.channels)})."
+            )
+        data_dir = data or Path(cfg.data_dir)
+        if not (data_dir / "manifest.json").is_file():
+            raise RecommendError(
+                f"the run's dataset {data_dir} is not there (moved or deleted?). Fix: pass "
+                "--data with the folder that now holds it."
+            )
+        if (run_dir / INCOMPLETE).exists():
+            console.print(
+                f"[yellow]warning: {run_dir} is an incomplete run (it stopped before its last "
+                "round); serving its last checkpoint."
+            )
         t0 = time.perf_counter()
         catalogue = load_catalogue(data_dir, channel)
         from fedrec.server.app import encode_catalogues
 
-        matrix = encode_catalogues(str(data_dir), (channel,), str(cache_dir or ""))[channel]
+        matrix = encode_catalogues(
+            str(data_dir), (channel,), str(cache_dir or cfg.cache_dir), cfg.encoder_dir
+        )[channel]
         seqs = to_sequences(load_interactions(data_dir, channel, catalogue))
         prior = None
         if released_prior(run_dir, channel) is None:
@@ -210,21 +258,21 @@ def register(app: typer.Typer) -> None:
         if user is not None:
             where = np.flatnonzero(seqs.users == user)
             if len(where) == 0:
-                console.print(f"[red]user {user!r} has no interactions on channel {channel!r}[/]")
-                raise typer.Exit(2)
+                raise RecommendError(
+                    f"user {user!r} has no interactions on channel {channel!r}. Fix: check the "
+                    "id, or pass --query alone to search."
+                )
             r = int(where[0])
             history = seqs.item_index[seqs.offsets[r] : seqs.offsets[r + 1]]
         qvec = None
         if query:
             from fedrec.server.encoder import ItemEncoder
 
-            qvec = ItemEncoder().encode([query])[0]
+            qvec = ItemEncoder(Path(cfg.encoder_dir) if cfg.encoder_dir else None).encode([query])[
+                0
+            ]
         t1 = time.perf_counter()
-        try:
-            top = rec.recommend(history, k, qvec)
-        except RecommendError as exc:
-            console.print(f"[red]{exc}")
-            raise typer.Exit(2) from exc
+        top = rec.recommend(history, k, qvec)
         t2 = time.perf_counter()
         titles = dict(zip(catalogue.item_ids, catalogue.titles, strict=True))
         table = Table(
