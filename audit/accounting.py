@@ -166,12 +166,14 @@ def epsilon_prv(history: Sequence[Sequence[float]], delta: float) -> float:
 
 @lru_cache(maxsize=256)
 def _prv_cached(events: tuple[Event, ...], delta: float) -> float:
+    import numpy as np
     from opacus.accountants import PRVAccountant
 
     acc = PRVAccountant()
     acc.history = list(events)
     try:
-        return float(acc.get_epsilon(delta))
+        with np.errstate(divide="ignore"):  # log(1 - q) at q = 1 (a one-off release): -inf
+            return float(acc.get_epsilon(delta))
     except OverflowError:  # so little noise that the PRV domain overflows
         return math.inf
 
@@ -256,6 +258,16 @@ def as_float(value: Any) -> float | None:
         except ValueError:
             return None
     return None
+
+
+def epsilon_of(entry: Mapping[str, Any]) -> float | None:
+    """A log line's ε: a number, ``"inf"``, or a bare ``Infinity`` (ledgers written before strict
+    JSON); ``null`` is ∞ (strict JSON writes an ε of ∞, no guarantee, as null); ``None`` only
+    when the line has no ``epsilon`` key."""
+    if wire.EPSILON not in entry:
+        return None
+    value = entry[wire.EPSILON]
+    return math.inf if value is None else as_float(value)
 
 
 def _close(a: float, b: float, rtol: float) -> bool:
@@ -545,7 +557,7 @@ class _LedgerWalk:
         except Exception as exc:  # a library failure must not hide the rest of the audit
             self.problems.append(f"{at}: could not recompute ε ({type(exc).__name__}: {exc})")
             recomputed = math.nan
-        logged = as_float(e.get(wire.EPSILON))
+        logged = epsilon_of(e)
         found = compare_epsilon(
             rnd, status, logged, recomputed, accountant=self.accountant, delta=self.delta
         )
@@ -688,16 +700,38 @@ def _check_node_ledger(
     node_entries: Sequence[Mapping[str, Any]],
     delta: float,
 ) -> list[str]:
-    """Compare the client's own ledger (its saved Opacus history) with the server's ledger."""
+    """Compare the client's own ledger (its saved Opacus history) with the server's ledger.
+
+    Round by round, a client line must not show a spend the server's ledger lacks: steps in a
+    round the server logs as not spent (or not at all), more steps than the server's line, or
+    another ε (then the server under- or over-reports). At the end, the client's accountant
+    history must equal the one rebuilt from the server's ledger.
+    """
     where = f"nodes/{channel}/privacy-ledger.jsonl"
     problems: list[str] = []
+    server = {c["round"]: c for c in curve}
     server_eps = {c["round"]: c["epsilon_ledger"] for c in curve if c["status"] in SPENT}
     last_history: list[Any] | None = None
     for idx, e in enumerate(node_entries, start=1):
         at = f"{where}: entry {e.get('_line', idx)}"
         rnd = e.get(ROUND)
-        node_eps = as_float(e.get(wire.EPSILON))
+        node_eps = epsilon_of(e)
         released = e.get(STATUS) == RELEASED  # the item prior, ahead of the round's steps
+        steps = e.get(wire.STEPS)
+        if not released and isinstance(steps, int) and steps > 0:
+            line = server.get(rnd) if isinstance(rnd, int) else None
+            if line is None or line["status"] not in SPENT:
+                got = "no line" if line is None else f"status {line['status']!r}"
+                problems.append(
+                    f"{at}: round {rnd}: the client trained {steps} steps; the server's "
+                    f"privacy-ledger.jsonl has {got} for {channel} in round {rnd} (that ε is "
+                    "not in the server's account)"
+                )
+            elif isinstance(line["steps"], int) and steps > line["steps"]:
+                problems.append(
+                    f"{at}: round {rnd}: the client trained {steps} steps; the server's "
+                    f"privacy-ledger.jsonl says {line['steps']}"
+                )
         if (
             not released
             and rnd in server_eps

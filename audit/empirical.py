@@ -529,7 +529,9 @@ def _claims(run_dir: Path | None, channels: list[str]) -> dict[str, float]:
     if run_dir is None:
         return dict.fromkeys(channels, math.inf)
     res = json.loads((run_dir / "results.json").read_text())["channels"]
-    return {ch: float(res[ch]["privacy"].get("epsilon", math.inf)) for ch in channels}
+    # ε ∞ is null in strict results.json (older ones wrote a bare Infinity); absent: no claim
+    eps = {ch: res[ch]["privacy"].get("epsilon") for ch in channels}
+    return {ch: math.inf if e is None else float(e) for ch, e in eps.items()}
 
 
 def _summary(

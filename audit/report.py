@@ -2,8 +2,8 @@
 
 Owns: reading the run directory tolerantly (a crashed run or a deployment run lacks files; what
 is missing is reported, nothing crashes), running the checks (:mod:`.accounting`,
-:mod:`.egress`, the empirical statistics of :mod:`.stats`, the verdicts of :mod:`.verdicts`),
-the privacy statement, the plots (matplotlib, Agg, no pyplot), the report as a
+:mod:`.egress`, the cross-checks between files of :mod:`.evidence`, the empirical statistics of
+:mod:`.stats`, the verdicts of :mod:`.verdicts`), the privacy statement, the plots (matplotlib, Agg, no pyplot), the report as a
 :class:`~.document.Document` and the atomic writing of the outputs.
 
 The privacy statement has the fields a DP training report needs (after TF-Privacy's
@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
@@ -31,9 +32,10 @@ from typing import Any
 import numpy as np
 
 from fedrec.shared import wire
+from fedrec.shared.errors import FedrecError
 from fedrec.shared.fsio import atomic_write_bytes, atomic_write_text
 
-from . import accounting, egress, stats, verdicts
+from . import accounting, egress, evidence, stats, verdicts
 from .document import (
     Block,
     BulletList,
@@ -55,6 +57,7 @@ from .verdicts import FAIL, WARN
 SCHEMA = "fedrec-audit/1"
 CONFIG, MODEL, METRICS, RESULTS = "config.json", "model.json", "metrics.jsonl", "results.json"
 CHECKPOINTS = "checkpoints"
+INCOMPLETE = "INCOMPLETE"  # the server's marker: the run started and wrote no results.json yet
 ROC_POINTS = 400  # ROC curves in the report are thinned to about this many points
 HIST_BINS = 30
 MAX_DETAILS = 200  # the report's "Details" list stops after this many lines
@@ -298,9 +301,10 @@ def build_report(
             coarser is faster and still an upper bound).
 
     Returns:
-        ``{"schema", "ok", "verdicts", "run", "files", "logs", "accounting", "egress",
-        "statement", "utility", "empirical", "read_problems"}``; non-finite numbers are the
-        strings "inf"/"nan".
+        ``{"schema", "ok", "verdicts", "run", "files", "logs", "evidence", "accounting",
+        "egress", "statement", "utility", "empirical", "read_problems"}``, strict JSON:
+        non-finite numbers are the strings "inf", "-inf" and "nan" (never bare
+        ``Infinity``/``NaN``; an ε of ∞ is "inf").
     """
     run_dir = Path(run_dir)
     read_problems: list[str] = []
@@ -339,6 +343,21 @@ def build_report(
     shapes = model.get("param_shapes")
     eg = egress.audit_egress(replies, shapes if isinstance(shapes, dict) else None)
 
+    checkpoints = (
+        sorted(p.name for p in (run_dir / CHECKPOINTS).iterdir())
+        if (run_dir / CHECKPOINTS).is_dir()
+        else []
+    )
+    ev = evidence.cross_check(
+        ledger, results=results, checkpoints=checkpoints, metrics=metrics, replies=replies
+    )
+    if (run_dir / RESULTS).exists():
+        results_state = verdicts.RESULTS_PRESENT
+    elif (run_dir / INCOMPLETE).exists():
+        results_state = verdicts.RESULTS_INCOMPLETE
+    else:
+        results_state = verdicts.RESULTS_MISSING
+
     emp = _run_empirical_all(empirical, acc) if empirical else None
     found = verdicts.all_verdicts(
         fault_injected=bool(run_config.get("audit.disable-noise", False)),
@@ -351,11 +370,8 @@ def build_report(
         ledger_present=(run_dir / egress.LEDGER).exists(),
         egress_present=(run_dir / egress.EGRESS).exists(),
         shapes_known=isinstance(shapes, dict),
-    )
-    checkpoints = (
-        sorted(p.name for p in (run_dir / CHECKPOINTS).iterdir())
-        if (run_dir / CHECKPOINTS).is_dir()
-        else []
+        results=results_state,
+        evidence=ev,
     )
     report = {
         "schema": SCHEMA,
@@ -370,6 +386,7 @@ def build_report(
             "channels": channels,
             "num_server_rounds": run_config.get("num-server-rounds"),
             "rounds_completed": (results or {}).get("rounds_completed"),
+            "incomplete": results_state == verdicts.RESULTS_INCOMPLETE,
             "wall_seconds": (results or {}).get("wall_seconds"),
             "num_parameters": model.get("num_parameters"),
             "checkpoints": checkpoints,
@@ -381,6 +398,7 @@ def build_report(
             "nodes": sorted(node_ledgers) if nodes_present else None,
         },
         "logs": logs,
+        "evidence": ev,
         "accounting": acc,
         "egress": eg,
         "statement": _statement(config, run_config, acc),
@@ -706,6 +724,41 @@ def _run_section(run: Mapping[str, Any], versions: Mapping[str, Any]) -> Section
     summary = {k: v for k, v in run.items() if k != "run_config"}
     config = Section("Run config", (KeyValues.of(run["run_config"]),))
     return Section("Run", (KeyValues.of({**summary, "versions": versions}),), (config,))
+
+
+class OutputDirError(FedrecError, ValueError):
+    """The report's output folder cannot be written: found before any audit work."""
+
+    exit_code = 2
+
+
+def check_out_dir(out_dir: Path | str) -> None:
+    """Raise :class:`OutputDirError` unless ``out_dir`` is, or can be created as, a folder this
+    process can write files in. Checked by writing (and removing) a temporary file in it or in
+    its nearest existing parent, which also catches a read-only file system."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(
+            f"--out {out}: is a file, not a folder. Give a folder for audit.json, audit.md and "
+            "audit.html (it is created if missing)."
+        )
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputDirError(
+            f"--out {out}: cannot be created, {probe} is a file. Give a folder whose parent is "
+            "a folder."
+        )
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        where = "" if probe == out else f" (its nearest existing parent {probe} is not)"
+        raise OutputDirError(
+            f"--out {out}: not writable{where}: {exc.strerror or exc}. Give a folder you can "
+            "write to, or fix its permissions."
+        ) from exc
 
 
 def write_report(report: Mapping[str, Any], out_dir: Path | str) -> dict[str, Path]:

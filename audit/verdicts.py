@@ -1,12 +1,13 @@
 """The audit's verdicts: one small pure function per check, each giving one line for people.
 
 Owns: the statuses (pass, warn, fail, skip), :class:`Verdict`, and the checks in the order the
-report lists them: fault injection, log integrity (hash chains), accounting consistency, budget,
-egress (allowlist and shapes), empirical audits, files; and :func:`check_empirical_claim`, the
+report lists them: fault injection, log integrity (hash chains), the run's results (missing or
+the run incomplete), accounting consistency, budget, egress (allowlist and shapes), evidence (the
+run directory's files agree on the rounds and the spend), empirical audits, files; and :func:`check_empirical_claim`, the
 comparison of one empirical audit's ε with the ε it tests. A run is OK when no verdict fails.
 
-Inputs are the parts of the report that :mod:`.egress` and :mod:`.accounting` computed (plain
-dicts, as in ``audit.json``).
+Inputs are the parts of the report that :mod:`.egress`, :mod:`.accounting` and :mod:`.evidence`
+computed (plain dicts, as in ``audit.json``).
 
 Must not: import ``server/`` or ``client/``; read files; compute ε (that is :mod:`.accounting`).
 """
@@ -85,6 +86,65 @@ def check_logs(logs: Mapping[str, Report]) -> Verdict:
         )
     summary = ", ".join(f"{v['log']} ({v['entries']} entries)" for v in logs.values())
     return Verdict("logs", PASS, f"LOGS: intact: {summary}; heads match results.json")
+
+
+RESULTS_PRESENT, RESULTS_INCOMPLETE, RESULTS_MISSING = "present", "incomplete", "missing"
+
+
+def check_results(state: str) -> Verdict | None:
+    """``results.json`` holds the log heads that prove no ledger line was cut from the tail.
+
+    Missing while the run's ``INCOMPLETE`` marker is there: the run stopped early (warn; the
+    rest is still checked). Missing without the marker: the run finished (or never marked
+    itself) and the file was removed afterwards, so the tail check was taken away: fail.
+    """
+    if state == RESULTS_INCOMPLETE:
+        return Verdict(
+            "results",
+            WARN,
+            "RESULTS: run INCOMPLETE: it stopped early (INCOMPLETE marker, no results.json); "
+            "the ledger's tail could not be checked against a recorded head, everything else "
+            "was checked",
+        )
+    if state == RESULTS_MISSING:
+        return Verdict(
+            "results",
+            FAIL,
+            "RESULTS: MISSING: results.json is absent and the run has no INCOMPLETE marker, "
+            "so it finished and the file was removed: the recorded log heads are gone and a "
+            "cut ledger tail cannot be detected. Restore results.json from the run's copy or "
+            "backup; only a run that stopped early may lack it (it keeps INCOMPLETE)",
+            (
+                "results.json: missing; a run writes INCOMPLETE at its start and removes it "
+                "only after writing results.json",
+            ),
+        )
+    return None
+
+
+def check_evidence(ev: Report | None) -> Verdict | None:
+    """The run directory's records of what ran (:mod:`.evidence`): fail on any disagreement
+    (rounds removed from the ledger and its chain recomputed leave the other files behind)."""
+    if ev is None:
+        return None
+    problems: Sequence[str] = ev["problems"]
+    if problems:
+        return Verdict(
+            "evidence",
+            FAIL,
+            f"EVIDENCE: the run's files DISAGREE ({_plural(len(problems), 'problem')}): "
+            f"{problems[0]}",
+            tuple(problems),
+        )
+    rounds: Mapping[str, Sequence[int]] = ev["rounds"]
+    ledger = rounds.get(egress.LEDGER) or []
+    others = [name for name, found in rounds.items() if found and name != egress.LEDGER]
+    span = f"rounds {min(ledger)}-{max(ledger)}" if ledger else "no rounds"
+    return Verdict(
+        "evidence",
+        PASS,
+        f"EVIDENCE: agrees: the ledger's {span} match {', '.join(others) or 'no other file'}",
+    )
 
 
 def check_accounting(acc: Report, *, ledger_present: bool) -> Verdict:
@@ -271,14 +331,19 @@ def all_verdicts(
     ledger_present: bool,
     egress_present: bool,
     shapes_known: bool,
+    results: str = RESULTS_PRESENT,
+    evidence: Report | None = None,
 ) -> list[Verdict]:
-    """Every check, in the report's order (fault injection and files only when they apply)."""
+    """Every check, in the report's order (fault injection, results, evidence and files only
+    when they apply)."""
     found = [
         check_fault_injection(fault_injected),
         check_logs(logs),
+        check_results(results),
         check_accounting(acc, ledger_present=ledger_present),
         check_budget(acc),
         check_egress(eg, egress_present=egress_present, shapes_known=shapes_known),
+        check_evidence(evidence),
         check_empirical(emp),
         check_files(missing, read_problems),
     ]

@@ -99,7 +99,9 @@ def make_run_dir(
 ) -> Path:
     """A small, clean run directory: every channel trains every round unless refused.
 
-    ``per_channel`` overrides ``(sigma, q)`` for some channels.
+    A checkpoint for every round in which some channel trained; without ``results``, the
+    ``INCOMPLETE`` marker of a run that stopped early. ``per_channel`` overrides ``(sigma, q)``
+    for some channels.
     """
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -206,12 +208,22 @@ def make_run_dir(
                     )
                     + "\n"
                 )
-        (run / "checkpoints" / f"round-{rounds:04d}.safetensors").write_bytes(b"")
+    for rnd in range(1, rounds + 1):  # as server.strategy: a round with a kept reply
+        if any(rnd not in refuse.get(ch, set()) for ch in channels):
+            (run / "checkpoints" / f"round-{rnd:04d}.safetensors").write_bytes(b"")
     if results:
         (run / "results.json").write_text(
             json.dumps(
                 {
                     "rounds_completed": rounds,
+                    "resumed_after": 0,
+                    "round_status": {
+                        str(rnd): {
+                            ch: "refused" if rnd in refuse.get(ch, set()) else "ok"
+                            for ch in channels
+                        }
+                        for rnd in range(1, rounds + 1)
+                    },
                     "channels": {ch: {} for ch in channels},
                     "log_heads": {
                         name: hashlog.head(run / name)
@@ -221,6 +233,8 @@ def make_run_dir(
                 }
             )
         )
+    else:  # the server's marker of a run that stopped before writing results.json
+        (run / "INCOMPLETE").write_text("started 2025-01-01T00:00:00Z; this run has not finished\n")
     return run
 
 
@@ -252,6 +266,7 @@ def test_clean_run_dir_passes(tmp_path: Path) -> None:
         "accounting": "pass",
         "budget": "pass",
         "egress": "pass",
+        "evidence": "pass",
         "empirical": "skip",
     }
     assert report["egress"]["replies"] == 2 * 3 * 2
@@ -407,6 +422,8 @@ def test_crash_reply_with_free_text_reason_is_a_warning(tmp_path: Path) -> None:
     # Prepare: one client crashed; its error reason (free text) reached the server
     run = make_run_dir(tmp_path, channels=("finance",), rounds=1, results=False)
     hashlog.append(run / "egress.jsonl", error_entry(2, "finance", 0, 1))
+    failed = {"round": 2, "channel": "finance", "status": "failed", "reason": "...", "steps": 0}
+    hashlog.append(run / "privacy-ledger.jsonl", failed)  # as server.strategy logs it
 
     # Execute
     report = build_report(run, pld_interval=FAST_PLD)
