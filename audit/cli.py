@@ -1,8 +1,10 @@
 """``fedrec audit RUN_DIR``: verdicts, a table per channel, and the report files.
 
 Owns: the command line of the audit only; the checks live in :mod:`.report` and below.
-Exit code 1 when a check fails (tampered or missing log, accounting inconsistency, budget
-exceeded, egress violation, or an empirical bound above the claimed ε).
+Exit code 1 when a check fails (tampered or missing log, results.json removed, files that
+disagree on the rounds or the spend, accounting inconsistency, budget exceeded, egress
+violation, or an empirical bound above the claimed ε); 2 when ``--out`` cannot be written
+(checked before any work).
 
 Must not: import ``server/`` or ``client/``; do heavy imports at module import (``fedrec
 --help`` stays instant).
@@ -57,9 +59,11 @@ def audit(
     from rich.table import Table
 
     from .document import fmt
-    from .report import build_report, write_report
+    from .report import build_report, check_out_dir, write_report
 
     console = Console()
+    out_dir = out if out is not None else run_dir / "audit"
+    check_out_dir(out_dir)  # before the audit's work, not after it
     spec = None
     if empirical is not None:
         try:
@@ -69,7 +73,7 @@ def audit(
         if not isinstance(spec, dict):
             raise typer.BadParameter(f"{empirical}: must hold a JSON object of audits")
     report = build_report(run_dir, spec, pld_interval=pld_interval)
-    paths = write_report(report, out if out is not None else run_dir / "audit")
+    paths = write_report(report, out_dir)
 
     for v in report["verdicts"]:
         console.print(v["line"], style=STYLE[v["status"]], markup=False, highlight=False)
