@@ -8,10 +8,13 @@ that wrote it:
   on several platforms;
 * :mod:`.egress` verifies the hash chains of the logs and every logged reply against the wire
   allowlist and the model's parameter shapes;
+* :mod:`.evidence` cross-checks the run directory's files (checkpoints, ``results.json``,
+  metrics, egress log) against the ledger round by round: a chain re-computed after removing
+  a round verifies, the other files still contradict it;
 * :mod:`.stats` holds the empirical audit statistics (one-run audit, membership-inference
   metrics, the Gaussian canary-cosine estimator), pure functions with their sources;
-* :mod:`.verdicts` holds one small check per verdict (logs, accounting, budget, egress,
-  empirical, files), each a pure function;
+* :mod:`.verdicts` holds one small check per verdict (logs, results, accounting, budget,
+  egress, evidence, empirical, files), each a pure function;
 * :mod:`.report` turns all of it into ``audit.json``, and into ``audit.md`` and ``audit.html``
   through one :class:`~.document.Document` and the two Jinja2 templates in ``templates/``;
 * :mod:`.cli` adds the ``fedrec audit RUN_DIR`` command;

@@ -324,8 +324,12 @@ def build_report(
 
     # Logs
     log_heads = results.get("log_heads") if isinstance(results, dict) else None
+    # Without DP a client keeps no ledger: then only the node ledgers found are verified.
+    dp_on = run_config.get("dp.enabled", True) is not False
     logs = egress.verify_logs(
-        run_dir, log_heads if isinstance(log_heads, dict) else None, channels=channels
+        run_dir,
+        log_heads if isinstance(log_heads, dict) else None,
+        channels=channels if dp_on else (),
     )
     ledger = _read_jsonl(run_dir / egress.LEDGER, egress.LEDGER, read_problems)
     replies = _read_jsonl(run_dir / egress.EGRESS, egress.EGRESS, read_problems)

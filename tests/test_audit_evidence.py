@@ -346,3 +346,20 @@ def test_an_infinite_epsilon_reads_as_null_or_infinity_and_the_report_is_strict_
     assert verdicts(report)["budget"] == "fail"
     text = written["audit.json"].read_text()
     assert json.loads(text, parse_constant=_reject_constant)["ok"] is False
+
+
+def test_a_run_without_dp_needs_no_client_ledgers(tmp_path: Path) -> None:
+    # Prepare: dp.enabled false; the clients' state folders exist but hold no ledger
+    run = make_run_dir(tmp_path, channels=("finance",), rounds=1, nodes=False)
+    config = json.loads((run / "config.json").read_text())
+    config["run_config"]["dp.enabled"] = False
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "nodes" / "finance").mkdir(parents=True)
+    (run / "nodes" / "finance" / "timings.jsonl").write_text("")
+
+    # Execute
+    report = build_report(run, pld_interval=FAST_PLD)
+
+    # Assert
+    assert verdicts(report)["logs"] == "pass"
+    assert list(report["logs"]) == [LEDGER, "egress.jsonl"]

@@ -434,3 +434,37 @@ def test_all_verdicts_keep_the_report_order_and_as_dict_the_json_shape() -> None
         "line": "FILES: missing results.json",
         "details": [],
     }
+
+
+# --- results.json and the cross-checks ------------------------------------------------------
+
+
+def test_results_verdict_only_when_results_json_is_missing() -> None:
+    # Execute
+    present = verdicts.check_results(verdicts.RESULTS_PRESENT)
+    incomplete = verdicts.check_results(verdicts.RESULTS_INCOMPLETE)
+    missing = verdicts.check_results(verdicts.RESULTS_MISSING)
+
+    # Assert
+    assert present is None
+    assert incomplete is not None and incomplete.status == WARN
+    assert incomplete.line.startswith("RESULTS: run INCOMPLETE: it stopped early")
+    assert missing is not None and missing.status == FAIL
+    assert missing.line.startswith("RESULTS: MISSING: results.json is absent")
+
+
+def test_evidence_fails_with_the_first_disagreement_and_passes_naming_the_files() -> None:
+    # Prepare
+    rounds = {"privacy-ledger.jsonl": [1, 2, 3], "checkpoints": [1, 2, 3], "metrics.jsonl": []}
+
+    # Execute
+    bad = verdicts.check_evidence({"rounds": rounds, "problems": ["a", "b"]})
+    good = verdicts.check_evidence({"rounds": rounds, "problems": []})
+
+    # Assert
+    assert bad is not None and bad.status == FAIL
+    assert bad.line == "EVIDENCE: the run's files DISAGREE (2 problems): a"
+    assert bad.details == ("a", "b")
+    assert good is not None and good.status == PASS
+    assert good.line == "EVIDENCE: agrees: the ledger's rounds 1-3 match checkpoints"
+    assert verdicts.check_evidence(None) is None
