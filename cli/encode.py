@@ -97,6 +97,10 @@ def register(app: typer.Typer) -> None:
             raise fail(exc) from None
         selected = _pick_channels(channels, list(manifest.channels))
         out_dir = out if out is not None else dataset_dir / "encoded"
+        if out_dir.exists() and not out_dir.is_dir():
+            raise typer.BadParameter(
+                f"{out_dir} is a file; give a folder for the item matrices.", param_hint="--out"
+            )
         cache = EncodingCache(cache_dir if cache_dir is not None else default_cache_dir())
         try:
             with console.status("loading the item encoder"):

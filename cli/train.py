@@ -10,6 +10,7 @@ time, so that ``fedrec --help`` stays instant.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -62,17 +63,19 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
 
-        def fail(message: object) -> typer.Exit:
+        def fail(message: object) -> typer.Exit:  # bad input: exit 2, as for any option
             console.print(f"[red]error:[/red] {escape(str(message))}")
-            return typer.Exit(1)
+            return typer.Exit(2)
 
-        if not no_dp and not epsilon > 0:
-            raise typer.BadParameter(f"must be > 0. Found {epsilon}.", param_hint="--epsilon")
+        if not no_dp and not 0 < epsilon < math.inf:
+            raise typer.BadParameter(
+                f"must be a finite number > 0. Found {epsilon}.", param_hint="--epsilon"
+            )
         if not no_dp and not 0 < delta < 1:
             raise typer.BadParameter(f"must be in (0, 1). Found {delta}.", param_hint="--delta")
-        if not lr > 0:
-            raise typer.BadParameter(f"must be > 0. Found {lr}.", param_hint="--lr")
-        if not max_grad_norm > 0:
+        if not 0 < lr < math.inf:
+            raise typer.BadParameter(f"must be a finite number > 0. Found {lr}.", param_hint="--lr")
+        if not 0 < max_grad_norm < math.inf:
             raise typer.BadParameter(
                 f"must be > 0. Found {max_grad_norm}.", param_hint="--max-grad-norm"
             )

@@ -91,6 +91,7 @@ MANIFEST_NAME = "manifest.json"
 ITEM_COLUMNS = ("item_id", "title", "description", "category", "attributes")
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp", "event", "query")
 MAX_REPORTED = 20  # problems listed per check (and in a DataErrors message); the rest are counted
+MAX_CELL_BYTES = 65_536  # one CSV cell; far above any id, title or description a row needs
 
 _CHANNEL_RE = re.compile(r"[A-Za-z0-9_-]+")
 _MANIFEST_KEYS = ("format", "name", "channels", "created", "source")
@@ -743,7 +744,25 @@ def _read_csv(
             problem="no rows below the header",
             hint=f"add one row per {what}, or leave the channel out of the manifest.",
         )
-    return _CsvFile(file=file, table=table, data=data)
+    f = _CsvFile(file=file, table=table, data=data)
+    problems = _Problems()
+    for column in header:
+        values = f.strings(column)
+        problems.add_rows(
+            np.flatnonzero(pc.binary_length(values).to_numpy() > MAX_CELL_BYTES),
+            lambda r, c=column, v=values: DataError(  # type: ignore[misc]
+                file=file,
+                line=f.line(r),
+                column=c,
+                value=v[r].as_py()[:40] + "...",
+                problem=f"a cell of {len(v[r].as_py().encode()):,} bytes; the limit is "
+                f"{MAX_CELL_BYTES:,}",
+                hint="shorten it (the item encoder reads the first few hundred words only), or "
+                "check that a quote was not left open.",
+            ),
+        )
+    problems.raise_if_any()
+    return f
 
 
 def _blank(values: pa.Array) -> np.ndarray:

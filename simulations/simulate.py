@@ -101,6 +101,7 @@ def _comparisons(
 
 
 def _federated(run_dir: Path, cfg: Any, nodes: int, console: Any) -> dict[str, dict[str, Any]]:
+    from fedrec.shared.errors import RunFailed
     from fedrec.simulations.flower import run_simulation
 
     def show(line: str) -> None:
@@ -110,6 +111,9 @@ def _federated(run_dir: Path, cfg: Any, nodes: int, console: Any) -> dict[str, d
             console.print("  [red]" + line)
 
     run_simulation(run_dir, cfg.to_run_config(), num_nodes=nodes, on_line=show)
+    results = json.loads((run_dir / "results.json").read_text())
+    if RunFailed.RESULTS_KEY in results:  # `flwr run` exits 0 even then
+        raise RunFailed(f"{results[RunFailed.RESULTS_KEY]}. Log: {run_dir / 'flower.log'}")
     rounds = flower_overhead(run_dir)
     if len(rounds) > 1:
         later = [r["overhead"] for r in rounds[1:]]
@@ -118,7 +122,7 @@ def _federated(run_dir: Path, cfg: Any, nodes: int, console: Any) -> dict[str, d
             f"{statistics.median(later):.2f}s, max {max(later):.2f}s (rounds 2-{len(rounds)}); "
             f"round 1 {rounds[0]['overhead']:.2f}s (starts the actors)"
         )
-    return json.loads((run_dir / "results.json").read_text())["channels"]
+    return dict(results["channels"])
 
 
 def flower_overhead(run_dir: Path) -> list[dict[str, float]]:
@@ -216,17 +220,19 @@ def simulate(
         },
         data_dir,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / INCOMPLETE, f"fedrec simulate started {stamp}; no summary.json yet\n")
     console.print(
         f"[bold]fedrec simulate[/]: {scenario} at {data_dir}; channels {', '.join(channels)}; "
         f"{cfg.num_server_rounds} rounds × {cfg.train.local_steps} local steps; run dir {out}"
     )
     from fedrec.server.app import encode_catalogues
+    from fedrec.shared.model import build_model
 
     t = time.perf_counter()
     matrices = encode_catalogues(str(data_dir), cfg.channels, cfg.cache_dir, cfg.encoder_dir)
     console.print(f"items encoded in {time.perf_counter() - t:.1f}s (cached by content hash)")
+    build_model(cfg, next(iter(matrices.values())).matrix.shape[1])  # model.dim fits the items
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / INCOMPLETE, f"fedrec simulate started {stamp}; no summary.json yet\n")
     rows: dict[str, dict[str, dict[str, Any]]] = {ch: {} for ch in channels}
     if baselines:
         console.print(

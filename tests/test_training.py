@@ -575,21 +575,21 @@ def test_fedrec_train_asks_for_fedrec_encode_when_the_matrix_is_missing(
         ["--data", str(tiny_dataset), "--channel", "shop", "--items", str(tmp_path)]
     )
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "fedrec encode" in result.output and "shop.items.npz" in result.output
 
 
 def test_fedrec_train_refuses_delta_at_or_above_one_over_users(tiny_dataset: Path) -> None:
     result = fedrec_train(["--data", str(tiny_dataset), "--channel", "shop", "--delta", "0.01"])
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "1/users" in result.output and "0.01" in result.output
 
 
 def test_fedrec_train_names_the_known_channels(tiny_dataset: Path) -> None:
     result = fedrec_train(["--data", str(tiny_dataset), "--channel", "bank"])
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "'bank'" in result.output and "'shop'" in result.output
 
 
