@@ -1,16 +1,18 @@
 """fedrec ServerApp: encode public catalogues, deliver item matrices once, run the strategy.
 
-Thin: the encoder lives in :mod:`fedrec.server.encoder`, the strategy in
-:mod:`fedrec.server.strategy`, the run directory in :mod:`fedrec.server.rundir`. Reads
-catalogues only, never interactions.
+Thin: the encoder lives in :mod:`fedrec.server.encoder`, the strategy (and who may serve a
+channel, and when a run failed) in :mod:`fedrec.server.strategy`, the run directory in
+:mod:`fedrec.server.rundir`. Reads catalogues only, never interactions. A run in which no
+platform trained ends with :class:`~fedrec.shared.errors.RunFailed`, after ``results.json``
+says why.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from logging import INFO
-from typing import TYPE_CHECKING
+from logging import ERROR, INFO, WARNING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -18,9 +20,10 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.server.rundir import RunDir
-from fedrec.server.strategy import make_strategy
+from fedrec.server.strategy import claim_refusal, make_strategy, run_failure
 from fedrec.shared import wire
-from fedrec.shared.config import from_run_config
+from fedrec.shared.config import from_run_config, node_bindings
+from fedrec.shared.errors import RunFailed
 from fedrec.shared.model import build_model, param_shapes
 
 if TYPE_CHECKING:
@@ -62,47 +65,54 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
 
 
 def deliver_items(
-    grid: Grid, matrices: Mapping[str, ItemMatrix], timeout: float
-) -> dict[int, tuple[str, int]]:
-    """Send each node its channel's item matrix, unless it already holds that fingerprint.
+    grid: Grid,
+    matrices: Mapping[str, ItemMatrix],
+    timeout: float,
+    node_ids: list[int],
+    served: Mapping[int, tuple[str, int]],
+    bindings: Mapping[int, str],
+) -> tuple[dict[int, tuple[str, int]], dict[int, str]]:
+    """Hand-shake with ``node_ids``: admit or refuse each node's claim, then send each
+    admitted node its channel's item matrix unless it already holds that fingerprint.
 
-    Step 1 asks every node which channel it serves and what it has cached; step 2 sends the
-    matrix only where needed. Returns node id -> (channel, shard).
+    Step 1 asks each node which channel and shard it serves and what it has cached; a claim
+    :func:`~fedrec.server.strategy.claim_refusal` refuses is logged and the node gets nothing
+    (``served``: the nodes admitted earlier in this run). Step 2 sends the matrices. A node
+    that could not answer or store its matrix is in neither result: it is asked again at the
+    next round.
+
+    Returns:
+        (admitted node -> (channel, shard), refused node -> reason).
     """
     fps = ConfigRecord(
         {f"{wire.ITEMS_FINGERPRINT}.{ch}": m.fingerprint for ch, m in matrices.items()}
     )
-    ids = list(grid.get_node_ids())
     hello = [
         Message(
             RecordDict({wire.CONFIG: fps}), dst_node_id=i, message_type=f"query.{wire.ITEMS_QUERY}"
         )
-        for i in ids
+        for i in node_ids
     ]
-    node_channels: dict[int, tuple[str, int]] = {}
+    taken = dict(served)
+    admitted: dict[int, tuple[str, int]] = {}
+    refused: dict[int, str] = {}
     sends = []
-    for reply in grid.send_and_receive(hello, timeout=timeout):
-        if reply.has_error():
-            log(
-                INFO,
-                "node %s could not report its items: %s",
-                reply.metadata.src_node_id,
-                reply.error.reason,
-            )
-            continue
+    replies = grid.send_and_receive(hello, timeout=timeout)
+    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # same order every time
         node = reply.metadata.src_node_id
-        info = reply.content.get(wire.INFO)
-        found = wire.sender(reply.content)
-        if found is None or not isinstance(info, ConfigRecord):
-            raise ValueError(f"node {node} did not say which channel and shard it serves")
-        channel, shard = found
-        if channel not in matrices:
-            raise ValueError(
-                f"node {node} serves channel {channel!r}, which this run does not have ({sorted(matrices)})"
-            )
-        node_channels[node] = (channel, shard)
-        m = matrices[channel]
-        if str(info[wire.ITEMS_FINGERPRINT]) != m.fingerprint:
+        if reply.has_error():
+            log(INFO, "node %s could not report its items: %s", node, reply.error.reason)
+            continue
+        claim = wire.sender(reply.content)
+        reason = claim_refusal(node, claim, taken, matrices.keys(), bindings)
+        if reason is not None or claim is None:  # (claim_refusal refuses a None claim)
+            refused[node] = reason or f"node {node} did not say what it serves"
+            log(WARNING, "[fedrec] refused %s", refused[node])
+            continue
+        admitted[node] = taken[node] = claim
+        m = matrices[claim[0]]
+        info = reply.content[wire.INFO]  # sender() found it a ConfigRecord
+        if not isinstance(info, ConfigRecord) or info.get(wire.ITEMS_FINGERPRINT) != m.fingerprint:
             content = RecordDict(
                 {
                     wire.ITEMS: ArrayRecord(
@@ -114,18 +124,20 @@ def deliver_items(
             sends.append(
                 Message(content, dst_node_id=node, message_type=f"query.{wire.ITEMS_QUERY}")
             )
-    for reply in grid.send_and_receive(sends, timeout=timeout):
-        if reply.has_error():
-            raise RuntimeError(
-                f"node {reply.metadata.src_node_id} failed to store its items: {reply.error.reason}"
-            )
+    stored = list(grid.send_and_receive(sends, timeout=timeout))
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sends}  # ids set on push
+    for reply in stored:
+        if reply.has_error():  # the SuperLink may answer for the node: find the node
+            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            log(WARNING, "node %s failed to store its items: %s", node, reply.error.reason)
+            admitted.pop(node, None)
     log(
         INFO,
         "[fedrec] item matrices: %d sent, %d already cached",
         len(sends),
-        len(node_channels) - len(sends),
+        len(admitted.keys() - sent_to.values()),
     )
-    return node_channels
+    return admitted, refused
 
 
 @app.main()
@@ -145,13 +157,27 @@ def main(grid: Grid, context: Context) -> None:
         run.start(cfg.to_run_config(), list(cfg.channels), shapes)
     remaining = cfg.num_server_rounds - offset
     wait_for_nodes(grid, cfg.min_nodes, cfg.round_timeout)
-    node_channels = deliver_items(grid, matrices, cfg.round_timeout)
+    bindings, _ = node_bindings(cfg.node_channels)  # checked by from_run_config
     strategy = make_strategy(cfg)
-    strategy.setup_recording(run, shapes, node_channels, round_offset=offset)
+
+    def admit(ids: list[int]) -> tuple[dict[int, tuple[str, int]], dict[int, str]]:
+        """Nodes that join mid-run: checked against the ones this run already has."""
+        return deliver_items(
+            grid, matrices, cfg.round_timeout, ids, strategy.node_channels, bindings
+        )
+
+    ids = list(grid.get_node_ids())
+    node_channels, refused = deliver_items(grid, matrices, cfg.round_timeout, ids, {}, bindings)
+    strategy.setup_recording(
+        run, shapes, node_channels, round_offset=offset, refused_nodes=refused, admit=admit
+    )
     train_config = ConfigRecord(
         {f"{wire.ITEMS_FINGERPRINT}.{ch}": m.fingerprint for ch, m in matrices.items()}
     )
-    if remaining > 0:
+    failure = None
+    if not node_channels:
+        failure = run_failure({}, {}, refused)  # nobody may serve: no round is started
+    elif remaining > 0:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(
@@ -162,20 +188,26 @@ def main(grid: Grid, context: Context) -> None:
             train_config=train_config,
             evaluate_config=ConfigRecord(dict(train_config)),
         )
-    run.results(
-        {
-            "rounds_completed": cfg.num_server_rounds,
-            "resumed_after": offset,
-            "channels": {
-                ch: {
-                    "metrics": strategy.last_eval.get(ch, {}),
-                    "privacy": strategy.last_privacy.get(ch, {}),
-                }
-                for ch in cfg.channels
-            },
-            "round_status": {str(k): v for k, v in strategy.round_status.items()},
-            "item_fingerprints": {ch: m.fingerprint for ch, m in matrices.items()},
-            "wall_seconds": time.perf_counter() - t0,
-        }
-    )
+        failure = run_failure(strategy.round_status, strategy.reasons, strategy.refused_nodes)
+    results: dict[str, Any] = {
+        "rounds_completed": cfg.num_server_rounds if node_channels else offset,
+        "resumed_after": offset,
+        "channels": {
+            ch: {
+                "metrics": strategy.last_eval.get(ch, {}),
+                "privacy": strategy.last_privacy.get(ch, {}),
+            }
+            for ch in cfg.channels
+        },
+        "round_status": {str(k): v for k, v in strategy.round_status.items()},
+        "refused_nodes": {str(k): v for k, v in strategy.refused_nodes.items()},
+        "item_fingerprints": {ch: m.fingerprint for ch, m in matrices.items()},
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    if failure is not None:
+        results[RunFailed.RESULTS_KEY] = failure
+    run.results(results)
+    if failure is not None:
+        log(ERROR, "[fedrec] run failed: %s; results in %s", failure, run.path)
+        raise RunFailed(f"run failed: {failure}")
     log(INFO, "[fedrec] run finished in %.1fs; results in %s", time.perf_counter() - t0, run.path)

@@ -2,6 +2,10 @@
 against the wire allowlist, log what crossed the boundary, keep the privacy ledger, record
 refusals and missing channels, and checkpoint every round.
 
+Also owns who may serve a channel (:func:`claim_refusal`: one node per channel and shard per
+run, and the ``node-channels`` binding), sending rounds only to admitted nodes, and when a run
+counts as failed (:func:`run_failure`: no platform trained in any round).
+
 Must not: import ``fedrec.client``.
 """
 
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +28,10 @@ from fedrec.server.rundir import TIMING_CHANNEL, TIMING_PHASE, RunDir
 from fedrec.shared import wire
 from fedrec.shared.config import FedrecConfig
 from fedrec.shared.model import head_owner
+
+# The ServerApp's hand-shake with new nodes: node ids -> (admitted: node -> (channel, shard),
+# refused: node -> reason). See server/app.py deliver_items.
+Admit = Callable[[list[int]], tuple[dict[int, tuple[str, int]], dict[int, str]]]
 
 # Error codes with which the SuperLink reports a node it could not reach.
 UNAVAILABLE = {
@@ -50,11 +58,20 @@ class RecordingMixin(_Strategy):
         shapes: dict[str, tuple[int, ...]],
         node_channels: dict[int, tuple[str, int]],
         round_offset: int = 0,
+        *,
+        refused_nodes: Mapping[int, str] | None = None,
+        admit: Admit | None = None,
     ) -> None:
+        """``node_channels``: the nodes admitted so far; ``refused_nodes``: node -> why it may
+        not serve; ``admit``: hand-shake with nodes that join later (``None``: send to every
+        node not refused, and label nodes by their replies)."""
         self.run = run
         self.shapes = shapes
         self.node_channels = node_channels
+        self.refused_nodes = dict(refused_nodes or {})
+        self.admit = admit
         self.round_offset = round_offset
+        self.reasons: dict[str, str] = {}  # node label -> why it last did not train
         self.last_eval: dict[str, dict[str, float]] = {}
         self.last_privacy: dict[str, dict[str, Any]] = {}
         self.round_status: dict[int, dict[str, str]] = {}
@@ -69,26 +86,43 @@ class RecordingMixin(_Strategy):
     ) -> Iterable[Message]:
         self.current = arrays
         self.started = time.monotonic()
-        self.sent = list(
-            super().configure_train(server_round + self.round_offset, arrays, config, grid)
-        )
+        self._admit_new(grid)
+        sent = super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        self.sent = [m for m in sent if self._serves(m.metadata.dst_node_id)]
         return self.sent
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.started = time.monotonic()
-        self.sent = list(
-            super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
-        )
+        sent = super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        self.sent = [m for m in sent if self._serves(m.metadata.dst_node_id)]
         return self.sent
 
+    def _admit_new(self, grid: Grid) -> None:
+        """Hand-shake with nodes that connected after the last one (a platform that came up
+        late, or a new key claiming a channel): they are admitted or refused before any
+        round reaches them."""
+        known = self.node_channels.keys() | self.refused_nodes.keys()
+        new = sorted(n for n in grid.get_node_ids() if n not in known)
+        if new and self.admit is not None:
+            admitted, refused = self.admit(new)
+            self.node_channels.update(admitted)
+            self.refused_nodes.update(refused)
+
+    def _serves(self, node: int) -> bool:
+        """Whether a round goes to ``node``: never to a refused one; with a hand-shake, only
+        to the admitted ones (a node whose hand-shake failed is asked again next round)."""
+        if node in self.refused_nodes:
+            return False
+        return self.admit is None or node in self.node_channels
+
     def _label(self, node: int, content: RecordDict | None) -> tuple[str, int]:
-        """(channel, shard) a node serves: from its reply, else from the items hand-shake."""
+        """(channel, shard) a node serves: what the hand-shake admitted, else what its reply
+        says (a node cannot switch channels mid-run by saying another in a reply)."""
         found = wire.sender(content) if content is not None else None
         if found is not None:
-            self.node_channels.setdefault(node, found)
-            return found
+            return self.node_channels.setdefault(node, found)
         return self.node_channels.get(node, (f"node-{node}", 0))
 
     def _screen(
@@ -130,6 +164,7 @@ class RecordingMixin(_Strategy):
                     }
                 )
                 if kind == "train":
+                    self.reasons[label] = reason
                     self.run.ledger(
                         {**where, "status": status[label], "reason": reason[:2000], "steps": 0}
                     )
@@ -141,7 +176,10 @@ class RecordingMixin(_Strategy):
             )
             if violations:
                 status[label] = "rejected"
-                if kind == "train":  # the node trained (and spent ε) even if we refuse its reply
+                if kind == "train":
+                    self.reasons[label] = "reply rejected: " + "; ".join(
+                        violations
+                    )  # the node trained (and spent ε) even if we refuse its reply
                     report = content.get(wire.PRIVACY)
                     spent = dict(report) if isinstance(report, ConfigRecord) else {}
                     self.run.ledger(
@@ -183,6 +221,7 @@ class RecordingMixin(_Strategy):
             )
         for channel, shard in self._missing(status):
             status[_node_label(channel, shard)] = "missing"
+            self.reasons[_node_label(channel, shard)] = "no reply (node down or timed out)"
             self.run.ledger(
                 {
                     "round": round_,
@@ -277,6 +316,81 @@ def pool_heads(
             else value
         )
     return out
+
+
+def claim_refusal(
+    node: int,
+    claim: tuple[str, int] | None,
+    served: Mapping[int, tuple[str, int]],
+    channels: Collection[str],
+    bindings: Mapping[int, str],
+) -> str | None:
+    """Why ``node`` may not serve the (channel, shard) it claims; ``None``: admit it.
+
+    A node names its own channel (its ``--node-config``), so without a check any registered
+    key could serve a channel a second time, and with a fresh state dir spend that channel's
+    users' budget again. The first node to claim a channel and shard in a run keeps it.
+    ``bindings`` (run config ``node-channels``; empty: no binding) names the one
+    SuperLink-authenticated node id allowed for each channel.
+
+    Args:
+        node: the node id the SuperLink authenticated.
+        claim: what the node says it serves; ``None`` if it did not say.
+        served: node -> (channel, shard) already admitted in this run.
+        channels: the run's channels.
+        bindings: node id -> channel, from ``node-channels``.
+    """
+    if claim is None:
+        return f"node {node} did not say which channel and shard it serves"
+    channel, shard = claim
+    if channel not in channels:
+        return f"node {node} claims channel {channel!r}, which this run does not have ({sorted(channels)})"
+    if bindings and node not in bindings:
+        return (
+            f"node {node} claims channel {channel!r} but node-channels binds no channel to it "
+            f"(bound: {', '.join(f'{n}={c}' for n, c in sorted(bindings.items()))})"
+        )
+    if bindings and bindings[node] != channel:
+        return f"node {node} claims channel {channel!r} but node-channels binds it to {bindings[node]!r}"
+    holder = next((n for n, cs in served.items() if cs == claim and n != node), None)
+    if holder is not None:
+        return f"node {node} claims {_node_label(channel, shard)!r}, which node {holder} already serves in this run"
+    return None
+
+
+def run_failure(
+    round_status: Mapping[int, Mapping[str, str]],
+    reasons: Mapping[str, str],
+    refused_nodes: Mapping[int, str],
+) -> str | None:
+    """Why a run failed: no platform trained (an accepted train reply) in any round, or no
+    round started (``round_status`` empty: no node was admitted). ``None`` if one trained. The reason names each platform's last status and why, then each refused node.
+
+    Args:
+        round_status: round -> node label -> train status (``ok``, ``refused``, ``missing``...).
+        reasons: node label -> why it last did not train.
+        refused_nodes: node id -> why it was not admitted.
+    """
+    if any(s == "ok" for status in round_status.values() for s in status.values()):
+        return None
+    last: dict[str, str] = {}
+    for _, status in sorted(round_status.items()):
+        last.update(status)
+    parts = [f"{label} {s} ({_gist(reasons.get(label, ''))})" for label, s in sorted(last.items())]
+    parts += [f"node {n} refused ({_gist(r)})" for n, r in sorted(refused_nodes.items())]
+    what = (
+        f"no platform trained in any of the {len(round_status)} round(s)"
+        if round_status
+        else "no node may serve a channel, so no round was started"
+    )
+    return f"{what}: " + ("; ".join(parts) if parts else "no node answered")
+
+
+def _gist(reason: str, limit: int = 300) -> str:
+    """One line of a reason: its last non-empty line (a traceback's exception), shortened."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    text = lines[-1] if lines else "no reason given"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _who(channel: str, shard: int) -> dict[str, Any]:

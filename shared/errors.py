@@ -1,7 +1,8 @@
 """The one base class of every error fedrec reports to a person rather than as a bug.
 
-Owns: :class:`FedrecError`. Each package's own error types (bad data, bad config, a refused
-budget, a failed deployment step...) derive from it as well as from the built-in type they
+Owns: :class:`FedrecError`, and :class:`RunFailed` (shared by the ServerApp that ends a run
+and the callers that read its ``results.json``). Each package's own error types (bad data, bad
+config, a refused budget, a failed deployment step...) derive from it as well as from the built-in type they
 always were (``ValueError``, ``RuntimeError``), so ``except ValueError`` still catches them and
 the command line (:func:`fedrec.cli.main.run`) prints any of them as one message and an exit
 code, with the traceback only under ``--debug``.
@@ -20,3 +21,13 @@ class FedrecError(Exception):
     """
 
     exit_code = 1
+
+
+class RunFailed(FedrecError, RuntimeError):
+    """A federated run ended without any platform training in any round.
+
+    The ServerApp records the reason in ``results.json`` under :attr:`RESULTS_KEY` and raises
+    this, so Flower marks the run failed; ``flwr run`` still exits 0, so callers read the key.
+    """
+
+    RESULTS_KEY = "failed"

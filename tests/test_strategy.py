@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.server.rundir import RunDir
-from fedrec.server.strategy import make_strategy, pool_heads
+from fedrec.server.strategy import claim_refusal, make_strategy, pool_heads, run_failure
 from fedrec.shared import hashlog, wire
 from fedrec.shared.config import FedrecConfig, StrategyConfig
 
@@ -222,3 +222,139 @@ def test_a_platform_head_is_not_diluted_by_the_other_platforms(tmp_path) -> None
     assert np.allclose(arrays["w"].numpy(), 1.75)
     assert np.allclose(arrays["heads.ecommerce.b"].numpy(), 1.0)
     assert np.allclose(arrays["heads.finance.b"].numpy(), 4.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Who may serve a channel (issue #16): one node per channel and shard, and node-channels
+
+CHANNELS = ("ecommerce", "finance", "social")
+
+
+def test_second_node_claiming_a_served_channel_is_refused() -> None:
+    # Prepare: node 11 serves finance; node 99 (another registered key) claims it too
+    served = {11: ("finance", 0)}
+
+    # Execute
+    reason = claim_refusal(99, ("finance", 0), served, CHANNELS, {})
+
+    # Assert
+    assert reason == "node 99 claims 'finance', which node 11 already serves in this run"
+
+
+@pytest.mark.parametrize(
+    ("node", "claim"),
+    [(11, ("finance", 0)), (99, ("finance", 1)), (99, ("social", 0))],
+    ids=["same node again", "another shard", "another channel"],
+)
+def test_claims_that_do_not_collide_are_admitted(node: int, claim: tuple[str, int]) -> None:
+    assert claim_refusal(node, claim, {11: ("finance", 0)}, CHANNELS, {}) is None
+
+
+@pytest.mark.parametrize(
+    ("node", "claim", "expected"),
+    [
+        (
+            12,
+            ("finance", 0),
+            "node 12 claims channel 'finance' but node-channels binds it to 'social'",
+        ),
+        (99, ("finance", 0), "node 99 claims channel 'finance' but node-channels binds no channel"),
+        (11, ("travel", 0), "node 11 claims channel 'travel', which this run does not have"),
+        (11, None, "node 11 did not say which channel and shard it serves"),
+    ],
+    ids=["bound elsewhere", "unbound key", "unknown channel", "no claim"],
+)
+def test_claims_against_the_binding_are_refused(node, claim, expected) -> None:
+    # Prepare: node-channels = "11=finance,12=social"
+    bindings = {11: "finance", 12: "social"}
+
+    # Execute
+    reason = claim_refusal(node, claim, {}, CHANNELS, bindings)
+
+    # Assert
+    assert reason is not None and reason.startswith(expected), reason
+
+
+def test_a_bound_node_is_admitted_to_its_channel() -> None:
+    assert claim_refusal(11, ("finance", 0), {}, CHANNELS, {11: "finance"}) is None
+
+
+def test_run_in_which_nobody_trained_fails_with_each_reason() -> None:
+    # Prepare: 2 rounds, every platform refused or missing; one impostor key refused
+    status = {
+        1: {"ecommerce": "refused", "finance": "failed"},
+        2: {"ecommerce": "refused", "finance": "missing"},
+    }
+    reasons = {
+        "ecommerce": "privacy-refused: privacy budget: 4 more steps would take ε past 1.0",
+        "finance": "no reply (node down or timed out)",
+    }
+
+    # Execute
+    failure = run_failure(status, reasons, {99: "node 99 claims 'finance', which node 11 ..."})
+
+    # Assert: one line, the last status of each platform and why
+    assert failure == (
+        "no platform trained in any of the 2 round(s): "
+        "ecommerce refused (privacy-refused: privacy budget: 4 more steps would take ε past 1.0); "
+        "finance missing (no reply (node down or timed out)); "
+        "node 99 refused (node 99 claims 'finance', which node 11 ...)"
+    )
+
+
+def test_a_traceback_reason_is_cut_to_its_exception_line() -> None:
+    # Prepare: a ClientApp exception as Flower reports it, over several lines
+    reason = "<class 'ValueError'>:<'Traceback (most recent call last):\n  File x\nValueError: no users'>"
+
+    # Execute
+    failure = run_failure({1: {"shop": "failed"}}, {"shop": reason}, {})
+
+    # Assert
+    assert failure is not None and failure.endswith("shop failed (ValueError: no users'>)")
+    assert "\n" not in failure
+
+
+def test_one_platform_trained_once_is_not_a_failed_run() -> None:
+    status = {1: {"a": "refused", "b": "ok"}, 2: {"a": "refused", "b": "refused"}}
+    assert run_failure(status, {}, {}) is None
+
+
+def test_no_admitted_node_fails_before_any_round() -> None:
+    failure = run_failure({}, {}, {7: "node 7 claims channel 'x', which this run does not have"})
+    assert failure is not None and failure.startswith("no node may serve a channel")
+
+
+class _Grid:
+    """The part of Flower's Grid that configure_train uses: the connected node ids."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+
+def test_rounds_go_only_to_admitted_nodes_and_late_nodes_are_hand_shaken(tmp_path) -> None:
+    # Prepare: node 1 admitted at the start; 9 (refused then) and 5 (joins later, admitted)
+    asked: list[list[int]] = []
+
+    def admit(ids: list[int]):
+        asked.append(ids)
+        return {5: ("finance", 0)}, {}
+
+    strategy = make_strategy(FedrecConfig(min_nodes=1))
+    strategy.setup_recording(
+        RunDir(tmp_path / "run"),
+        SHAPES,
+        {1: ("ecommerce", 0)},
+        refused_nodes={9: "node 9 claims 'ecommerce', which node 1 already serves"},
+        admit=admit,
+    )
+    from flwr.app import ArrayRecord
+
+    # Execute
+    sent = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid([1, 5, 9]))
+
+    # Assert: only the new node was asked; the refused one gets no round
+    assert asked == [[5]]
+    assert sorted(m.metadata.dst_node_id for m in sent) == [1, 5]
