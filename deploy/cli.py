@@ -1,4 +1,5 @@
-"""``fedrec deploy ...``: the typer commands (``certs``, ``local``, ``superlink``, ``node``).
+"""``fedrec deploy ...``: the typer commands (``certs``, ``split``, ``local``, ``superlink``,
+``node``).
 
 Owns: :func:`register` (adding the ``deploy`` command group to the ``fedrec`` app) and the thin
 wrappers that print the plain Flower command an operator runs on a real machine and then
@@ -20,6 +21,7 @@ from fedrec.deploy.certs import TEST_CERT_NOTE, Certs, make_certs
 from fedrec.deploy.commands import node_config, superlink_command, supernode_command
 from fedrec.deploy.flower import LOOPBACK
 from fedrec.deploy.local import DeployError, deploy_local
+from fedrec.deploy.split import check_out_dir, split_dataset
 
 
 def _exec(cmd: list[str], dry_run: bool) -> None:
@@ -62,6 +64,25 @@ def register(app: typer.Typer) -> None:
         for ch in chans:
             typer.echo(f"node {ch:<14} {certs.node_key(ch)} (+ .pub to register)")
 
+    @deploy.command("split")
+    def split_cmd(
+        data: Path = typer.Argument(..., help="Dataset folder (with manifest.json) to split."),
+        out: Path = typer.Option(..., help="New or empty folder for the split."),
+    ) -> None:
+        """Split a dataset for a deployment: OUT/coordinator (public catalogues only) and
+        OUT/<channel> per platform (its own data only); prints what goes to which machine."""
+        check_out_dir(out)
+        coordinator, platforms = split_dataset(data, out)
+        typer.echo(f"coordinator  {coordinator}")
+        typer.echo("  copy to the SuperLink/ServerApp machine; run config data-dir = that copy")
+        for ch, folder in platforms.items():
+            typer.echo(f"{ch:<12} {folder}")
+            typer.echo(
+                f"  copy to {ch}'s machine only; `fedrec deploy node --channel {ch} "
+                "--data <that copy> --state <a folder kept across runs>`"
+            )
+        typer.echo("Never copy a platform's folder anywhere but its own machine.")
+
     @deploy.command("local")
     def local_cmd(
         data: Path = typer.Option(
@@ -95,12 +116,17 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option(LOOPBACK, help="Address to listen on."),
         port: int = typer.Option(8000, help="Fleet + Control + Runtime API port."),
         database: Path = typer.Option(
-            None, help="SuperLink state file (registered nodes, runs); survives restarts."
+            Path("superlink.db"),
+            help="SuperLink state file (registered nodes, runs); survives restarts.",
+        ),
+        in_memory: bool = typer.Option(
+            False, "--in-memory", help="No state file: a restart forgets nodes and runs."
         ),
         insecure: bool = typer.Option(False, "--insecure", help="No TLS (127.0.0.1 only)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the command only."),
     ) -> None:
-        """Print and run `flower-superlink` with TLS, SuperNode auth, no runtime installs."""
+        """Print and run `flower-superlink` with TLS, SuperNode auth, its state in a file
+        (registered keys and runs survive a restart), no runtime installs."""
         if insecure and host != LOOPBACK:
             raise typer.BadParameter(f"--insecure is allowed only with --host {LOOPBACK}")
         if not insecure and certs is None:
@@ -108,7 +134,8 @@ def register(app: typer.Typer) -> None:
         if insecure:
             typer.secho("WARNING: insecure SuperLink (loopback only)", fg="yellow", err=True)
         c = None if insecure else Certs(certs.resolve(), ())
-        _exec(superlink_command(port=port, certs=c, database=database, host=host), dry_run)
+        db = None if in_memory else database.resolve()
+        _exec(superlink_command(port=port, certs=c, database=db, host=host), dry_run)
 
     @deploy.command("node")
     def node_cmd(

@@ -16,6 +16,30 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fedrec.shared.errors import FedrecError
+
+COORDINATOR = "coordinator"  # the catalogue-only folder of a split
+
+
+class SplitError(FedrecError, ValueError):
+    """The folder to split into cannot take a split (a file, or not empty)."""
+
+    exit_code = 2
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``--out`` that is a file or a folder holding anything: a split is copied to
+    machines as it is, so a stale platform folder left beside it must not be mistaken for
+    part of it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SplitError(f"--out {out_dir} is a file. Fix: give a new or empty folder.")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        found = sorted(p.name for p in out_dir.iterdir())[:5]
+        raise SplitError(
+            f"--out {out_dir} is not empty (holds {', '.join(found)}). Fix: give a new or "
+            "empty folder; a split is never written over another."
+        )
+
 
 def _manifest(name: str, channels: dict[str, dict[str, str]], source: dict[str, Any]) -> str:
     from fedrec.shared.datasets import FORMAT
@@ -48,6 +72,11 @@ def split_dataset(data_dir: Path, out_dir: Path) -> tuple[Path, dict[str, Path]]
     from fedrec.shared.fsio import atomic_dir
 
     manifest = load_manifest(data_dir)
+    if COORDINATOR in manifest.channels:
+        raise SplitError(
+            f"{data_dir} has a channel named {COORDINATOR!r}, the name of the catalogue-only "
+            "folder of a split. Fix: rename that channel in the dataset."
+        )
     out_dir = Path(out_dir).resolve()
     entries = {
         ch: {"catalogue": f"{ch}/items.csv", "interactions": f"{ch}/interactions.csv"}
@@ -68,7 +97,7 @@ def split_dataset(data_dir: Path, out_dir: Path) -> tuple[Path, dict[str, Path]]
                 encoding="utf-8",
             )
         nodes[ch] = out_dir / ch
-    with atomic_dir(out_dir / "coordinator") as tmp:
+    with atomic_dir(out_dir / COORDINATOR) as tmp:
         for ch, files in manifest.channels.items():
             (tmp / ch).mkdir()
             shutil.copyfile(files.catalogue, tmp / ch / "items.csv")
@@ -80,4 +109,4 @@ def split_dataset(data_dir: Path, out_dir: Path) -> tuple[Path, dict[str, Path]]
             ),
             encoding="utf-8",
         )
-    return out_dir / "coordinator", nodes
+    return out_dir / COORDINATOR, nodes

@@ -1,0 +1,147 @@
+"""``fedrec deploy split`` and ``fedrec deploy superlink`` through the command line in-process
+(:func:`fedrec.cli.main.run`, which returns the exit code), and the ``node-channels`` run-config
+key. No processes are started (``--dry-run``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fedrec.cli.main import run
+from fedrec.shared.config import ConfigError, from_run_config, node_bindings
+
+TINY = Path(__file__).parent / "data" / "tiny"  # channels shop and news
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_split_writes_a_catalogue_only_coordinator_and_one_folder_per_platform(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    out = tmp_path / "split"
+
+    # Execute
+    code = run(["deploy", "split", str(TINY), "--out", str(out)])
+
+    # Assert: no interactions for the coordinator, each platform its own channel only
+    assert code == 0
+    assert _files(out / "coordinator") == ["manifest.json", "news/items.csv", "shop/items.csv"]
+    assert _files(out / "shop") == ["manifest.json", "shop/interactions.csv", "shop/items.csv"]
+    assert _files(out / "news") == ["manifest.json", "news/interactions.csv", "news/items.csv"]
+    assert (out / "shop" / "shop" / "items.csv").read_bytes() == (
+        TINY / "shop" / "items.csv"
+    ).read_bytes()
+    assert list(json.loads((out / "shop" / "manifest.json").read_text())["channels"]) == ["shop"]
+    # Assert: it says which folder goes to which machine
+    printed = capsys.readouterr().out
+    assert "copy to shop's machine only" in printed and "--channel news" in printed
+    assert str(out / "coordinator") in printed
+
+
+def test_split_refuses_a_folder_that_is_not_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a stale platform folder left from another split
+    out = tmp_path / "split"
+    (out / "finance").mkdir(parents=True)
+
+    # Execute
+    code = run(["deploy", "split", str(TINY), "--out", str(out)])
+
+    # Assert: bad input (2), nothing written
+    assert code == 2
+    assert "is not empty (holds finance)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["finance"]
+
+
+def test_split_refuses_a_file_as_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare
+    out = tmp_path / "split"
+    out.write_text("x")
+
+    # Execute
+    code = run(["deploy", "split", str(TINY), "--out", str(out)])
+
+    # Assert
+    assert code == 2 and "is a file" in capsys.readouterr().err
+
+
+def test_split_refuses_a_channel_named_like_the_coordinator_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: the tiny dataset with its channel "shop" renamed "coordinator"
+    data = tmp_path / "data"
+    shutil.copytree(TINY, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["channels"]["coordinator"] = manifest["channels"].pop("shop")
+    (data / "manifest.json").write_text(json.dumps(manifest))
+
+    # Execute
+    code = run(["deploy", "split", str(data), "--out", str(tmp_path / "split")])
+
+    # Assert
+    assert code == 2 and "channel named 'coordinator'" in capsys.readouterr().err
+    assert not (tmp_path / "split").exists()
+
+
+def test_split_of_a_folder_that_is_not_a_dataset_fails_with_its_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute
+    code = run(["deploy", "split", str(tmp_path / "nothing"), "--out", str(tmp_path / "s")])
+
+    # Assert: a fedrec error (not an internal error, 70), named on stderr
+    assert code not in (0, 70)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_superlink_keeps_its_state_in_a_file_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    monkeypatch.chdir(tmp_path)
+
+    # Execute
+    code = run(["deploy", "superlink", "--insecure", "--dry-run"])
+
+    # Assert
+    assert code == 0
+    assert f"--database {tmp_path / 'superlink.db'}" in capsys.readouterr().out
+
+
+def test_superlink_in_memory_has_no_database(capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute
+    code = run(["deploy", "superlink", "--insecure", "--dry-run", "--in-memory"])
+
+    # Assert
+    assert code == 0 and "--database" not in capsys.readouterr().out
+
+
+def test_node_channels_parses_to_node_ids() -> None:
+    # Execute
+    cfg = from_run_config({"node-channels": " 7382910=finance, 12=social ,"})
+
+    # Assert
+    assert node_bindings(cfg.node_channels) == ({7382910: "finance", 12: "social"}, [])
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("finance=7382910", "node-channels entries must be NODE_ID=channel"),
+        ("12", "node-channels entries must be NODE_ID=channel"),
+        ("12=finance,12=social", "node-channels binds node 12 to both 'finance' and 'social'"),
+        ("12=travel", "node-channels binds channels that are not in channels"),
+    ],
+    ids=["swapped", "no channel", "one node two channels", "unknown channel"],
+)
+def test_bad_node_channels_is_a_config_error(value: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_run_config({"node-channels": value})
+    assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
