@@ -53,7 +53,7 @@ from fedrec.deploy.flower import (
     write_overrides,
 )
 from fedrec.deploy.split import split_dataset
-from fedrec.shared.errors import FedrecError
+from fedrec.shared.errors import FedrecError, RunFailed
 
 DEPLOYMENT_ENV = "FEDREC_DEPLOYMENT"  # marks every process of one deployment (for teardown)
 # flwr's SuperExec polls its SuperNode/SuperLink for work every 1 s by default
@@ -469,22 +469,42 @@ def deploy_local(
         d.start_superlink()
         d.wait_superlink()
         console.print(f"  SuperLink up at {d.address} ({time.perf_counter() - t0:.1f}s)")
+        submitted = cfg.to_run_config()
         if d.secure:
             for ch in channels:
                 d.register(ch)
+            if not cfg.node_channels:  # each channel served only by its own key's node id
+                bound = ",".join(f"{d.node_ids[ch]}={ch}" for ch in channels)
+                submitted["node-channels"] = bound
+                console.print(f"  node-channels = {bound}")
         for ch in channels:
             d.start_node(ch, platform_dirs[ch])
         d.wait_online(len(channels))
         console.print(f"  {len(channels)} SuperNodes online ({time.perf_counter() - t0:.1f}s)")
         t = time.perf_counter()
-        code, run_id = d.submit(cfg.to_run_config(), on_line=show, timeout=timeout)
+        code, run_id = d.submit(submitted, on_line=show, timeout=timeout)
         if code != 0 or not (run_dir / "results.json").exists():
             raise DeployError(
                 f"run {run_id} failed (flwr run exit {code}); logs in {out / 'logs'}:\n"
                 + tail(out / "logs" / "flwr-run.log")
             )
+        results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+        # `flwr run` exits 0 also when the ServerApp failed: results.json says whether it did
+        if RunFailed.RESULTS_KEY in results:
+            refused = {
+                c
+                for st in results["round_status"].values()
+                for c, s in st.items()
+                if s == "refused"
+            }
+            dirs = "; ".join(f"{c}: {d.state_dir(c)}" for c in sorted(refused & set(channels)))
+            where = (
+                f" State dirs (each holds its platform's budget ledger): {dirs}." if dirs else ""
+            )
+            raise DeployError(
+                f"run {run_id} failed: {results[RunFailed.RESULTS_KEY]}.{where} Logs in {out / 'logs'}"
+            )
         console.print(f"  run {run_id} done in {time.perf_counter() - t:.1f}s")
-    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     label = "federated (DP), deployment" if dp else "federated, deployment"
     print_tables(
         {
