@@ -356,7 +356,10 @@ def build_report(
         ledger, results=results, checkpoints=checkpoints, metrics=metrics, replies=replies
     )
     if (run_dir / RESULTS).exists():
-        results_state = verdicts.RESULTS_PRESENT
+        has_heads = isinstance(log_heads, dict) and all(
+            isinstance(log_heads.get(n), str) for n in (egress.LEDGER, egress.EGRESS)
+        )
+        results_state = verdicts.RESULTS_PRESENT if has_heads else verdicts.RESULTS_NO_HEADS
     elif (run_dir / INCOMPLETE).exists():
         results_state = verdicts.RESULTS_INCOMPLETE
     else:

@@ -88,7 +88,8 @@ def check_logs(logs: Mapping[str, Report]) -> Verdict:
     return Verdict("logs", PASS, f"LOGS: intact: {summary}; heads match results.json")
 
 
-RESULTS_PRESENT, RESULTS_INCOMPLETE, RESULTS_MISSING = "present", "incomplete", "missing"
+RESULTS_PRESENT, RESULTS_INCOMPLETE = "present", "incomplete"
+RESULTS_MISSING, RESULTS_NO_HEADS = "missing", "no-heads"
 
 
 def check_results(state: str) -> Verdict | None:
@@ -96,8 +97,18 @@ def check_results(state: str) -> Verdict | None:
 
     Missing while the run's ``INCOMPLETE`` marker is there: the run stopped early (warn; the
     rest is still checked). Missing without the marker: the run finished (or never marked
-    itself) and the file was removed afterwards, so the tail check was taken away: fail.
+    itself) and the file was removed afterwards, so the tail check was taken away: fail. There
+    but without both heads (unreadable, not an object, ``log_heads`` removed): fail as well.
     """
+    if state == RESULTS_NO_HEADS:
+        return Verdict(
+            "results",
+            FAIL,
+            "RESULTS: NO LOG HEADS: results.json does not record the heads of "
+            f"{egress.LEDGER} and {egress.EGRESS} (unreadable, not a JSON object, or log_heads "
+            "removed): a cut ledger tail cannot be detected. Restore results.json from the "
+            "run's copy or backup",
+        )
     if state == RESULTS_INCOMPLETE:
         return Verdict(
             "results",

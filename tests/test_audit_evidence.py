@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fedrec.audit import accounting
 from fedrec.audit.report import build_report, write_report
 from fedrec.shared import hashlog
@@ -363,3 +365,22 @@ def test_a_run_without_dp_needs_no_client_ledgers(tmp_path: Path) -> None:
     # Assert
     assert verdicts(report)["logs"] == "pass"
     assert list(report["logs"]) == [LEDGER, "egress.jsonl"]
+
+
+def _drop_heads(text: str) -> str:
+    return json.dumps({k: v for k, v in json.loads(text).items() if k != "log_heads"})
+
+
+@pytest.mark.parametrize("edit", [_drop_heads, lambda _: "[]"], ids=["no-heads", "a-list"])
+def test_results_without_log_heads_fails(tmp_path: Path, edit: Any) -> None:
+    # Prepare: the heads removed from results.json, or the file replaced by a JSON list
+    run = make_run_dir(tmp_path, channels=("finance",), rounds=1)
+    (run / "results.json").write_text(edit((run / "results.json").read_text()))
+
+    # Execute
+    report = build_report(run, pld_interval=FAST_PLD)
+
+    # Assert
+    results = next(v for v in report["verdicts"] if v["name"] == "results")
+    assert results["status"] == "fail" and not report["ok"]
+    assert results["line"].startswith("RESULTS: NO LOG HEADS: results.json does not record")
