@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -128,6 +129,13 @@ def _subset(seqs: Sequences, rows: np.ndarray) -> Sequences:
 
 
 def items_path(node: Node, fingerprint: str) -> Path:
+    """Where the matrix of ``fingerprint`` (a sha256 hex digest from the server) is cached;
+    anything else is refused, since it becomes a file name on the node's disk."""
+    if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+        raise NodeConfigError(
+            f"item-matrix fingerprint {str(fingerprint)[:80]!r} from the server is not a sha256 "
+            "hex digest; refused (it would name a file on this node)"
+        )
     return node.state_dir / "items" / f"{fingerprint}.npy"
 
 

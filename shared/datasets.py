@@ -493,6 +493,17 @@ def _check_channels(raw: Any, root: Path, problems: _ManifestProblems) -> dict[s
                     channel,
                     key,
                 )
+            elif not (root / entry[key]).resolve().is_relative_to(root.resolve()):
+                problems.add(
+                    f"{where}.{key}",
+                    entry[key],
+                    f"{entry[key]!r} leads outside the dataset folder (through a symbolic link, "
+                    f"to {(root / entry[key]).resolve()})",
+                    "copy the file into the dataset folder instead of linking to it.",
+                    "channels",
+                    channel,
+                    key,
+                )
             else:
                 paths[key] = root / entry[key]
         if len(paths) == 2:
