@@ -14,7 +14,9 @@ before it:
 3. a platform crashes mid-run and comes back: the run goes on without it (``missing``), it
    rejoins with its ε continued from the ledger on its disk, and platforms whose budget is
    spent stay out (``refused``) without failing the run;
-4. the coordinator crashes mid-run and comes back: the run resumes from its last checkpoint.
+4. the coordinator crashes mid-run and comes back: the run resumes from its last checkpoint;
+5. a second registered key claiming a channel bound to another node is refused, and a run in
+   which every platform refuses (budget) fails in results.json and in Flower.
 
 Every process is stopped by the fixture's finalizer, also when a test fails.
 """
@@ -35,7 +37,7 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from fedrec.deploy.certs import make_certs
 from fedrec.deploy.commands import node_config, superlink_command, supernode_command
-from fedrec.deploy.flower import processes_with_env, stop_processes, terminate
+from fedrec.deploy.flower import free_ports, processes_with_env, stop_processes, terminate
 from fedrec.deploy.local import DEPLOYMENT_ENV, LocalDeployment
 from fedrec.deploy.split import split_dataset
 from fedrec.shared import hashlog, privacy, wire
@@ -527,3 +529,62 @@ def test_coordinator_restart_resumes_from_last_checkpoint(
             break
         assert time.monotonic() < deadline, listed.stdout
         time.sleep(5)
+
+
+@pytest.mark.e2e
+def test_a_second_key_cannot_serve_a_bound_channel_and_a_run_nobody_trained_fails(
+    cluster: LocalDeployment, world: dict[str, Any], tmp_path: Path
+) -> None:
+    """Last in the file: it leaves finance's ledger as it was and an extra key registered.
+
+    An impostor (a second registered key) claims finance with a fresh state dir, i.e. a fresh
+    budget. With node-channels bound to the registered ids it is refused and never trains.
+    Then a budget every platform refuses: the run fails, results.json says why, Flower marks
+    the run failed, and `flwr run --stream` still exits 0 (hence callers read results.json)."""
+    # Prepare: register the impostor's key and start it as "finance" on a fresh state dir
+    from fedrec.deploy.commands import LINK_NAME
+
+    other = make_certs(tmp_path / "pki", ["impostor"])
+    reply = cluster.flwr(
+        "supernode", "register", str(other.node_pub("impostor")), LINK_NAME, "--format", "json"
+    )
+    impostor_id = int(json.loads(reply.stdout)["node-id"])
+    fresh = tmp_path / "impostor-state"
+    fresh.mkdir()
+    cmd = supernode_command(
+        superlink=cluster.address,
+        port=free_ports(1)[0],
+        config=node_config("finance", world["platforms"]["finance"], fresh),
+        root_certificates=cluster.ca,
+        private_key=other.node_key("impostor"),
+    )
+    cluster.spawn("node-impostor", cmd, "node-impostor", cwd=fresh)
+    bound = ",".join(f"{cluster.node_ids[ch]}={ch}" for ch in CHANNELS)
+    try:
+        cluster.wait_online(len(CHANNELS) + 1)
+        # Execute (a): one round with the binding
+        ok_dir, failed_dir = tmp_path / "bound", tmp_path / "spent"
+        cfg = _run_config(world, ok_dir, **{"num-server-rounds": 1, "node-channels": bound})
+        code, _ = cluster.submit(cfg, log_name="bound")
+        # Execute (b): a budget no platform can afford
+        spent = {**cfg, "run-dir": str(failed_dir), "dp.target-epsilon": 1e-3}
+        failed_code, failed_run = cluster.submit(spent, log_name="spent")
+    finally:
+        stop(cluster, "node-impostor")
+
+    # Assert (a): the impostor was refused and never trained; the platforms did
+    assert code == 0, (cluster.root / "logs" / "bound.log").read_text()[-3000:]
+    results = _assert_logs_intact(ok_dir)
+    assert "failed" not in results
+    assert results["round_status"] == {"1": dict.fromkeys(CHANNELS, "ok")}
+    assert "node-channels binds no channel to it" in results["refused_nodes"][str(impostor_id)]
+    assert not (fresh / "privacy-ledger.jsonl").exists()
+    assert {e["node"] for e in _ledger(ok_dir)} == {cluster.node_ids[ch] for ch in CHANNELS}
+    # Assert (b): flwr run exits 0, results.json records the failure with each reason
+    assert failed_code == 0, (cluster.root / "logs" / "spent.log").read_text()[-3000:]
+    failed = json.loads((failed_dir / "results.json").read_text())
+    reason = failed["failed"]
+    assert reason.startswith("no platform trained in any of the 1 round(s): ")
+    assert all(f"{ch} refused (privacy-refused: privacy budget" in reason for ch in CHANNELS)
+    listed = cluster.flwr("ls", LINK_NAME, "--run-id", str(failed_run), "--format", "json")
+    assert json.loads(listed.stdout)["runs"][0]["status"] == "finished:failed", listed.stdout
