@@ -145,3 +145,27 @@ def test_bad_node_channels_is_a_config_error(value: str, problem: str) -> None:
     with pytest.raises(ConfigError) as err:
         from_run_config({"node-channels": value})
     assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+
+
+def test_simulate_raises_the_servers_reason_when_nobody_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: Flower "succeeds" (exit 0) but the ServerApp recorded that nobody trained
+    from rich.console import Console
+
+    import fedrec.simulations.flower as flower
+    from fedrec.shared.config import FedrecConfig
+    from fedrec.shared.errors import RunFailed
+    from fedrec.simulations.simulate import _federated
+
+    reason = "no platform trained in any of the 1 round(s): shop failed (ValueError: no users)"
+
+    def fake_run(run_dir: Path, *args: object, **kwargs: object) -> None:
+        (run_dir / "results.json").write_text(json.dumps({"failed": reason, "channels": {}}))
+
+    monkeypatch.setattr(flower, "run_simulation", fake_run)
+
+    # Execute / Assert: a fedrec error (exit 1 on the command line) carrying the reason
+    with pytest.raises(RunFailed, match=r"shop failed \(ValueError: no users\)") as err:
+        _federated(tmp_path, FedrecConfig(), 2, Console(file=None, quiet=True))
+    assert err.value.exit_code == 1
