@@ -53,6 +53,14 @@ def audit(
             help="Discretisation of the PLD cross-check (coarser: faster, looser).",
         ),
     ] = 1e-4,
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            "--key",
+            envvar="FEDREC_RUN_KEY",
+            help="The run key the server signed the log heads with (default $FEDREC_RUN_KEY).",
+        ),
+    ] = None,
 ) -> None:
     """Audit a run: accounting, budget, egress, log integrity; write audit.{json,md,html}."""
     from rich.console import Console
@@ -72,7 +80,11 @@ def audit(
             raise typer.BadParameter(f"{empirical}: not readable JSON ({exc})") from exc
         if not isinstance(spec, dict):
             raise typer.BadParameter(f"{empirical}: must hold a JSON object of audits")
-    report = build_report(run_dir, spec, pld_interval=pld_interval)
+    from fedrec.shared.hashlog import load_key
+
+    report = build_report(
+        run_dir, spec, pld_interval=pld_interval, key=load_key(key) if key else None
+    )
     paths = write_report(report, out_dir)
 
     for v in report["verdicts"]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrec.shared import wire
+from fedrec.shared import hashlog, wire
 from fedrec.shared.errors import FedrecError
 from fedrec.shared.fsio import atomic_write_bytes, atomic_write_text
 
@@ -56,6 +56,7 @@ from .verdicts import FAIL, WARN
 
 SCHEMA = "fedrec-audit/1"
 CONFIG, MODEL, METRICS, RESULTS = "config.json", "model.json", "metrics.jsonl", "results.json"
+HEADS = "heads.json"  # the server's record of the logs' heads after its newest checkpoint
 CHECKPOINTS = "checkpoints"
 INCOMPLETE = "INCOMPLETE"  # the server's marker: the run started and wrote no results.json yet
 ROC_POINTS = 400  # ROC curves in the report are thinned to about this many points
@@ -279,13 +280,42 @@ def _run_empirical_all(
     return emp
 
 
+def _signature(
+    run_dir: Path, results: Any, key: bytes | None, read_problems: list[str]
+) -> str | None:
+    """The state of the signed log heads (:func:`verdicts.check_signature`): results.json's
+    for a finished run; else heads.json's (the newest checkpoint's), which the logs must
+    extend."""
+    if isinstance(results, dict) and isinstance(results.get("log_heads"), dict):
+        heads, signed, round_ = results["log_heads"], results.get("log_heads_signed"), None
+    elif (run_dir / HEADS).exists():
+        doc = _read_json(run_dir / HEADS, read_problems) or {}
+        heads, signed, round_ = doc.get("log_heads"), doc.get("log_heads_signed"), doc.get("round")
+    else:
+        heads, signed, round_ = None, None, None
+    if key is None:
+        return verdicts.SIGNATURE_UNCHECKED if signed is not None else None
+    if not isinstance(signed, dict) or not isinstance(heads, dict):
+        return verdicts.SIGNATURE_ABSENT
+    body = heads if round_ is None else {**heads, "round": str(round_)}
+    valid = hashlog.check_signed_heads(key, body, signed) and all(
+        hashlog.contains(run_dir / name, str(heads.get(name)))
+        for name in (egress.LEDGER, egress.EGRESS)
+    )
+    return verdicts.SIGNATURE_VALID if valid else verdicts.SIGNATURE_INVALID
+
+
 def build_report(
     run_dir: Path | str,
     empirical: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     pld_interval: float = accounting.PLD_INTERVAL,
+    key: bytes | None = None,
 ) -> dict[str, Any]:
     """Audit a run directory; return the report as a JSON-able dict.
+
+    ``key``: the operator's run key (``FEDREC_RUN_KEY`` when the run was written); with it
+    the log heads' HMAC in results.json is checked (:func:`verdicts.check_signature`).
 
     Args:
         run_dir: the run directory (see the server's run writer for its layout).
@@ -365,6 +395,8 @@ def build_report(
     else:
         results_state = verdicts.RESULTS_MISSING
 
+    signature = _signature(run_dir, results, key, read_problems)
+
     emp = _run_empirical_all(empirical, acc) if empirical else None
     found = verdicts.all_verdicts(
         fault_injected=bool(run_config.get("audit.disable-noise", False)),
@@ -379,6 +411,7 @@ def build_report(
         shapes_known=isinstance(shapes, dict),
         results=results_state,
         evidence=ev,
+        signature=signature,
     )
     report = {
         "schema": SCHEMA,

@@ -330,6 +330,39 @@ def check_files(missing: Sequence[str], read_problems: Sequence[str]) -> Verdict
     )
 
 
+SIGNATURE_VALID, SIGNATURE_INVALID = "valid", "invalid"
+SIGNATURE_ABSENT, SIGNATURE_UNCHECKED = "absent", "unchecked"
+
+
+def check_signature(state: str | None) -> Verdict | None:
+    """The HMAC of the log heads in results.json, checked with the operator's run key.
+
+    Without a key the chains prove only that each log is consistent with itself; the signed
+    heads prove that nobody without the key rewrote them. Key given and the MAC matches: pass;
+    key given and no MAC, or a MAC of other heads or another key: fail; a MAC and no key
+    given: warn (not checked). ``None``: no key and nothing signed (the verdict is omitted).
+    """
+    if state is None:
+        return None
+    if state == SIGNATURE_VALID:
+        return Verdict("signature", PASS, "SIGNATURE: log heads signed with the given run key")
+    if state == SIGNATURE_UNCHECKED:
+        return Verdict(
+            "signature",
+            WARN,
+            "SIGNATURE: results.json carries signed log heads, not checked: give the run key "
+            "(fedrec audit --key FILE, or FEDREC_RUN_KEY)",
+        )
+    what = (
+        "results.json carries no signed log heads, though a run key was given (the run was "
+        "written without FEDREC_RUN_KEY, or the signature was removed)"
+        if state == SIGNATURE_ABSENT
+        else "the signed log heads do not match the recorded heads under the given key, or the "
+        "logs no longer reach them (heads rewritten or lines removed, or another key signed)"
+    )
+    return Verdict("signature", FAIL, f"SIGNATURE: {state.upper()}: {what}")
+
+
 def all_verdicts(
     *,
     fault_injected: bool,
@@ -344,6 +377,7 @@ def all_verdicts(
     shapes_known: bool,
     results: str = RESULTS_PRESENT,
     evidence: Report | None = None,
+    signature: str | None = None,
 ) -> list[Verdict]:
     """Every check, in the report's order (fault injection, results, evidence and files only
     when they apply)."""
@@ -351,6 +385,7 @@ def all_verdicts(
         check_fault_injection(fault_injected),
         check_logs(logs),
         check_results(results),
+        check_signature(signature),
         check_accounting(acc, ledger_present=ledger_present),
         check_budget(acc),
         check_egress(eg, egress_present=egress_present, shapes_known=shapes_known),

@@ -9,7 +9,9 @@ Layout (the audit reads exactly this)::
     privacy-ledger.jsonl   hash-chained: ε per channel per round (trained / refused / missing)
     egress.jsonl           hash-chained: every reply received (keys, shapes, dtypes, bytes, sha256)
     checkpoints/round-NNNN.safetensors
-    results.json           final metrics per channel, log heads, wall time
+    heads.json             the logs' heads after the newest checkpoint (signed, with the key)
+    results.json           final metrics per channel, log heads (HMAC-signed with the key in
+                           $FEDREC_RUN_KEY, if set), wall time
     INCOMPLETE             present from the run's start until results.json is written: a run
                            that stopped early (crash, Ctrl-C, timeout) keeps it
 
@@ -33,6 +35,7 @@ LEDGER = "privacy-ledger.jsonl"
 EGRESS = "egress.jsonl"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
+HEADS = "heads.json"  # the logs' heads after the newest checkpoint
 INCOMPLETE = "INCOMPLETE"  # marker: the run started and has not written results.json
 TIMING_CHANNEL, TIMING_PHASE = "server", "timing"  # metrics.jsonl lines of round wall times
 
@@ -68,6 +71,9 @@ class RunDir:
         if create:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "checkpoints").mkdir(exist_ok=True)
+        # Signs the log heads in results.json when the operator set FEDREC_RUN_KEY; read now,
+        # so that an unusable key stops the run before round 1, not after the last.
+        self.key = hashlog.key_from_env() if create else None
 
     def start(
         self, run_config: dict[str, Any], channels: list[str], shapes: dict[str, tuple[int, ...]]
@@ -119,7 +125,18 @@ class RunDir:
             metadata={"round": str(round_)},
         )
         atomic_write_bytes(path, data)
+        self._record_heads(round_)
         return path
+
+    def _record_heads(self, round_: int) -> None:
+        """heads.json: the logs' heads after this round's checkpoint (signed with the run key,
+        if set), so that a run that stops early still has a recorded head its logs must
+        extend."""
+        heads = {name: hashlog.head(self.path / name) for name in (LEDGER, EGRESS)}
+        doc: dict[str, Any] = {"round": round_, "log_heads": heads}
+        if self.key is not None:
+            doc["log_heads_signed"] = hashlog.sign_heads(self.key, {**heads, "round": str(round_)})
+        write_json(self.path / HEADS, doc)
 
     def last_checkpoint(
         self, shapes: dict[str, tuple[int, ...]] | None = None
@@ -159,7 +176,10 @@ class RunDir:
 
     def results(self, obj: dict[str, Any]) -> None:
         heads = {name: hashlog.head(self.path / name) for name in (LEDGER, EGRESS)}
-        write_json(self.path / RESULTS, {**obj, "log_heads": heads})
+        signed = (
+            {} if self.key is None else {"log_heads_signed": hashlog.sign_heads(self.key, heads)}
+        )
+        write_json(self.path / RESULTS, {**obj, "log_heads": heads, **signed})
         (self.path / INCOMPLETE).unlink(missing_ok=True)
 
     def incomplete(self) -> bool:

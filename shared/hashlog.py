@@ -6,18 +6,26 @@ entry without ``hash``. Editing, deleting or reordering any line breaks the chai
 on, and :func:`verify` says where. Truncation of the tail is caught by comparing the last hash
 with one kept elsewhere (results.json keeps the head of each log).
 
+An unkeyed chain proves only that the file is consistent with itself: whoever can write the
+run directory can drop lines and recompute every hash. With a key the operator keeps outside
+the run directory (:data:`KEY_ENV` names its file), :func:`sign_heads` adds an HMAC-SHA256 of
+the heads, which nobody without the key can recompute (:func:`check_signed_heads`).
+
 Must not: import ``fedrec.server`` or ``fedrec.client``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedrec.shared import fsio
+from fedrec.shared.errors import FedrecError
 
 GENESIS = "0" * 64
 
@@ -42,6 +50,17 @@ def head(path: Path) -> str:
             if line.strip():
                 last = json.loads(line)["hash"]
     return last
+
+
+def contains(path: Path, wanted: str) -> bool:
+    """Whether some line of the log at ``path`` has hash ``wanted`` (the log extends a head
+    recorded earlier); :data:`GENESIS` is in every log."""
+    if wanted == GENESIS:
+        return True
+    if not path.exists():
+        return False
+    with path.open("rb") as fh:
+        return any(line.strip() and json.loads(line).get("hash") == wanted for line in fh)
 
 
 def append(path: Path, entry: dict[str, Any]) -> dict[str, Any]:
@@ -106,3 +125,54 @@ def verify(path: Path, expected_head: str | None = None) -> Verdict:
             "(log truncated or replaced)",
         )
     return Verdict(True, n, prev)
+
+
+KEY_ENV = "FEDREC_RUN_KEY"  # path of the key file that signs a run's log heads
+MIN_KEY_BYTES = 32
+
+
+class RunKeyError(FedrecError, ValueError):
+    """The run key file is unusable (missing, unreadable, too short)."""
+
+    exit_code = 2
+
+
+def load_key(path: str | Path) -> bytes:
+    """The key in ``path`` (its bytes, surrounding whitespace removed; e.g. the output of
+    ``openssl rand -hex 32``); at least :data:`MIN_KEY_BYTES` bytes."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise RunKeyError(
+            f"run key {path}: cannot read it ({exc.strerror}). Fix: point {KEY_ENV} or --key "
+            "at the key file (create one with: openssl rand -hex 32 > run.key)."
+        ) from None
+    if len(key) < MIN_KEY_BYTES:
+        raise RunKeyError(
+            f"run key {path}: {len(key)} bytes; at least {MIN_KEY_BYTES} are needed. Fix: "
+            "openssl rand -hex 32 > run.key"
+        )
+    return key
+
+
+def key_from_env() -> bytes | None:
+    """The key named by :data:`KEY_ENV`, or None when it is not set (an unusable one raises)."""
+    path = os.environ.get(KEY_ENV, "")
+    return load_key(path) if path else None
+
+
+def key_id(key: bytes) -> str:
+    """A public name for a key (the first 16 hex digits of its sha256), to tell keys apart."""
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
+def sign_heads(key: bytes, heads: dict[str, str]) -> dict[str, str]:
+    """``{"alg", "key_id", "mac"}``: HMAC-SHA256 of the heads' canonical JSON."""
+    mac = hmac.new(key, _canonical(dict(heads)), hashlib.sha256).hexdigest()
+    return {"alg": "hmac-sha256", "key_id": key_id(key), "mac": mac}
+
+
+def check_signed_heads(key: bytes, heads: dict[str, str], signed: dict[str, str]) -> bool:
+    """Whether ``signed`` (from :func:`sign_heads`) is ``key``'s MAC of exactly ``heads``."""
+    want = sign_heads(key, heads)["mac"]
+    return isinstance(signed.get("mac"), str) and hmac.compare_digest(want, signed["mac"])
