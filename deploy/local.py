@@ -420,11 +420,18 @@ def deploy_local(
     from rich.console import Console
 
     from fedrec.shared.config import ConfigError, from_run_config, parse_value
-    from fedrec.simulations.simulate import dataset_channels, ensure_data, print_tables
+    from fedrec.simulations.simulate import (
+        check_out_dir,
+        dataset_channels,
+        ensure_data,
+        print_tables,
+    )
 
     console = Console()
     t0 = time.perf_counter()
     out = (out or Path("runs") / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    # a used folder holds registered keys and spent ledgers: never reused
+    check_out_dir(out, resume=False, can_resume=False)
     data_dir = ensure_data(data, "synthetic", seed, console)
     channels = tuple(dataset_channels(data_dir))
     run_dir = out / ("federated-dp" if dp else "federated-nodp")

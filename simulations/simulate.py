@@ -350,10 +350,10 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def check_out_dir(out: Path, resume: bool) -> None:
+def check_out_dir(out: Path, resume: bool, *, can_resume: bool = True) -> None:
     """Refuse, before any work, an output folder that cannot hold a new run: a file, a folder
     fedrec cannot write, or a folder that already holds something (unless ``resume``: then it
-    must hold an earlier run)."""
+    must hold an earlier run). ``can_resume``: whether the command has ``--resume``."""
     from fedrec.shared.config import ConfigError
 
     if out.exists() and not out.is_dir():
@@ -367,7 +367,8 @@ def check_out_dir(out: Path, resume: bool) -> None:
         raise ConfigError(
             [
                 f"--out {out} already holds files (an earlier run?); a new run never reuses a "
-                "folder. Fix: give a new --out, or add --resume to continue the run there."
+                "folder. Fix: give a new --out"
+                + (", or add --resume to continue the run there." if can_resume else ".")
             ]
         )
     existing = next(p for p in (out, *out.parents) if p.exists())

@@ -411,6 +411,21 @@ CASES = [
     ),
     Case("out-resume-nothing", sim("--resume"), 2, ("holds no earlier run to resume",), no_out),
     Case(
+        "deploy-out-holds-a-run",
+        lambda e: [
+            "deploy",
+            "local",
+            "--insecure",
+            "--data",
+            str(e.world),
+            "--out",
+            str(earlier_run(e)),
+        ],
+        2,
+        ("already holds files", "give a new --out."),
+        earlier_run_untouched,
+    ),
+    Case(
         "encode-out-is-a-file",
         lambda e: ["encode", str(e.world), "--out", str(a_file(e)), "--model-dir", str(e.bert)],
         2,
