@@ -2,8 +2,10 @@
 
 Owns: the Flower app project handed to ``flwr run`` (:func:`app_project`), the path of Flower's
 executables in this environment, the environment of one run's Flower processes, free loopback
-ports, TOML values and run-config override files, and finding and stopping processes (the one
-:func:`terminate`, used by simulation and deployment alike).
+ports, TOML values and run-config override files, finding and stopping processes (the one
+:func:`terminate`, used by simulation and deployment alike), and the signal handling around
+them: SIGTERM/SIGHUP as Ctrl-C (:func:`signals_interrupt`) and a teardown no signal cuts short
+(:func:`signals_held`). The watchdog that stops them if fedrec dies is :mod:`.reaper`.
 
 Must not: import ``client/`` or ``simulations/``, or know what a deployment or a simulation
 does with the processes it starts.
@@ -16,9 +18,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from importlib.metadata import version
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ def app_project(folder: Path) -> Path:
     :class:`fedrec.shared.config.FedrecConfig`'s, which a test keeps equal to the repository's
     ``[tool.flwr.app.config]``.
     """
+    from importlib.metadata import version  # here, not at the top: the reaper imports us
+
     from fedrec.shared.config import FedrecConfig
 
     defaults = FedrecConfig().to_run_config()
@@ -156,6 +160,65 @@ def terminate(pids: Sequence[int], grace: float = 8.0, kill_wait: float = 3.0) -
         if not left:
             break
     return left
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised as Ctrl-C raises KeyboardInterrupt (so every ``except
+    KeyboardInterrupt`` and every exit code for Ctrl-C applies to a CI cancel too)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """During the block SIGTERM and SIGHUP raise :class:`Interrupted`, so the ``finally``
+    blocks that stop Flower's processes run as they do on Ctrl-C. Outside the main thread
+    (where Python cannot set handlers) it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        _restore(old)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """A teardown that no signal cuts short: SIGINT, SIGTERM and SIGHUP are only recorded
+    during the block. Afterwards the first one recorded is delivered again, unless an
+    exception is already leaving the block (the process is on its way out). A Python handler
+    rather than ``SIG_IGN`` or a blocked mask, because children inherit those two across
+    ``exec``. Outside the main thread it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield
+    except BaseException:
+        got.clear()
+        raise
+    finally:
+        _restore(old)
+    if got:
+        signal.raise_signal(got[0])
+
+
+def _restore(old: dict[signal.Signals, Any]) -> None:
+    for s, h in old.items():
+        signal.signal(s, h if h is not None else signal.SIG_DFL)  # None: set outside Python
 
 
 def stop_processes(flwr_home: Path, grace: float = 5.0) -> int:

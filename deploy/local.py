@@ -9,7 +9,8 @@ Everything here drives Flower's own executables (``flower-superlink``, ``flower-
 docs/deployment.md shows them; nothing is home-made on the wire. Every process started here
 carries ``FEDREC_DEPLOYMENT=<run dir>`` in its environment, so teardown finds and stops all of
 them (their ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` children included),
-also after a crash or Ctrl-C.
+also after a crash or Ctrl-C; no signal cuts that teardown short, and a reaper
+(:mod:`fedrec.deploy.reaper`) stops them if this process dies before its teardown ran.
 
 Must not: hold training logic the apps need, import ``server/`` or ``client/``, listen anywhere
 but 127.0.0.1, or inject faults (crashing or restarting a process is the tests' business:
@@ -21,13 +22,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import signal
 import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,12 @@ from fedrec.deploy.flower import (
     free_ports,
     process_env,
     processes_with_env,
+    signals_held,
+    signals_interrupt,
     terminate,
     write_overrides,
 )
+from fedrec.deploy.reaper import Reaper
 from fedrec.deploy.split import split_dataset
 from fedrec.shared.errors import FedrecError, RunFailed
 
@@ -100,7 +103,8 @@ class LocalDeployment:
 
     Every process gets ``FEDREC_DEPLOYMENT=<root>`` and its own ``FLWR_HOME`` (the SuperLink
     one, each platform one: as if on separate machines). Use as a context manager: leaving it
-    stops every process it started, and every process that inherited the marker.
+    stops every process it started, and every process that inherited the marker; if this
+    process dies first, its reaper does that.
 
     Layout under ``root``::
 
@@ -131,6 +135,7 @@ class LocalDeployment:
             self.certs = make_certs(self.root / "certs", self.channels)
         self.node_ports: dict[str, int] = {}
         self.node_ids: dict[str, int] = {}
+        self.reaper: Reaper | None = None
         write_flower_config(self.home("cli"), self.address, self.ca)
 
     # -- environment ---------------------------------------------------------------------
@@ -167,6 +172,12 @@ class LocalDeployment:
 
     # -- processes -----------------------------------------------------------------------
 
+    def watch(self) -> None:
+        """Start the reaper (once, before the first process): it stops every process with
+        this deployment's marker if this process dies before :meth:`close`."""
+        if self.reaper is None:
+            self.reaper = Reaper.start(DEPLOYMENT_ENV, str(self.root))
+
     def spawn(self, name: str, cmd: list[str], who: str, cwd: Path | None = None) -> Proc:
         """Start ``cmd`` as process ``name`` with ``who``'s environment, logging to
         ``logs/<name>.log``, in its own session (so Ctrl-C reaches this process only)."""
@@ -174,6 +185,7 @@ class LocalDeployment:
         if old is not None and old.running():
             raise DeployError(f"{name} is already running (pid {old.pid})")
         log = self.root / "logs" / f"{name}.log"
+        self.watch()
         with log.open("ab") as fh:
             fh.write(f"\n$ {' '.join(cmd)}\n".encode())
             fh.flush()
@@ -224,6 +236,7 @@ class LocalDeployment:
 
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """One ``flwr`` CLI call against this deployment's SuperLink."""
+        self.watch()
         return subprocess.run(
             [flower_bin("flwr"), *args],
             cwd=self.root,
@@ -330,6 +343,7 @@ class LocalDeployment:
         ]
         log = self.root / "logs" / f"{log_name}.log"
         run_id: int | None = None
+        self.watch()
         with log.open("a", encoding="utf-8") as fh:
             proc = subprocess.Popen(
                 cmd,
@@ -357,45 +371,37 @@ class LocalDeployment:
                         raise TimeoutError(f"run exceeded {timeout:.0f}s; log {log}")
                 proc.wait()
             except BaseException:
-                if run_id is not None and self.procs["superlink"].running():
-                    with contextlib.suppress(Exception):
-                        self.flwr("stop", str(run_id), LINK_NAME, timeout=20)
-                terminate([proc.pid], grace=3)
+                with signals_held():
+                    if run_id is not None and self.procs["superlink"].running():
+                        with contextlib.suppress(Exception):
+                            self.flwr("stop", str(run_id), LINK_NAME, timeout=20)
+                    terminate([proc.pid], grace=3)
                 raise
         return proc.returncode, run_id
 
     def close(self) -> list[int]:
         """Stop everything: nodes first, then the SuperLink, then any process still carrying
-        this deployment's marker (superexecs, app processes). Returns PIDs that survived."""
-        order = sorted(self.procs.values(), key=lambda p: p.name == "superlink")
-        for proc in order:
-            if proc.running():
-                terminate([proc.pid])
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=1)
-        left = processes_with_env(DEPLOYMENT_ENV, str(self.root))
-        return terminate(left, grace=5) if left else []
+        this deployment's marker (superexecs, app processes), then release the reaper; no
+        signal cuts it short. Returns PIDs that survived."""
+        with signals_held():
+            order = sorted(self.procs.values(), key=lambda p: p.name == "superlink")
+            for proc in order:
+                if proc.running():
+                    terminate([proc.pid])
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.popen.wait(timeout=1)
+            left = processes_with_env(DEPLOYMENT_ENV, str(self.root))
+            survivors = terminate(left, grace=5) if left else []
+            if self.reaper is not None:
+                self.reaper.release()
+                self.reaper = None
+        return survivors
 
     def __enter__(self) -> LocalDeployment:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into KeyboardInterrupt so ``finally`` blocks tear down processes."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +476,7 @@ def deploy_local(
         elif "ERROR" in line or "Traceback" in line or "WARNING" in line and "round" in line:
             console.print("  [red]" + line)
 
-    with sigterm_as_interrupt(), LocalDeployment(out, channels, secure=not insecure) as d:
+    with signals_interrupt(), LocalDeployment(out, channels, secure=not insecure) as d:
         coordinator, platform_dirs = split_dataset(data_dir, out / "data")
         console.print(f"  data split: coordinator gets catalogues only; {len(channels)} platforms")
         d.start_superlink()

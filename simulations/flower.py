@@ -5,13 +5,15 @@ managed SuperLink, its state and its installed apps belong to this run only), fr
 working directory (Ray puts the SuperLink's working directory on its workers' ``sys.path``,
 where a stray ``fedrec`` module or folder would shadow the installed package), with runtime
 dependency installation off (everything is installed already); afterwards it stops every
-process that carries that ``FLWR_HOME``.
+process that carries that ``FLWR_HOME``, in a teardown no signal cuts short, and a reaper
+(:mod:`fedrec.deploy.reaper`) stops them if this process dies before it could.
+
+Must not: leave a Flower process running after it returns or raises.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,9 +24,12 @@ from typing import Any
 from fedrec.deploy.flower import (
     app_project,
     flower_env,
+    signals_held,
+    signals_interrupt,
     stop_processes,
     write_overrides,
 )
+from fedrec.deploy.reaper import Reaper
 
 
 def run_simulation(
@@ -57,39 +62,38 @@ def run_simulation(
     ]
     log_path = run_dir / "flower.log"
     tail: list[str] = []
-    previous = signal.signal(signal.SIGTERM, _raise_exit)  # so that `finally` stops Flower
-    try:
-        with log_path.open("w", encoding="utf-8") as log_fh:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=run_dir,
-                env=flower_env(flwr_home),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-            )
-            assert proc.stdout is not None
-            start = time.monotonic()
-            for line in proc.stdout:
-                log_fh.write(f"{time.monotonic() - start:8.2f}s {line}")  # seconds since launch
-                tail = (tail + [line.rstrip()])[-40:]
-                if on_line is not None:
-                    on_line(line.rstrip())
-                if time.monotonic() - start > timeout:
-                    proc.kill()
-                    raise TimeoutError(f"simulation exceeded {timeout}s; log: {log_path}")
-            proc.wait()
-        failed = proc.returncode != 0 or not (run_dir / "results.json").exists()
-        if failed:
-            raise RuntimeError(
-                f"Flower simulation failed (exit {proc.returncode}); full log: {log_path}\n"
-                + "\n".join(tail[-25:])
-            )
-    finally:
-        stop_processes(flwr_home)
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    # SIGTERM/SIGHUP as Ctrl-C, so `finally` stops Flower; the reaper if we die before that.
+    with signals_interrupt():
+        reaper = Reaper.start("FLWR_HOME", str(flwr_home))
+        try:
+            with log_path.open("w", encoding="utf-8") as log_fh:
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=run_dir,
+                    env=flower_env(flwr_home),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    bufsize=1,
+                )
+                assert proc.stdout is not None
+                start = time.monotonic()
+                for line in proc.stdout:
+                    log_fh.write(f"{time.monotonic() - start:8.2f}s {line}")  # since launch
+                    tail = (tail + [line.rstrip()])[-40:]
+                    if on_line is not None:
+                        on_line(line.rstrip())
+                    if time.monotonic() - start > timeout:
+                        proc.kill()
+                        raise TimeoutError(f"simulation exceeded {timeout}s; log: {log_path}")
+                proc.wait()
+            failed = proc.returncode != 0 or not (run_dir / "results.json").exists()
+            if failed:
+                raise RuntimeError(
+                    f"Flower simulation failed (exit {proc.returncode}); full log: {log_path}\n"
+                    + "\n".join(tail[-25:])
+                )
+        finally:
+            with signals_held():
+                stop_processes(flwr_home)
+                reaper.release()
