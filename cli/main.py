@@ -45,8 +45,7 @@ def _root(
     ),
 ) -> None:
     """Federated, privacy-preserving, cross-platform recommender."""
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
+    # --debug is read by run() before the command starts (it decides how errors are shown)
 
 
 for _name in COMMAND_MODULES:
@@ -69,15 +68,21 @@ def _say(message: str) -> None:
     Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(message)}")
 
 
+def _first_command(argv: list[str]) -> int:
+    """Index of the first argument that is not an option of ``fedrec`` itself."""
+    return next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+
+
 def run(args: Sequence[str] | None = None) -> int:
     """Run the ``fedrec`` command line on ``args`` (default ``sys.argv[1:]``); the exit code."""
     import click
 
     from fedrec.shared.errors import FedrecError
 
-    debug = os.environ.get(DEBUG_ENV) == "1" or "--debug" in (args or sys.argv[1:])
+    argv = list(args) if args is not None else sys.argv[1:]
+    debug = os.environ.get(DEBUG_ENV) == "1" or "--debug" in argv[: _first_command(argv)]
     try:
-        rv = app(args=list(args) if args is not None else None, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
     except click.ClickException as exc:  # bad option or argument: click's own message
         exc.show()
         return exc.exit_code

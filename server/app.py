@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedrec.server.rundir import RESULTS, RunDir
+from fedrec.server.rundir import RunDir
 from fedrec.server.strategy import claim_refusal, make_strategy, run_failure
 from fedrec.shared import wire
 from fedrec.shared.config import from_run_config, node_bindings
@@ -155,9 +155,12 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "[fedrec] resuming after round %d from %s", offset, run.path / "checkpoints")
     else:
         run.start(cfg.to_run_config(), list(cfg.channels), shapes)
+    finished = run.rounds_finished() if cfg.resume else None
+    if finished is not None:  # rounds after the last checkpoint in which nobody trained count
+        offset = max(offset, finished)
     remaining = cfg.num_server_rounds - offset
-    if cfg.resume and (run.path / RESULTS).exists() and not run.incomplete():
-        log(INFO, "[fedrec] the run had finished (results.json): nothing to resume")
+    if finished is not None and remaining <= 0:
+        log(INFO, "[fedrec] the run had finished its %d rounds: nothing to resume", finished)
         return  # its results.json stays as the finished run wrote it
     wait_for_nodes(grid, cfg.min_nodes, cfg.round_timeout)
     bindings, _ = node_bindings(cfg.node_channels)  # checked by from_run_config

@@ -20,6 +20,7 @@ Must not: import ``fedrec.client``; read any channel's interactions.
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
@@ -181,6 +182,16 @@ class RunDir:
         )
         write_json(self.path / RESULTS, {**obj, "log_heads": heads, **signed})
         (self.path / INCOMPLETE).unlink(missing_ok=True)
+
+    def rounds_finished(self) -> int | None:
+        """``rounds_completed`` of a run that finished (results.json, no INCOMPLETE marker);
+        None for a run that did not finish or whose results cannot be read."""
+        if self.incomplete() or not (self.path / RESULTS).exists():
+            return None
+        try:
+            return int(json.loads((self.path / RESULTS).read_text())["rounds_completed"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def incomplete(self) -> bool:
         """Whether the run started and never wrote its results (see :data:`INCOMPLETE`)."""
