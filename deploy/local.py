@@ -20,10 +20,12 @@ tests/deploy_faults.py).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,6 +61,8 @@ from fedrec.deploy.split import split_dataset
 from fedrec.shared.errors import FedrecError, RunFailed
 
 DEPLOYMENT_ENV = "FEDREC_DEPLOYMENT"  # marks every process of one deployment (for teardown)
+PROCESS_ENV = "FEDREC_PROCESS"  # marks one started process and its children (orphan sweep)
+SWEEP_EVERY = 0.5  # seconds between checks for a started process that died
 # flwr's SuperExec polls its SuperNode/SuperLink for work every 1 s by default
 # (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, 0.01-60 s). Measured here: 0.2 s took idle CPU from 6 %
 # to 17 % of a core (3 nodes) with no measurable gain per round, so Flower's default stays.
@@ -85,6 +89,7 @@ class Proc:
     popen: subprocess.Popen[bytes] | subprocess.Popen[str]
     log: Path
     cmd: list[str]
+    marker: str = ""  # PROCESS_ENV of this start: its children carry it too
 
     @property
     def pid(self) -> int:
@@ -136,6 +141,10 @@ class LocalDeployment:
         self.node_ports: dict[str, int] = {}
         self.node_ids: dict[str, int] = {}
         self.reaper: Reaper | None = None
+        self._starts = itertools.count()
+        self._swept: set[str] = set()
+        self._stop_sweeper = threading.Event()
+        self._sweeper: threading.Thread | None = None
         write_flower_config(self.home("cli"), self.address, self.ca)
 
     # -- environment ---------------------------------------------------------------------
@@ -184,23 +193,43 @@ class LocalDeployment:
         old = self.procs.get(name)
         if old is not None and old.running():
             raise DeployError(f"{name} is already running (pid {old.pid})")
+        if old is not None and old.marker not in self._swept:  # what the last one left
+            self._swept.add(old.marker)
+            terminate(processes_with_env(PROCESS_ENV, old.marker), grace=2)
         log = self.root / "logs" / f"{name}.log"
         self.watch()
+        env = self.env(who)
+        env[PROCESS_ENV] = f"{self.root}#{name}#{next(self._starts)}"
         with log.open("ab") as fh:
             fh.write(f"\n$ {' '.join(cmd)}\n".encode())
             fh.flush()
             popen = subprocess.Popen(
                 cmd,
                 cwd=cwd or self.root,
-                env=self.env(who),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us only; we stop them in order
             )
-        proc = Proc(name, popen, log, cmd)
+        proc = Proc(name, popen, log, cmd, env[PROCESS_ENV])
         self.procs[name] = proc
+        if self._sweeper is None:
+            self._sweeper = threading.Thread(target=self._sweep_orphans, daemon=True)
+            self._sweeper.start()
         return proc
+
+    def _sweep_orphans(self) -> None:
+        """While the deployment runs: once a started process has died (a crash, a kill by
+        PID), stop what it left behind (a SuperNode's ``flwr-clientapp``, a SuperLink's
+        ``flwr-serverapp``), which would otherwise hang on for minutes."""
+        while not self._stop_sweeper.wait(SWEEP_EVERY):
+            for proc in list(self.procs.values()):
+                if proc.marker and proc.marker not in self._swept and not proc.running():
+                    self._swept.add(proc.marker)
+                    left = processes_with_env(PROCESS_ENV, proc.marker)
+                    if left:
+                        terminate(left, grace=2)
 
     def start_superlink(self, *, database: bool = True) -> Proc:
         """Start ``flower-superlink``; with ``database`` its state (registered nodes, runs)
@@ -384,6 +413,7 @@ class LocalDeployment:
         this deployment's marker (superexecs, app processes), then release the reaper; no
         signal cuts it short. Returns PIDs that survived."""
         with signals_held():
+            self._stop_sweeper.set()
             order = sorted(self.procs.values(), key=lambda p: p.name == "superlink")
             for proc in order:
                 if proc.running():

@@ -223,6 +223,24 @@ def test_a_signal_during_a_teardown_for_an_error_is_dropped() -> None:
 # End to end: the fedrec command
 
 
+def test_a_deployment_process_killed_by_pid_leaves_no_child_behind(tmp_path: Path) -> None:
+    # Prepare: a started process with a child of its own, as a SuperNode has its ClientApp
+    from fedrec.deploy.flower import processes_with_env
+    from fedrec.deploy.local import PROCESS_ENV, LocalDeployment
+
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+    with LocalDeployment(tmp_path / "dep", ("x",), secure=False) as d:
+        proc = d.spawn("node-x", [sys.executable, "-c", child], "node-x")
+        both = _wait_until(lambda: len(processes_with_env(PROCESS_ENV, proc.marker)) == 2, 30)
+
+        # Execute: kill the parent by PID, as a fault or an operator would
+        os.kill(proc.pid, signal.SIGKILL)
+        left = _wait_until(lambda: not processes_with_env(PROCESS_ENV, proc.marker), 15)
+
+        # Assert: its child went with it while the deployment still runs
+        assert both and left, processes_with_env(PROCESS_ENV, proc.marker)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("supervision")
