@@ -132,7 +132,9 @@ def audit(
 
 
 def audit_empirical(
-    epsilon: Annotated[float, typer.Option(help="Claimed ε per channel of the DP run.")] = 8.0,
+    epsilon: Annotated[
+        float, typer.Option(min=1e-6, max=1e6, help="Claimed ε per channel of the DP run.")
+    ] = 8.0,
     seeds: Annotated[int, typer.Option(min=1, help="Independent audits (seeds 0..N-1).")] = 1,
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default runs/audit-empirical-<time>).")

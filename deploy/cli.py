@@ -98,7 +98,9 @@ def register(app: typer.Typer) -> None:
         run_config: list[str] = typer.Option(
             None, "--set", help="Any run-config key, e.g. --set train.local-steps=30"
         ),
-        timeout: float = typer.Option(3600.0, help="Give up on the run after this many seconds."),
+        timeout: float = typer.Option(
+            3600.0, min=1.0, help="Give up on the run after this many seconds."
+        ),
     ) -> None:
         """SuperLink + one SuperNode per channel on 127.0.0.1, one run, then stop everything."""
         try:
@@ -114,7 +116,9 @@ def register(app: typer.Typer) -> None:
     def superlink_cmd(
         certs: Path = typer.Option(None, help="Folder from `fedrec deploy certs`."),
         host: str = typer.Option(LOOPBACK, help="Address to listen on."),
-        port: int = typer.Option(8000, help="Fleet + Control + Runtime API port."),
+        port: int = typer.Option(
+            8000, min=1, max=65535, help="Fleet + Control + Runtime API port."
+        ),
         database: Path = typer.Option(
             Path("superlink.db"),
             help="SuperLink state file (registered nodes, runs); survives restarts.",
@@ -147,7 +151,9 @@ def register(app: typer.Typer) -> None:
         superlink: str = typer.Option(f"{LOOPBACK}:8000", help="SuperLink host:port."),
         root_certificates: Path = typer.Option(None, help="CA certificate (ca.crt)."),
         key: Path = typer.Option(None, help="This node's OpenSSH private key (auth)."),
-        port: int = typer.Option(9094, help="Local Runtime API port (unique per node)."),
+        port: int = typer.Option(
+            9094, min=1, max=65535, help="Local Runtime API port (unique per node)."
+        ),
         torch_threads: int = typer.Option(1, min=1, help="torch threads per ClientApp."),
         insecure: bool = typer.Option(False, "--insecure", help="No TLS (127.0.0.1 only)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the command only."),

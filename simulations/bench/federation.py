@@ -20,7 +20,6 @@ Must not: hold training or evaluation logic (it calls :func:`fedrec.simulations.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -103,7 +102,7 @@ def main(
     """Run simulate for each seed and print mean ± std and paired ratios per channel."""
     from fedrec.client.dp import NOISE_SEED_ENV
     from fedrec.client.standalone import quiet_opacus
-    from fedrec.shared.fsio import atomic_write_text
+    from fedrec.shared.fsio import atomic_write_text, strict_json
     from fedrec.simulations.simulate import simulate
 
     start = time.perf_counter()
@@ -119,7 +118,7 @@ def main(
             del os.environ[NOISE_SEED_ENV]
         runs.append(summary["rows"])
     text = tables(runs)
-    atomic_write_text(out / "bench.json", json.dumps({"seeds": seeds, "runs": runs}, indent=2))
+    atomic_write_text(out / "bench.json", strict_json({"seeds": seeds, "runs": runs}, indent=2))
     typer.echo(f"\n### {scenario}: federation benchmark, seeds 0-{seeds - 1}\n\n{text}\n")
     typer.echo(f"total {time.perf_counter() - start:.0f}s; runs and bench.json under {out}")
 
