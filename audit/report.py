@@ -281,15 +281,20 @@ def _run_empirical_all(
 
 
 def _signature(
-    run_dir: Path, results: Any, key: bytes | None, read_problems: list[str]
+    run_dir: Path,
+    results: Any,
+    key: bytes | None,
+    checkpoints: Sequence[str],
+    read_problems: list[str],
 ) -> str | None:
     """The state of the signed log heads (:func:`verdicts.check_signature`): results.json's
-    for a finished run; else heads.json's (the newest checkpoint's), which the logs must
-    extend."""
+    for a finished run; else heads.json's (recorded at the start and before each checkpoint),
+    which the logs must extend and no checkpoint may be newer than."""
     if isinstance(results, dict) and isinstance(results.get("log_heads"), dict):
         heads, signed, round_ = results["log_heads"], results.get("log_heads_signed"), None
     elif (run_dir / HEADS).exists():
-        doc = _read_json(run_dir / HEADS, read_problems) or {}
+        doc = _read_json(run_dir / HEADS, read_problems)
+        doc = doc if isinstance(doc, dict) else {}
         heads, signed, round_ = doc.get("log_heads"), doc.get("log_heads_signed"), doc.get("round")
     else:
         heads, signed, round_ = None, None, None
@@ -298,9 +303,14 @@ def _signature(
     if not isinstance(signed, dict) or not isinstance(heads, dict):
         return verdicts.SIGNATURE_ABSENT
     body = heads if round_ is None else {**heads, "round": str(round_)}
-    valid = hashlog.check_signed_heads(key, body, signed) and all(
-        hashlog.contains(run_dir / name, str(heads.get(name)))
-        for name in (egress.LEDGER, egress.EGRESS)
+    newest = max((int(c[6:10]) for c in checkpoints if c[6:10].isdigit()), default=0)
+    valid = (
+        hashlog.check_signed_heads(key, body, signed)
+        and all(
+            hashlog.contains(run_dir / name, str(heads.get(name)))
+            for name in (egress.LEDGER, egress.EGRESS)
+        )
+        and (round_ is None or (isinstance(round_, int) and newest <= round_))
     )
     return verdicts.SIGNATURE_VALID if valid else verdicts.SIGNATURE_INVALID
 
@@ -395,7 +405,7 @@ def build_report(
     else:
         results_state = verdicts.RESULTS_MISSING
 
-    signature = _signature(run_dir, results, key, read_problems)
+    signature = _signature(run_dir, results, key, checkpoints, read_problems)
 
     emp = _run_empirical_all(empirical, acc) if empirical else None
     found = verdicts.all_verdicts(

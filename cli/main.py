@@ -96,9 +96,11 @@ def run(args: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if debug:
             raise
-        where = f" {exc.filename!s}" if exc.filename else ""
-        what = exc.strerror or type(exc).__name__
-        _say(f"{what}:{where}. Check that the path exists and is writable by you, then rerun.")
+        if exc.filename:  # a file-system error on a path
+            what = exc.strerror or type(exc).__name__
+            _say(f"{what}: {exc.filename}. Check that the path exists and is yours to use.")
+        else:  # a timeout, a connection: its own message says what happened
+            _say(f"{type(exc).__name__}: {exc}")
         return 1
     except Exception as exc:
         if debug:

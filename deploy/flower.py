@@ -194,10 +194,11 @@ def signals_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[None]:
+def signals_held(*, drop: bool = False) -> Iterator[None]:
     """A teardown that no signal cuts short: SIGINT, SIGTERM and SIGHUP are only recorded
     during the block. Afterwards the first one recorded is delivered again, unless an
-    exception is already leaving the block (the process is on its way out). A Python handler
+    exception is leaving the block or ``drop`` says the teardown is for an error already on
+    its way out (which the signal must not replace). A Python handler
     rather than ``SIG_IGN`` or a blocked mask, because children inherit those two across
     ``exec``. Outside the main thread it changes nothing."""
     if threading.current_thread() is not threading.main_thread():
@@ -212,7 +213,7 @@ def signals_held() -> Iterator[None]:
         raise
     finally:
         _restore(old)
-    if got:
+    if got and not drop:
         signal.raise_signal(got[0])
 
 

@@ -143,6 +143,7 @@ class LocalDeployment:
         self.reaper: Reaper | None = None
         self._starts = itertools.count()
         self._swept: set[str] = set()
+        self._sweep_lock = threading.Lock()
         self._stop_sweeper = threading.Event()
         self._sweeper: threading.Thread | None = None
         write_flower_config(self.home("cli"), self.address, self.ca)
@@ -193,9 +194,8 @@ class LocalDeployment:
         old = self.procs.get(name)
         if old is not None and old.running():
             raise DeployError(f"{name} is already running (pid {old.pid})")
-        if old is not None and old.marker not in self._swept:  # what the last one left
-            self._swept.add(old.marker)
-            terminate(processes_with_env(PROCESS_ENV, old.marker), grace=2)
+        if old is not None:  # what the last one left
+            self._sweep(old)
         log = self.root / "logs" / f"{name}.log"
         self.watch()
         env = self.env(who)
@@ -225,11 +225,18 @@ class LocalDeployment:
         ``flwr-serverapp``), which would otherwise hang on for minutes."""
         while not self._stop_sweeper.wait(SWEEP_EVERY):
             for proc in list(self.procs.values()):
-                if proc.marker and proc.marker not in self._swept and not proc.running():
-                    self._swept.add(proc.marker)
-                    left = processes_with_env(PROCESS_ENV, proc.marker)
-                    if left:
-                        terminate(left, grace=2)
+                if not proc.running():
+                    self._sweep(proc)
+
+    def _sweep(self, proc: Proc) -> None:
+        """Stop what ``proc`` (dead) left behind, once (the sweeper and :meth:`spawn` race)."""
+        with self._sweep_lock:
+            if not proc.marker or proc.marker in self._swept:
+                return
+            self._swept.add(proc.marker)
+        left = processes_with_env(PROCESS_ENV, proc.marker)
+        if left:
+            terminate(left, grace=2)
 
     def start_superlink(self, *, database: bool = True) -> Proc:
         """Start ``flower-superlink``; with ``database`` its state (registered nodes, runs)
@@ -400,7 +407,7 @@ class LocalDeployment:
                         raise TimeoutError(f"run exceeded {timeout:.0f}s; log {log}")
                 proc.wait()
             except BaseException:
-                with signals_held():
+                with signals_held(drop=True):  # the error on its way out stays the error
                     if run_id is not None and self.procs["superlink"].running():
                         with contextlib.suppress(Exception):
                             self.flwr("stop", str(run_id), LINK_NAME, timeout=20)
@@ -408,12 +415,15 @@ class LocalDeployment:
                 raise
         return proc.returncode, run_id
 
-    def close(self) -> list[int]:
+    def close(self, *, for_error: bool = False) -> list[int]:
         """Stop everything: nodes first, then the SuperLink, then any process still carrying
         this deployment's marker (superexecs, app processes), then release the reaper; no
-        signal cuts it short. Returns PIDs that survived."""
-        with signals_held():
+        signal cuts it short (``for_error``: nor replaces the error that ended the
+        deployment). Returns PIDs that survived."""
+        with signals_held(drop=for_error):
             self._stop_sweeper.set()
+            if self._sweeper is not None:
+                self._sweeper.join(timeout=10)
             order = sorted(self.procs.values(), key=lambda p: p.name == "superlink")
             for proc in order:
                 if proc.running():
@@ -430,8 +440,8 @@ class LocalDeployment:
     def __enter__(self) -> LocalDeployment:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(for_error=exc_type is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,6 +466,7 @@ def deploy_local(
     from rich.console import Console
 
     from fedrec.shared.config import ConfigError, from_run_config, parse_value
+    from fedrec.shared.hashlog import resolve_key_env
     from fedrec.simulations.simulate import (
         check_out_dir,
         dataset_channels,
@@ -468,6 +479,7 @@ def deploy_local(
     out = (out or Path("runs") / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     # a used folder holds registered keys and spent ledgers: never reused
     check_out_dir(out, resume=False, can_resume=False)
+    resolve_key_env()  # an unusable FEDREC_RUN_KEY stops here, not in the ServerApp
     data_dir = ensure_data(data, "synthetic", seed, console)
     channels = tuple(dataset_channels(data_dir))
     run_dir = out / ("federated-dp" if dp else "federated-nodp")

@@ -71,6 +71,7 @@ def deliver_items(
     node_ids: list[int],
     served: Mapping[int, tuple[str, int]],
     bindings: Mapping[int, str],
+    shards: int = 1,
 ) -> tuple[dict[int, tuple[str, int]], dict[int, str]]:
     """Hand-shake with ``node_ids``: admit or refuse each node's claim, then send each
     admitted node its channel's item matrix unless it already holds that fingerprint.
@@ -104,7 +105,7 @@ def deliver_items(
             log(INFO, "node %s could not report its items: %s", node, reply.error.reason)
             continue
         claim = wire.sender(reply.content)
-        reason = claim_refusal(node, claim, taken, matrices.keys(), bindings)
+        reason = claim_refusal(node, claim, taken, matrices.keys(), bindings, shards)
         if reason is not None or claim is None:  # (claim_refusal refuses a None claim)
             refused[node] = reason or f"node {node} did not say what it serves"
             log(WARNING, "[fedrec] refused %s", refused[node])
@@ -150,30 +151,38 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(cfg, item_dim)
     shapes = param_shapes(model)
     offset, initial = 0, {k: v.numpy() for k, v in model.state_dict().items()}
-    if cfg.resume and (last := run.last_checkpoint(shapes)) is not None:
+    finished = run.rounds_finished() if cfg.resume else None  # before anything is written
+    last = run.last_checkpoint(shapes) if cfg.resume else None
+    if last is not None:
         offset, initial = last
+    if last is not None or finished is not None:
+        offset = max(offset, finished or 0)  # rounds after the last checkpoint nobody trained in
+        if finished is not None and cfg.num_server_rounds <= offset:
+            log(INFO, "[fedrec] the run had finished its %d rounds: nothing to resume", offset)
+            return  # its results.json stays as the finished run wrote it
+        run.mark_incomplete()  # until this resumed run writes its results
         log(INFO, "[fedrec] resuming after round %d from %s", offset, run.path / "checkpoints")
     else:
         run.start(cfg.to_run_config(), list(cfg.channels), shapes)
-    finished = run.rounds_finished() if cfg.resume else None
-    if finished is not None:  # rounds after the last checkpoint in which nobody trained count
-        offset = max(offset, finished)
     remaining = cfg.num_server_rounds - offset
-    if finished is not None and remaining <= 0:
-        log(INFO, "[fedrec] the run had finished its %d rounds: nothing to resume", finished)
-        return  # its results.json stays as the finished run wrote it
     wait_for_nodes(grid, cfg.min_nodes, cfg.round_timeout)
     bindings, _ = node_bindings(cfg.node_channels)  # checked by from_run_config
     strategy = make_strategy(cfg)
 
+    shards = max(1, cfg.min_nodes // len(cfg.channels))  # nodes per channel
+
     def admit(ids: list[int]) -> tuple[dict[int, tuple[str, int]], dict[int, str]]:
-        """Nodes that join mid-run: checked against the ones this run already has."""
-        return deliver_items(
-            grid, matrices, cfg.round_timeout, ids, strategy.node_channels, bindings
-        )
+        """Nodes that join mid-run: checked against the ones this run already has. Without
+        bindings a node that left gives up its claim (a SuperNode without auth keys comes
+        back under a new id); with bindings the id decides."""
+        live = set(grid.get_node_ids())
+        held = {n: c for n, c in strategy.node_channels.items() if bindings or n in live}
+        return deliver_items(grid, matrices, cfg.round_timeout, ids, held, bindings, shards)
 
     ids = list(grid.get_node_ids())
-    node_channels, refused = deliver_items(grid, matrices, cfg.round_timeout, ids, {}, bindings)
+    node_channels, refused = deliver_items(
+        grid, matrices, cfg.round_timeout, ids, {}, bindings, shards
+    )
     strategy.setup_recording(
         run, shapes, node_channels, round_offset=offset, refused_nodes=refused, admit=admit
     )

@@ -79,10 +79,8 @@ class RunDir:
     def start(
         self, run_config: dict[str, Any], channels: list[str], shapes: dict[str, tuple[int, ...]]
     ) -> None:
-        atomic_write_text(
-            self.path / INCOMPLETE,
-            f"started {now()}; this run has not finished (no {RESULTS} yet)\n",
-        )
+        self.mark_incomplete()
+        self._record_heads(0)  # signed from the start: a run cut before round 1 has them too
         write_json(
             self.path / "config.json",
             {
@@ -125,8 +123,8 @@ class RunDir:
             {k: np.ascontiguousarray(v) for k, v in arrays.items()},
             metadata={"round": str(round_)},
         )
+        self._record_heads(round_)  # first: a checkpoint never outruns the recorded heads
         atomic_write_bytes(path, data)
-        self._record_heads(round_)
         return path
 
     def _record_heads(self, round_: int) -> None:
@@ -182,6 +180,13 @@ class RunDir:
         )
         write_json(self.path / RESULTS, {**obj, "log_heads": heads, **signed})
         (self.path / INCOMPLETE).unlink(missing_ok=True)
+
+    def mark_incomplete(self) -> None:
+        """Write the :data:`INCOMPLETE` marker (removed by :meth:`results`)."""
+        atomic_write_text(
+            self.path / INCOMPLETE,
+            f"started {now()}; this run has not finished (no {RESULTS} yet)\n",
+        )
 
     def rounds_finished(self) -> int | None:
         """``rounds_completed`` of a run that finished (results.json, no INCOMPLETE marker);

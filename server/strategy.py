@@ -324,6 +324,7 @@ def claim_refusal(
     served: Mapping[int, tuple[str, int]],
     channels: Collection[str],
     bindings: Mapping[int, str],
+    shards: int = 1,
 ) -> str | None:
     """Why ``node`` may not serve the (channel, shard) it claims; ``None``: admit it.
 
@@ -339,10 +340,14 @@ def claim_refusal(
         served: node -> (channel, shard) already admitted in this run.
         channels: the run's channels.
         bindings: node id -> channel, from ``node-channels``.
+        shards: nodes per channel in this run (shard ids 0..shards-1; a second node cannot
+            claim a channel again under another shard id).
     """
     if claim is None:
         return f"node {node} did not say which channel and shard it serves"
     channel, shard = claim
+    if not 0 <= shard < shards:
+        return f"node {node} claims shard {shard} of {channel!r}; this run has {shards} per channel"
     if channel not in channels:
         return f"node {node} claims channel {channel!r}, which this run does not have ({sorted(channels)})"
     if bindings and node not in bindings:

@@ -60,7 +60,13 @@ def contains(path: Path, wanted: str) -> bool:
     if not path.exists():
         return False
     with path.open("rb") as fh:
-        return any(line.strip() and json.loads(line).get("hash") == wanted for line in fh)
+        for line in fh:
+            try:
+                if line.strip() and json.loads(line).get("hash") == wanted:
+                    return True
+            except (ValueError, AttributeError):  # a damaged line: verify() reports it
+                continue
+    return False
 
 
 def append(path: Path, entry: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +165,15 @@ def key_from_env() -> bytes | None:
     """The key named by :data:`KEY_ENV`, or None when it is not set (an unusable one raises)."""
     path = os.environ.get(KEY_ENV, "")
     return load_key(path) if path else None
+
+
+def resolve_key_env() -> None:
+    """Check the key :data:`KEY_ENV` names now, before any work, and make its path absolute,
+    since the ServerApp that reads it runs in another folder."""
+    path = os.environ.get(KEY_ENV, "")
+    if path:
+        os.environ[KEY_ENV] = str(Path(path).resolve())
+        load_key(os.environ[KEY_ENV])
 
 
 def key_id(key: bytes) -> str:

@@ -30,6 +30,7 @@ from fedrec.deploy.flower import (
     write_overrides,
 )
 from fedrec.deploy.reaper import Reaper
+from fedrec.shared.errors import FedrecError
 
 
 def run_simulation(
@@ -66,7 +67,7 @@ def run_simulation(
     with signals_interrupt():
         reaper = Reaper.start("FLWR_HOME", str(flwr_home))
         try:
-            with log_path.open("w", encoding="utf-8") as log_fh:
+            with log_path.open("a", encoding="utf-8") as log_fh:  # a resumed run appends
                 proc = subprocess.Popen(
                     cmd,
                     cwd=run_dir,
@@ -89,11 +90,21 @@ def run_simulation(
                 proc.wait()
             failed = proc.returncode != 0 or not (run_dir / "results.json").exists()
             if failed:
-                raise RuntimeError(
+                raise SimulationFailed(
                     f"Flower simulation failed (exit {proc.returncode}); full log: {log_path}\n"
                     + "\n".join(tail[-25:])
                 )
-        finally:
-            with signals_held():
-                stop_processes(flwr_home)
-                reaper.release()
+        except BaseException:
+            _teardown(flwr_home, reaper, drop=True)  # a signal must not replace this error
+            raise
+        _teardown(flwr_home, reaper, drop=False)
+
+
+def _teardown(flwr_home: Path, reaper: Reaper, *, drop: bool) -> None:
+    with signals_held(drop=drop):
+        stop_processes(flwr_home)
+        reaper.release()
+
+
+class SimulationFailed(FedrecError, RuntimeError):
+    """Flower's simulation ended without results; the message holds its log's tail."""

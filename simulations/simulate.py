@@ -181,12 +181,14 @@ def simulate(
     from fedrec.server.rundir import INCOMPLETE
     from fedrec.shared.config import ConfigError
     from fedrec.shared.fsio import atomic_write_text
+    from fedrec.shared.hashlog import resolve_key_env
 
     console = Console()
     t0 = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = (out or Path("runs") / f"{scenario}-{stamp}").resolve()
     check_out_dir(out, resume)
+    resolve_key_env()  # an unusable FEDREC_RUN_KEY stops the job here, not in the ServerApp
     data_dir = ensure_data(data, scenario, seed, console)
     overrides: dict[str, Any] = {"data-dir": str(data_dir), "seed": seed}
     if rounds is not None:
@@ -353,7 +355,8 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
 def check_out_dir(out: Path, resume: bool, *, can_resume: bool = True) -> None:
     """Refuse, before any work, an output folder that cannot hold a new run: a file, a folder
     fedrec cannot write, or a folder that already holds something (unless ``resume``: then it
-    must hold an earlier run). ``can_resume``: whether the command has ``--resume``."""
+    must not be empty; the ServerApp starts a fresh run in it if it finds none to continue).
+    ``can_resume``: whether the command has ``--resume``."""
     from fedrec.shared.config import ConfigError
 
     if out.exists() and not out.is_dir():

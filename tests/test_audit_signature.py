@@ -166,3 +166,36 @@ def test_fedrec_audit_key_checks_the_signature(
     # Assert
     assert good == 0 and "SIGNATURE: log heads signed with the given run key" in good_out
     assert bad == 1 and "SIGNATURE: INVALID" in bad_out
+
+
+def test_an_older_signed_head_with_a_newer_checkpoint_fails(tmp_path: Path) -> None:
+    # Prepare: a run cut after round 3, whose heads.json was swapped for a round-2 copy
+    run = make_run_dir(tmp_path, rounds=3, results=False)
+    heads = {n: hashlog.head(run / n) for n in ("privacy-ledger.jsonl", "egress.jsonl")}
+    signed = hashlog.sign_heads(KEY, {**heads, "round": "2"})
+    (run / HEADS).write_text(
+        json.dumps({"round": 2, "log_heads": heads, "log_heads_signed": signed})
+    )
+
+    # Execute
+    verdict = _signature(run, KEY)
+
+    # Assert: checkpoint 3 is newer than any head the server signed
+    assert verdict is not None and verdict["status"] == "fail"
+
+
+def test_a_keyed_run_has_signed_heads_from_its_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_file = tmp_path / "run.key"
+    key_file.write_bytes(KEY)
+    monkeypatch.setenv(hashlog.KEY_ENV, str(key_file))
+
+    run = RunDir(tmp_path / "run")
+    run.start({}, ["finance"], {})
+
+    doc = json.loads((run.path / HEADS).read_text())
+    assert doc["round"] == 0
+    assert hashlog.check_signed_heads(
+        KEY, {**doc["log_heads"], "round": "0"}, doc["log_heads_signed"]
+    )

@@ -77,6 +77,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 def env(base: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
     monkeypatch.setenv("COLUMNS", "1000")  # rich: one line per message, whatever the terminal
     monkeypatch.delenv("FEDREC_DEBUG", raising=False)
+    monkeypatch.delenv("FEDREC_RUN_KEY", raising=False)
     monkeypatch.chdir(tmp_path)
     return Env(*base, tmp=tmp_path)
 
@@ -636,6 +637,57 @@ def test_an_unexpected_error_is_reported_as_a_bug_with_exit_70(
     assert code == INTERNAL_ERROR
     assert "internal error (KeyError: 'manifest-cache')" in text and "--debug" in text
     assert "Traceback" not in text
+
+
+def test_an_unusable_run_key_stops_simulate_before_any_work(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: FEDREC_RUN_KEY names a short key, by a path relative to this folder
+    (env.tmp / "short.key").write_text("too short")
+    monkeypatch.setenv("FEDREC_RUN_KEY", "short.key")
+
+    # Execute
+    code = run(["simulate", "--data", str(env.world), "--out", str(env.tmp / "out")])
+
+    # Assert: one message, exit 2, nothing written (it used to fail in the ServerApp, exit 70)
+    text = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "at least 32 are needed" in text and "openssl rand -hex 32" in text
+    assert str(env.tmp / "short.key") in text  # the path made absolute for the ServerApp
+    assert not (env.tmp / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (
+            TimeoutError("simulation exceeded 30s; log: run/flower.log"),
+            "TimeoutError: simulation exceeded 30s; log: run/flower.log",
+        ),
+        (
+            PermissionError(13, "Permission denied", "/srv/runs/x"),
+            "Permission denied: /srv/runs/x.",
+        ),
+    ],
+    ids=["timeout", "permission"],
+)
+def test_an_os_error_says_what_happened_and_where(
+    error: OSError,
+    says: str,
+    env: Env,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fedrec.shared.datasets as datasets
+
+    def fail(*_: object, **__: object) -> None:
+        raise error
+
+    monkeypatch.setattr(datasets, "load_manifest", fail)
+
+    code = run(["simulate", "--data", str(env.world), "--out", str(env.tmp / "out")])
+
+    text = " ".join(capsys.readouterr().err.split())
+    assert code == 1 and says in text and "Traceback" not in text
 
 
 def test_a_fingerprint_from_the_server_never_names_a_file_outside_the_item_cache(

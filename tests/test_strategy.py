@@ -247,7 +247,15 @@ def test_second_node_claiming_a_served_channel_is_refused() -> None:
     ids=["same node again", "another shard", "another channel"],
 )
 def test_claims_that_do_not_collide_are_admitted(node: int, claim: tuple[str, int]) -> None:
-    assert claim_refusal(node, claim, {11: ("finance", 0)}, CHANNELS, {}) is None
+    assert claim_refusal(node, claim, {11: ("finance", 0)}, CHANNELS, {}, shards=2) is None
+
+
+def test_a_second_node_cannot_claim_a_channel_again_under_a_shard_the_run_lacks() -> None:
+    # Execute: one node per channel (a deployment), and another key claims finance's shard 1
+    reason = claim_refusal(99, ("finance", 1), {11: ("finance", 0)}, CHANNELS, {})
+
+    # Assert
+    assert reason == "node 99 claims shard 1 of 'finance'; this run has 1 per channel"
 
 
 @pytest.mark.parametrize(

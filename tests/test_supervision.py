@@ -396,3 +396,14 @@ def test_sigkill_to_deploy_local_leaves_nothing_running(
     assert code == -signal.SIGKILL
     assert before >= 6, "the deployment's processes were not all up"
     assert left == {}, _tail(log)
+
+
+def test_a_teardown_for_an_error_keeps_the_error_when_a_signal_arrives() -> None:
+    # Execute: Ctrl-C lands in a teardown called for an error already on its way out
+    with pytest.raises(TimeoutError, match="run exceeded"):
+        try:
+            raise TimeoutError("run exceeded 30s")
+        except TimeoutError:
+            with signals_held(drop=True):
+                os.kill(os.getpid(), signal.SIGINT)
+            raise
