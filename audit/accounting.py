@@ -270,7 +270,8 @@ def epsilon_of(entry: Mapping[str, Any]) -> float | None:
     return math.inf if value is None else as_float(value)
 
 
-def _close(a: float, b: float, rtol: float) -> bool:
+def close(a: float, b: float, rtol: float) -> bool:
+    """Equal within ``rtol`` (relative); infinities only equal themselves."""
     if math.isinf(a) or math.isinf(b):
         return a == b
     return math.isclose(a, b, rel_tol=rtol, abs_tol=1e-9)
@@ -376,7 +377,7 @@ def compare_epsilon(
     """
     if logged is None:
         return ("problem", "trained round without an epsilon") if status in SPENT else None
-    if math.isnan(recomputed) or _close(logged, recomputed, SAME_ACCOUNTANT_RTOL):
+    if math.isnan(recomputed) or close(logged, recomputed, SAME_ACCOUNTANT_RTOL):
         return None
     if status in NOT_SPENT and logged > recomputed:
         return "note", (
@@ -738,7 +739,7 @@ def _check_node_ledger(
             and node_eps is not None
             and server_eps[rnd] is not None
         ):
-            if not _close(node_eps, server_eps[rnd], SAME_ACCOUNTANT_RTOL):
+            if not close(node_eps, server_eps[rnd], SAME_ACCOUNTANT_RTOL):
                 problems.append(
                     f"{at}: round {rnd}: the client logged ε {_fmt(node_eps)}, the server's "
                     f"ledger says {_fmt(server_eps[rnd])}"

@@ -22,14 +22,13 @@ Must not: import ``server/`` or ``client/``; read files (callers pass parsed ent
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fedrec.shared import wire
 
-from .accounting import NOT_SPENT, SAME_ACCOUNTANT_RTOL, SPENT, TRAINED, epsilon_of
+from .accounting import NOT_SPENT, SAME_ACCOUNTANT_RTOL, SPENT, TRAINED, close, epsilon_of
 
 LEDGER, EGRESS, METRICS, RESULTS = (
     "privacy-ledger.jsonl",
@@ -208,12 +207,6 @@ def _metrics(metrics: Sequence[Entry], led: _Ledger) -> list[str]:
     return out
 
 
-def _close(a: float, b: float) -> bool:
-    if math.isinf(a) or math.isinf(b):
-        return a == b
-    return math.isclose(a, b, rel_tol=SAME_ACCOUNTANT_RTOL, abs_tol=1e-9)
-
-
 def _egress(replies: Sequence[Entry], led: _Ledger) -> list[str]:
     """Every train reply received has its ledger line: the same steps and ε for a reply that
     carried a privacy report, a not-spent status for an error reply."""
@@ -246,7 +239,9 @@ def _egress(replies: Sequence[Entry], led: _Ledger) -> list[str]:
                 f"{line.get('_line')} says {logged_steps!r}"
             )
         sent_eps, logged_eps = epsilon_of(values), epsilon_of(line)
-        if sent_eps is not None and (logged_eps is None or not _close(sent_eps, logged_eps)):
+        if sent_eps is not None and (
+            logged_eps is None or not close(sent_eps, logged_eps, SAME_ACCOUNTANT_RTOL)
+        ):
             out.append(
                 f"{at}: the client reported ε {sent_eps:.4f}; {LEDGER} entry "
                 f"{line.get('_line')} says {logged_eps if logged_eps is None else f'{logged_eps:.4f}'}"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
@@ -33,7 +32,7 @@ import numpy as np
 
 from fedrec.shared import hashlog, wire
 from fedrec.shared.errors import FedrecError
-from fedrec.shared.fsio import atomic_write_bytes, atomic_write_text
+from fedrec.shared.fsio import atomic_write_bytes, atomic_write_text, out_dir_problem
 
 from . import accounting, egress, evidence, stats, verdicts
 from .document import (
@@ -784,31 +783,10 @@ class OutputDirError(FedrecError, ValueError):
 
 def check_out_dir(out_dir: Path | str) -> None:
     """Raise :class:`OutputDirError` unless ``out_dir`` is, or can be created as, a folder this
-    process can write files in. Checked by writing (and removing) a temporary file in it or in
-    its nearest existing parent, which also catches a read-only file system."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(
-            f"--out {out}: is a file, not a folder. Give a folder for audit.json, audit.md and "
-            "audit.html (it is created if missing)."
-        )
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise OutputDirError(
-            f"--out {out}: cannot be created, {probe} is a file. Give a folder whose parent is "
-            "a folder."
-        )
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as exc:
-        where = "" if probe == out else f" (its nearest existing parent {probe} is not)"
-        raise OutputDirError(
-            f"--out {out}: not writable{where}: {exc.strerror or exc}. Give a folder you can "
-            "write to, or fix its permissions."
-        ) from exc
+    process can write files in (:func:`fedrec.shared.fsio.out_dir_problem`)."""
+    problem = out_dir_problem(Path(out_dir))
+    if problem is not None:
+        raise OutputDirError(problem)
 
 
 def write_report(report: Mapping[str, Any], out_dir: Path | str) -> dict[str, Path]:

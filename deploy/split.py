@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.shared.errors import FedrecError
+from fedrec.shared.fsio import out_dir_problem
 
 COORDINATOR = "coordinator"  # the catalogue-only folder of a split
 
@@ -31,8 +32,8 @@ def check_out_dir(out_dir: Path) -> None:
     """Refuse an ``--out`` that is a file or a folder holding anything: a split is copied to
     machines as it is, so a stale platform folder left beside it must not be mistaken for
     part of it."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SplitError(f"--out {out_dir} is a file. Fix: give a new or empty folder.")
+    if (problem := out_dir_problem(out_dir)) is not None:
+        raise SplitError(problem)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         found = sorted(p.name for p in out_dir.iterdir())[:5]
         raise SplitError(

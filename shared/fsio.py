@@ -2,6 +2,7 @@
 never interleave: the only two ways fedrec writes a file it must not corrupt.
 
 Owns: :func:`strict_json` (JSON every parser reads: no bare ``NaN``/``Infinity``),
+:func:`out_dir_problem` (whether a command's ``--out`` folder can be written, checked first),
 :func:`atomic_write_bytes` / :func:`atomic_write_text` (temporary file in the same folder,
 fsync, ``os.replace``, fsync of the folder), :func:`atomic_dir` (a whole folder, renamed into
 place) and :func:`locked_append` (an exclusive ``flock`` around "read the tail, append one line,
@@ -41,6 +42,30 @@ def strict_json(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` that writes strict JSON: NaN and ±∞ become ``null`` (a reader of an ε
     takes null as "no guarantee", ∞), never the bare ``NaN``/``Infinity`` many parsers refuse."""
     return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+def out_dir_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be, or be created as, a folder this process writes files in; None if
+    it can. Checked by writing (and removing) a temporary file in it or in its nearest existing
+    parent, which also catches a read-only file system (and root, whom permissions never stop).
+    Commands call it before any work and raise their own error with the message."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder. Fix: give a folder."
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"--out {out}: cannot be created, {probe} is a file. Fix: give a folder whose parent is a folder."
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        where = "" if probe == out else f" (its nearest existing parent {probe} is not)"
+        return (
+            f"--out {out}: not writable{where}: {exc.strerror or exc}. Fix: give a folder you "
+            "can write to, or fix its permissions."
+        )
+    return None
 
 
 def _umask() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -358,9 +357,10 @@ def check_out_dir(out: Path, resume: bool, *, can_resume: bool = True) -> None:
     must not be empty; the ServerApp starts a fresh run in it if it finds none to continue).
     ``can_resume``: whether the command has ``--resume``."""
     from fedrec.shared.config import ConfigError
+    from fedrec.shared.fsio import out_dir_problem
 
-    if out.exists() and not out.is_dir():
-        raise ConfigError([f"--out {out} is a file, not a folder. Fix: give a new folder."])
+    if (problem := out_dir_problem(out)) is not None:
+        raise ConfigError([problem])
     used = out.is_dir() and any(out.iterdir())
     if resume and not used:
         raise ConfigError(
@@ -373,11 +373,6 @@ def check_out_dir(out: Path, resume: bool, *, can_resume: bool = True) -> None:
                 "folder. Fix: give a new --out"
                 + (", or add --resume to continue the run there." if can_resume else ".")
             ]
-        )
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(
-            [f"--out {out}: cannot write in {existing}. Fix: give a folder you can write."]
         )
 
 

@@ -122,7 +122,7 @@ def test_out_that_is_a_file_is_refused_before_any_work(
     # Assert
     err = capsys.readouterr().err
     assert code == 2
-    assert f"--out {out}: is a file, not a folder" in " ".join(err.split())
+    assert f"--out {out} is a file, not a folder" in " ".join(err.split())
     assert "Traceback" not in err
 
 
@@ -180,7 +180,7 @@ def test_out_on_a_read_only_file_system_is_refused(
     def read_only(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("fedrec.audit.report.tempfile.TemporaryFile", read_only)
+    monkeypatch.setattr("fedrec.shared.fsio.tempfile.TemporaryFile", read_only)
 
     # Execute
     code = run(["audit", str(run_dir), "--out", str(tmp_path / "out")])

@@ -401,7 +401,7 @@ CASES = [
         "out-under-a-file",
         lambda e: [*sim()(e)[:3], "--out", str(a_file(e) / "run")],
         2,
-        ("cannot write in",),
+        ("cannot be created", "is a file"),
     ),
     Case(
         "out-holds-a-run",
