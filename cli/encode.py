@@ -83,18 +83,12 @@ def register(app: typer.Typer) -> None:
             encode_catalogue,
         )
         from fedrec.shared import datasets
+        from fedrec.shared.errors import StepFailed
         from fedrec.shared.items import ItemMatrixError, save_item_matrix
 
         console = Console()
 
-        def fail(message: object) -> typer.Exit:
-            console.print(f"[red]error:[/red] {escape(str(message))}")
-            return typer.Exit(1)
-
-        try:
-            manifest = datasets.load_manifest(dataset_dir)
-        except (OSError, ValueError) as exc:  # DataError(s) name the file, line and fix
-            raise fail(exc) from None
+        manifest = datasets.load_manifest(dataset_dir)  # DataError(s): file, line and fix
         selected = _pick_channels(channels, list(manifest.channels))
         out_dir = out if out is not None else dataset_dir / "encoded"
         if out_dir.exists() and not out_dir.is_dir():
@@ -102,11 +96,8 @@ def register(app: typer.Typer) -> None:
                 f"{out_dir} is a file; give a folder for the item matrices.", param_hint="--out"
             )
         cache = EncodingCache(cache_dir if cache_dir is not None else default_cache_dir())
-        try:
-            with console.status("loading the item encoder"):
-                encoder = ItemEncoder(model_dir, batch_size=batch_size)
-        except EncoderError as exc:
-            raise fail(exc) from None
+        with console.status("loading the item encoder"):
+            encoder = ItemEncoder(model_dir, batch_size=batch_size)  # EncoderError: what it needs
         console.print(
             escape(
                 f"encoder {encoder.model_dir} (dim {encoder.dim}, fingerprint "
@@ -123,10 +114,10 @@ def register(app: typer.Typer) -> None:
                 matrix = encode_catalogue(catalogue, encoder, cache, progress=True)
                 save_item_matrix(matrix, out_dir / f"{channel}.items.npz")
             except (OSError, ValueError, EncoderError, ItemMatrixError) as exc:
-                raise fail(f"channel {channel}: {exc}") from None
+                raise StepFailed(f"channel {channel}: {exc}") from exc
             stats = cache.last_stats
             if stats is None:  # encode_items always sets it; keeps the type checker honest
-                raise fail(f"channel {channel}: the cache reported no statistics")
+                raise StepFailed(f"channel {channel}: the cache reported no statistics")
             table.add_row(
                 channel,
                 str(stats.items),

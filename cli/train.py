@@ -63,10 +63,6 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
 
-        def fail(message: object) -> typer.Exit:  # bad input: exit 2, as for any option
-            console.print(f"[red]error:[/red] {escape(str(message))}")
-            return typer.Exit(2)
-
         if not no_dp and not 0 < epsilon < math.inf:
             raise typer.BadParameter(
                 f"must be a finite number > 0. Found {epsilon}.", param_hint="--epsilon"
@@ -81,6 +77,7 @@ def register(app: typer.Typer) -> None:
             )
 
         from fedrec.client.standalone import fit, load_channel_data, quiet_opacus
+        from fedrec.shared.errors import InputError
 
         with console.status(f"loading channel {channel}"):
             try:
@@ -88,7 +85,7 @@ def register(app: typer.Typer) -> None:
                     data, channel, items if items is not None else data / "encoded"
                 )
             except (OSError, ValueError) as exc:  # DataError(s), ItemMatrixError are ValueErrors
-                raise fail(exc) from None
+                raise InputError(str(exc)) from exc
 
         from fedrec.client.training import TrainSpec, evaluate
         from fedrec.shared.config import DPConfig
@@ -117,8 +114,8 @@ def register(app: typer.Typer) -> None:
                     channel=channel,
                     max_eval_users=max_eval_users,
                 )
-        except ValueError as exc:
-            raise fail(exc) from None
+        except ValueError as exc:  # e.g. δ at or above 1/users
+            raise InputError(str(exc)) from exc
 
         table = Table(
             "",

@@ -23,6 +23,17 @@ class FedrecError(Exception):
     exit_code = 1
 
 
+class InputError(FedrecError, ValueError):
+    """Bad input a command found in what it was given (a message of another error type it
+    caught, made one of fedrec's, with that error as its cause)."""
+
+    exit_code = 2
+
+
+class StepFailed(FedrecError, RuntimeError):
+    """A step of a command failed on input that looked valid (the message says which step)."""
+
+
 class RunFailed(FedrecError, RuntimeError):
     """A federated run ended without any platform training in any round.
 

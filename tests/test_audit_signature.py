@@ -32,6 +32,22 @@ def _sign_results(run: Path, key: bytes) -> None:
     (run / "results.json").write_text(json.dumps(doc))
 
 
+def _sign_heads_json(run: Path, round_: int) -> None:
+    """heads.json as RunDir writes it before the checkpoint of ``round_``, signed with KEY."""
+    heads = {n: hashlog.head(run / n) for n in ("privacy-ledger.jsonl", "egress.jsonl")}
+    signed = hashlog.sign_heads(KEY, {**heads, "round": str(round_)})
+    (run / HEADS).write_text(
+        json.dumps({"round": round_, "log_heads": heads, "log_heads_signed": signed})
+    )
+
+
+def _key_in_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KEY in a file, named by FEDREC_RUN_KEY (with a trailing newline, as `openssl` writes)."""
+    key_file = tmp_path / "run.key"
+    key_file.write_text(KEY.decode() + "\n")
+    monkeypatch.setenv(hashlog.KEY_ENV, str(key_file))
+
+
 def _drop_last_round_and_rechain(run: Path, rounds: int) -> None:
     """The attack an unkeyed chain cannot see: remove a round's lines, recompute every hash,
     write the new heads wherever a head is recorded."""
@@ -85,16 +101,7 @@ def test_a_key_given_for_an_unsigned_run_fails(tmp_path: Path) -> None:
 def test_a_run_that_stopped_early_is_held_to_its_last_signed_checkpoint(tmp_path: Path) -> None:
     # Prepare: a run that stopped after round 3, whose server signed heads.json at round 3
     run = make_run_dir(tmp_path, rounds=3, results=False)
-    heads = {n: hashlog.head(run / n) for n in ("privacy-ledger.jsonl", "egress.jsonl")}
-    (run / HEADS).write_text(
-        json.dumps(
-            {
-                "round": 3,
-                "log_heads": heads,
-                "log_heads_signed": hashlog.sign_heads(KEY, {**heads, "round": "3"}),
-            }
-        )
-    )
+    _sign_heads_json(run, 3)
     intact = _signature(run, KEY)
 
     # Execute: round 3 removed from every ledger and re-chained
@@ -110,9 +117,7 @@ def test_the_server_signs_heads_with_the_key_named_in_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare
-    key_file = tmp_path / "run.key"
-    key_file.write_text(KEY.decode() + "\n")
-    monkeypatch.setenv(hashlog.KEY_ENV, str(key_file))
+    _key_in_env(tmp_path, monkeypatch)
     run = RunDir(tmp_path / "run")
     run.ledger({"round": 1, "channel": "finance", "status": "trained"})
 
@@ -171,11 +176,7 @@ def test_fedrec_audit_key_checks_the_signature(
 def test_an_older_signed_head_with_a_newer_checkpoint_fails(tmp_path: Path) -> None:
     # Prepare: a run cut after round 3, whose heads.json was swapped for a round-2 copy
     run = make_run_dir(tmp_path, rounds=3, results=False)
-    heads = {n: hashlog.head(run / n) for n in ("privacy-ledger.jsonl", "egress.jsonl")}
-    signed = hashlog.sign_heads(KEY, {**heads, "round": "2"})
-    (run / HEADS).write_text(
-        json.dumps({"round": 2, "log_heads": heads, "log_heads_signed": signed})
-    )
+    _sign_heads_json(run, 2)
 
     # Execute
     verdict = _signature(run, KEY)
@@ -187,9 +188,7 @@ def test_an_older_signed_head_with_a_newer_checkpoint_fails(tmp_path: Path) -> N
 def test_a_keyed_run_has_signed_heads_from_its_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key_file = tmp_path / "run.key"
-    key_file.write_bytes(KEY)
-    monkeypatch.setenv(hashlog.KEY_ENV, str(key_file))
+    _key_in_env(tmp_path, monkeypatch)
 
     run = RunDir(tmp_path / "run")
     run.start({}, ["finance"], {})

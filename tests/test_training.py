@@ -4,7 +4,6 @@ examples, negatives, and the errors for data that cannot be trained or evaluated
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -24,9 +23,7 @@ from fedrec.client.training import (
 from fedrec.shared.data import Sequences
 from fedrec.shared.model import ModelSpec, RecModel
 from fedrec.simulations.baselines import popularity_scorer, text_similarity_scorer
-
-if TYPE_CHECKING:
-    from click.testing import Result
+from tests.tiny import CliResult, fedrec_cli
 
 torch.set_num_threads(1)
 
@@ -505,17 +502,9 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def fedrec_train(args: list[str]) -> Result:
-    """``fedrec train ARGS`` in-process, on a typer app with only this command registered."""
-    import typer
-    from typer.testing import CliRunner
-
-    from fedrec.cli import train
-
-    app = typer.Typer()
-    app.callback()(lambda: None)  # a group, so the command is invoked by name
-    train.register(app)
-    return CliRunner().invoke(app, ["train", *args], env={"COLUMNS": "200"})
+def fedrec_train(args: list[str]) -> CliResult:
+    """``fedrec train ARGS`` in-process, through the command line's own error path."""
+    return fedrec_cli(["train", *args])
 
 
 def test_fedrec_train_with_dp_prints_baselines_model_and_privacy(tiny_dataset: Path) -> None:

@@ -3,6 +3,7 @@ BERT saved to disk (loaded through the normal offline path) and a small syntheti
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 WORDS = (
@@ -54,3 +55,32 @@ def write_small_world(folder: Path, people: int = 400, seed: int = 0) -> Path:
             extra_files=world.ground_truth_files(),
         )
     )
+
+
+@dataclass(frozen=True)
+class CliResult:
+    exit_code: int
+    output: str  # stdout and stderr together
+
+
+def fedrec_cli(args: list[str]) -> CliResult:
+    """``fedrec ARGS`` in this process through the console script's own entry point
+    (``fedrec.cli.main.run``: its one error path included), on a wide terminal."""
+    import contextlib
+    import io
+    import os
+
+    from fedrec.cli.main import run
+
+    out = io.StringIO()
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "200"
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = run(args)
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
+    return CliResult(code, out.getvalue())
