@@ -405,7 +405,7 @@ def train_local(
         collate_fn=_collate,
         generator=torch.Generator().manual_seed(spec.seed) if dp is None else None,
     )
-    sample_rate = 1.0 / len(loader)
+    sample_rate = 1.0 / len(loader) if dp is None else dp.sample_rate
     optimizer = _optimizer(model, spec)
     base_optimizer = optimizer
     if optimizer_state is not None:
