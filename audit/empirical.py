@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from fedrec.shared.fsio import atomic_write_text
+from fedrec.shared.policy import NodePolicy
 
 log = logging.getLogger(__name__)
 
@@ -372,8 +373,27 @@ def _run(
         if "[fedrec]" in line:
             console.print(f"  [{name}] " + line.split("[fedrec]", 1)[1].strip(), markup=False)
 
-    run_simulation(run_dir, cfg, num_nodes=len(channels), on_line=show)
+    run_simulation(
+        run_dir, cfg, num_nodes=len(channels), on_line=show, node_policy=auditor_policy(cfg)
+    )
     return run_dir, time.perf_counter() - t
+
+
+def auditor_policy(run_config: dict[str, Any]) -> NodePolicy:
+    """The policy of the audit's own simulated nodes: they accept the audit's switches (the
+    canaries, and noise off for the fault-injection run), its ε and no-DP control. These are
+    the auditor's nodes on a copy of the data, never a platform's."""
+    return NodePolicy(
+        dp_required=bool(run_config["dp.enabled"]),
+        lifetime_epsilon=max(
+            NodePolicy().lifetime_epsilon, float(run_config.get("dp.target-epsilon", 0.0))
+        ),
+        max_delta=max(NodePolicy().max_delta, float(run_config.get("dp.target-delta", 0.0))),
+        min_noise_multiplier=0.0,
+        allow_canaries=True,
+        allow_noise_off=bool(run_config.get("audit.disable-noise", False)),
+        source="fedrec audit --empirical: the auditor's own simulated nodes",
+    )
 
 
 def _specs(

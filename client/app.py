@@ -33,5 +33,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Leave-last-out ranking metrics of the global model on this channel's users."""
-    return Message(local.handle_evaluate(msg.content, context), reply_to=msg)
+    """Leave-last-out ranking metrics of the global model on this channel's users, within
+    the node's evaluation caps."""
+    try:
+        content = local.handle_evaluate(msg.content, context)
+    except local.Refused as exc:
+        return Message(Error(code=local.REFUSED_CODE, reason=str(exc)), reply_to=msg)
+    return Message(content, reply_to=msg)

@@ -14,14 +14,15 @@ import json
 import logging
 import math
 import time
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedrec.client import node as nodes
-from fedrec.client.dp import REFUSED, TRAINED, DPSession
+from fedrec.client.dp import DPSession
+from fedrec.client.ledger import EVALUATED, REFUSED, TRAINED, NodeLedger
 from fedrec.client.training import (
     GradHook,
     TrainSpec,
@@ -33,9 +34,10 @@ from fedrec.client.training import (
     train_local,
     trainable_users,
 )
-from fedrec.shared import privacy, wire
+from fedrec.shared import hashlog, privacy, wire
 from fedrec.shared.config import FedrecConfig, from_run_config
 from fedrec.shared.data import Sequences
+from fedrec.shared.errors import FedrecError
 from fedrec.shared.model import (
     CrossPlatformModel,
     RecModel,
@@ -45,6 +47,7 @@ from fedrec.shared.model import (
     shared_weights,
     with_prior,
 )
+from fedrec.shared.policy import NodePolicy, refusals, resolve_policy
 from fedrec.shared.prior import popularity_counts, prior_logits
 
 log = logging.getLogger(__name__)
@@ -55,13 +58,47 @@ BUDGET_REFUSED = "privacy-refused"
 
 
 class Refused(RuntimeError):
-    """This node will not train this round (budget spent, bad DP setting); says why."""
+    """This node will not train or evaluate (budget spent, outside its policy, untrusted
+    ledger); says why."""
 
 
 def _setup(context: Context) -> tuple[FedrecConfig, nodes.Node]:
     torch.set_num_threads(int(context.node_config.get("torch-threads", 1)))
     cfg = from_run_config(context.run_config)
     return cfg, nodes.resolve_node(dict(context.node_config), cfg)
+
+
+def _guard(
+    cfg: FedrecConfig, node: nodes.Node, context: Context, server_round: int
+) -> tuple[NodePolicy, NodeLedger]:
+    """The node's own policy and its checked ledger; refuses (recorded in the ledger when it
+    can be trusted) a run that asks for anything the policy does not allow."""
+    try:
+        policy = resolve_policy(dict(context.node_config))
+        key = hashlog.load_key(policy.ledger_key) if policy.ledger_key else None
+        ledger = NodeLedger(node.ledger, node.channel, key)
+        ledger.check()
+    except FedrecError as exc:
+        raise Refused(f"{BUDGET_REFUSED}: {exc}") from None
+    refused = refusals(cfg, policy)
+    if refused:
+        _refuse(ledger, _run(cfg, context), server_round, "node policy: " + "; ".join(refused))
+    return policy, ledger
+
+
+def _refuse(ledger: NodeLedger, run: str, server_round: int, reason: str) -> NoReturn:
+    """Record the refusal on the node, then raise it for the error reply."""
+    ledger.append(
+        {"run": run, "round": server_round, "status": REFUSED, "steps": 0, "reason": reason}
+    )
+    raise Refused(f"{BUDGET_REFUSED}: {reason}")
+
+
+def _run(cfg: FedrecConfig, context: Context) -> str:
+    """Which run a ledger line belongs to: the server's run directory (a resumed run keeps
+    it) or, without one, Flower's run id. The server names it; the node's lifetime budget
+    does not depend on it."""
+    return cfg.run_dir or f"flower-run-{context.run_id}"
 
 
 _R = TypeVar("_R", ArrayRecord, ConfigRecord)
@@ -116,6 +153,9 @@ def handle_items(content: RecordDict, context: Context) -> RecordDict:
 def handle_train(content: RecordDict, context: Context) -> RecordDict:
     cfg, node = _setup(context)
     t0 = time.perf_counter()
+    server_round = int(_config(content, wire.SERVER_ROUND))
+    policy, ledger = _guard(cfg, node, context, server_round)
+    run = _run(cfg, context)
     items = _items(content, node)
     seqs, n_items = nodes.load_sequences(node)
     if n_items != len(items):
@@ -124,8 +164,11 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
     federated = _model(cfg, content, items.shape[1])
     _personalise(cfg, node, context, federated)
     model = federated.channel_model(node.channel)  # the shared tower and this platform's head
-    server_round = int(_config(content, wire.SERVER_ROUND))
-    session = _dp_session(cfg, node, split.train, context) if cfg.dp.enabled else None
+    session = (
+        _dp_session(cfg, node, split.train, context, policy, ledger, server_round)
+        if cfg.dp.enabled
+        else None
+    )
     if cfg.model.item_prior != "none":
         prior = _prior(node, context, split.train, len(items), session, server_round)
         items = with_prior(items, prior)
@@ -147,12 +190,15 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         head_mean=federated.head_mean() if cfg.train.head_pull > 0 else None,
         optimizer_state=nodes.load_optimizer(node, context.run_id),
     )
-    report: dict[str, float | int | str | bool] = {wire.DP_ENABLED: cfg.dp.enabled}
+    report: dict[str, float | int | str | bool] = {
+        wire.DP_ENABLED: cfg.dp.enabled,
+        wire.POLICY: policy.digest(),
+    }
     if session is not None:
         try:
             result = train(dp=session, grad_hook=_audit_hook(cfg, node, model, session, spec))
         except privacy.BudgetExceeded as exc:
-            session.record(round_=server_round, steps=0, status=REFUSED)
+            session.record(round_=server_round, steps=0, status=REFUSED, reason=str(exc))
             raise Refused(f"{BUDGET_REFUSED}: {exc}") from exc
         session.record(round_=server_round, steps=result.steps, status=TRAINED)
         context.state[nodes.STATE_KEY] = ConfigRecord({"json": session.to_json()})
@@ -169,11 +215,14 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
                 wire.GRAD_SAMPLE_MODE: session.grad_sample_mode,
                 wire.PRIOR_NOISE_MULTIPLIER: session.prior_noise_multiplier,
                 wire.PRIOR_RELEASES: len(session.releases),
+                wire.NOISE_SOURCE: session.noise_source,
             }
         )
     else:
         result = train()
+        _record_without_dp(ledger, cfg, run, server_round, result.steps)
         report.update({wire.EPSILON: math.inf, wire.STEPS: result.steps})
+    report[wire.LEDGER_HEAD] = hashlog.head(ledger.path)
     nodes.save_optimizer(node, context.run_id, result.optimizer_state)
     if cfg.train.personal_mix > 0:
         nodes.save_personal(node, context.run_id, shared_weights(federated))
@@ -181,16 +230,39 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
     nodes.record_timing(node, server_round, "train", seconds)
     log.info("%s round %d trained in %.1fs", node.channel, server_round, seconds)
     weights = {k: v.detach().numpy() for k, v in federated.state_dict().items()}
+    metrics: dict[str, float | int] = {wire.NUM_EXAMPLES: wire.bucket_count(len(split.train))}
+    if policy.send_loss:
+        metrics[wire.TRAIN_LOSS] = result.loss
     return wire.build_reply(
         "train",
         param_shapes=param_shapes(federated),
         arrays=weights,
-        metrics={
-            wire.TRAIN_LOSS: result.loss,
-            wire.NUM_EXAMPLES: wire.bucket_count(len(split.train)),
-        },
+        metrics=metrics,
         privacy=report,
         info={wire.CHANNEL: node.channel, wire.SHARD: node.shard},
+    )
+
+
+def _record_without_dp(
+    ledger: NodeLedger, cfg: FedrecConfig, run: str, server_round: int, steps: int
+) -> None:
+    """A training call without DP (allowed by the node's policy) is on the ledger too, as an
+    event of noise multiplier 0: ε is infinite from then on, and every later DP run on this
+    node is refused for its lifetime budget, as it must be."""
+    found = ledger.last_history()
+    history = [list(e) for e in found[1]] if found else []
+    ledger.append(
+        {
+            "run": run,
+            "round": server_round,
+            "status": TRAINED,
+            "dp": False,
+            "steps": steps,
+            "epsilon": math.inf,
+            "accountant": found[0] if found else cfg.dp.accountant,
+            "history": [*history, [0.0, 1.0, steps]],
+            "releases": [],
+        }
     )
 
 
@@ -223,7 +295,7 @@ def _prior(
         try:
             counts = session.release_prior(counts, round_=server_round)
         except privacy.BudgetExceeded as exc:
-            session.record(round_=server_round, steps=0, status=REFUSED)
+            session.record(round_=server_round, steps=0, status=REFUSED, reason=str(exc))
             raise Refused(f"{BUDGET_REFUSED}: {exc}") from exc
         context.state[nodes.STATE_KEY] = ConfigRecord({"json": session.to_json()})
     prior = prior_logits(counts)
@@ -232,10 +304,21 @@ def _prior(
 
 
 def _dp_session(
-    cfg: FedrecConfig, node: nodes.Node, train: Sequences, context: Context
+    cfg: FedrecConfig,
+    node: nodes.Node,
+    train: Sequences,
+    context: Context,
+    policy: NodePolicy,
+    ledger: NodeLedger,
+    server_round: int,
 ) -> DPSession:
-    """This node's DP session: its accountant restored from this run's state and its ledger."""
+    """This node's DP session under its policy: the accountant restored from this run's
+    state and the node's ledger; a refusal is recorded in the ledger."""
     record = context.state.config_records.get(nodes.STATE_KEY)
+    saved = json.loads(str(record["json"])) if record else None
+    run = _run(cfg, context)
+    if saved is not None and saved.get("run") != run:
+        saved = None  # another run's state (Flower reuses a context per node and run)
     try:
         return DPSession(
             cfg.dp,
@@ -243,12 +326,15 @@ def _dp_session(
             batch_size=cfg.train.batch_size,
             planned_steps=cfg.planned_steps(),
             channel=node.channel,
-            ledger=node.ledger,
-            saved=json.loads(str(record["json"])) if record else None,
+            ledger=ledger,
+            saved=saved,
             item_prior=cfg.model.item_prior != "none",
+            policy=policy,
+            run=run,
+            expected_steps=max(server_round - 1, 0) * cfg.train.local_steps,
         )
     except privacy.PrivacyConfigError as exc:
-        raise Refused(f"{BUDGET_REFUSED}: {exc}") from exc
+        _refuse(ledger, run, server_round, str(exc))
 
 
 def _audit_hook(
@@ -272,19 +358,37 @@ def _audit_hook(
 
 
 def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
+    """Ranking metrics of the global model on this channel's held-out items, within the
+    policy's evaluation caps; each evaluation is recorded in the ledger before it is sent."""
     cfg, node = _setup(context)
     t0 = time.perf_counter()
+    server_round = int(_config(content, wire.SERVER_ROUND, 0))
+    policy, ledger = _guard(cfg, node, context, server_round)
+    run = _run(cfg, context)
+    in_run, lifetime = ledger.evaluations(run)
+    if in_run >= policy.max_evaluations_per_run or lifetime >= policy.max_evaluations:
+        _refuse(
+            ledger,
+            run,
+            server_round,
+            f"evaluation cap: this run has had {in_run} evaluation(s) (policy "
+            f"max-evaluations-per-run {policy.max_evaluations_per_run}), this node "
+            f"{lifetime} (max-evaluations {policy.max_evaluations})",
+        )
     items = _items(content, node)
     seqs, _ = nodes.load_sequences(node)
     split = leave_last_out(seqs)
-    server_round = int(_config(content, wire.SERVER_ROUND, 0))
     federated = _model(cfg, content, items.shape[1])
     _personalise(cfg, node, context, federated)
     model = federated.channel_model(node.channel)
     if cfg.model.item_prior != "none":
         prior = nodes.load_prior(node, context.run_id)
         if prior is None:  # evaluated before it trained: release the prior now
-            session = _dp_session(cfg, node, split.train, context) if cfg.dp.enabled else None
+            session = (
+                _dp_session(cfg, node, split.train, context, policy, ledger, server_round)
+                if cfg.dp.enabled
+                else None
+            )
             prior = _prior(node, context, split.train, len(items), session, server_round)
         items = with_prior(items, prior)
     metrics, n = evaluate(
@@ -295,6 +399,7 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
         max_users=cfg.eval.max_users,
         seed=cfg.seed,
     )
+    ledger.append({"run": run, "round": server_round, "status": EVALUATED, "steps": 0, "users": n})
     nodes.record_timing(node, server_round, "evaluate", time.perf_counter() - t0)
     return wire.build_reply(
         "evaluate",

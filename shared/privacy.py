@@ -152,7 +152,13 @@ def _plan_after(
 
 
 def sample_rate_for(num_users: int, batch_size: int) -> float:
-    """Poisson rate as Opacus derives it from a DataLoader: 1 / number of batches."""
+    """The Poisson rate of DP-SGD: 1 / number of batches (Opacus samples at 1 / len(loader)),
+    the number of batches counted from the user count rounded up to its
+    :data:`~fedrec.shared.wire.COUNT_BUCKET`. The rate is sent to the server; counted from
+    the exact user count, it would tell the server that count to within one batch, finer
+    than the bucketed ``num-examples``. The expected batch is then at most ``batch_size``."""
+    from fedrec.shared.wire import bucket_count
+
     if num_users <= 0:
         raise PrivacyConfigError("no users to train on: the channel has no usable histories")
-    return 1.0 / math.ceil(num_users / batch_size)
+    return 1.0 / math.ceil(bucket_count(num_users) / batch_size)

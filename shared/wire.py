@@ -7,8 +7,10 @@ entry (keys, shapes, dtypes, bytes, sha256) that the server writes for every rep
 
 What may leave a client, and nothing else:
   * train: the shared model's weights (exactly its parameter names and shapes), the training
-    loss, the aggregation weight, and the privacy report (:data:`PRIVACY_KEYS`: ε, δ, noise
-    multiplier, clipping bound, sample rate, steps, accountant, item-prior releases);
+    loss (only where the node's policy has ``send-loss = true``), the aggregation weight, and
+    the privacy report (:data:`PRIVACY_KEYS`: ε, δ, noise multiplier, clipping bound, sample
+    rate, steps, accountant, item-prior releases, noise source, the node policy's digest, the
+    node ledger's head);
   * evaluate: aggregate ranking metrics and the number of evaluated users;
   * items: an acknowledgement (rows cached, fingerprint), both about public data.
 Metric and config values are single numbers, strings or booleans: a list could carry
@@ -77,6 +79,11 @@ DP_ENABLED = "dp-enabled"
 # the item-prior release: its noise multiplier and how many releases the history holds
 PRIOR_NOISE_MULTIPLIER = "prior-noise-multiplier"
 PRIOR_RELEASES = "prior-releases"
+# which generator drew the DP noise (fedrec.client.noise), the node policy's sha256, and the
+# hash of the node's ledger's last line (the server keeps it; the node checks it next time)
+NOISE_SOURCE = "noise-source"
+POLICY = "policy"
+LEDGER_HEAD = "ledger-head"
 PRIVACY_KEYS = (
     EPSILON,
     DELTA,
@@ -90,6 +97,9 @@ PRIVACY_KEYS = (
     DP_ENABLED,
     PRIOR_NOISE_MULTIPLIER,
     PRIOR_RELEASES,
+    NOISE_SOURCE,
+    POLICY,
+    LEDGER_HEAD,
 )
 
 COUNT_BUCKET = 100

@@ -31,6 +31,9 @@ from fedrec.deploy.flower import (
 )
 from fedrec.deploy.reaper import Reaper
 from fedrec.shared.errors import FedrecError
+from fedrec.shared.policy import POLICY_ENV, NodePolicy, write_policy
+
+NODE_POLICY = "node-policy.toml"  # the policy every simulated node of the run held
 
 
 def run_simulation(
@@ -40,12 +43,21 @@ def run_simulation(
     *,
     on_line: Callable[[str], None] | None = None,
     timeout: float = 1800,
+    node_policy: NodePolicy | None = None,
 ) -> None:
-    """Run the fedrec app in Flower's Simulation Engine; raise with the log tail on failure."""
+    """Run the fedrec app in Flower's Simulation Engine; raise with the log tail on failure.
+
+    Every simulated node holds ``node_policy`` (the built-in default if None): it is written
+    to ``<run_dir>/node-policy.toml`` and named by the node processes' own environment
+    (:data:`~fedrec.shared.policy.POLICY_ENV`), never by the run config.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)
     overrides = write_overrides(run_dir / "run-config.toml", run_config)
+    policy_file = run_dir / NODE_POLICY
+    write_policy(policy_file, node_policy or NodePolicy())
+    env = {**flower_env(flwr_home), POLICY_ENV: str(policy_file)}
     flwr = Path(sys.executable).with_name("flwr")
     # One Ray actor per node (up to twice the cores): a round's nodes then run at once instead
     # of the third queueing behind the two actors Ray gives 2 cores by default, and a phase's
@@ -71,7 +83,7 @@ def run_simulation(
                 proc = subprocess.Popen(
                     cmd,
                     cwd=run_dir,
-                    env=flower_env(flwr_home),
+                    env=env,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,

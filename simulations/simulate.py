@@ -18,6 +18,8 @@ from typing import Any
 
 import typer
 
+from fedrec.shared.policy import NodePolicy, load_policy
+
 SCENARIOS = ("synthetic", "movielens-1m", "movielens-100k")
 
 
@@ -99,7 +101,9 @@ def _comparisons(
     return rows
 
 
-def _federated(run_dir: Path, cfg: Any, nodes: int, console: Any) -> dict[str, dict[str, Any]]:
+def _federated(
+    run_dir: Path, cfg: Any, nodes: int, policy: NodePolicy, console: Any
+) -> dict[str, dict[str, Any]]:
     from fedrec.shared.errors import RunFailed
     from fedrec.simulations.flower import run_simulation
 
@@ -109,7 +113,7 @@ def _federated(run_dir: Path, cfg: Any, nodes: int, console: Any) -> dict[str, d
         elif "ERROR" in line or "Traceback" in line:
             console.print("  [red]" + line)
 
-    run_simulation(run_dir, cfg.to_run_config(), num_nodes=nodes, on_line=show)
+    run_simulation(run_dir, cfg.to_run_config(), num_nodes=nodes, on_line=show, node_policy=policy)
     results = json.loads((run_dir / "results.json").read_text())
     if RunFailed.RESULTS_KEY in results:  # `flwr run` exits 0 even then
         raise RunFailed(f"{results[RunFailed.RESULTS_KEY]}. Log: {run_dir / 'flower.log'}")
@@ -169,11 +173,15 @@ def simulate(
     baselines: bool = True,
     run_config: list[str] | None = None,
     resume: bool = False,
+    node_policy: Path | None = None,
 ) -> dict[str, Any]:
     """The main job (see the module docstring); returns what it writes to ``summary.json``.
 
     ``out`` must be new or empty, or hold an earlier simulate's run with ``resume`` (its
     federated runs then continue from their last checkpoints, and their ledgers continue).
+    Every simulated node holds ``node_policy`` (the built-in default if None); the no-DP
+    comparison run's nodes hold it with ``dp-required = false``, since a simulation's user
+    runs both sides.
     """
     from rich.console import Console
 
@@ -187,6 +195,7 @@ def simulate(
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = (out or Path("runs") / f"{scenario}-{stamp}").resolve()
     check_out_dir(out, resume)
+    policy = load_policy(node_policy) if node_policy is not None else NodePolicy()
     resolve_key_env()  # an unusable FEDREC_RUN_KEY stops the job here, not in the ServerApp
     data_dir = ensure_data(data, scenario, seed, console)
     overrides: dict[str, Any] = {"data-dir": str(data_dir), "seed": seed}
@@ -256,7 +265,12 @@ def simulate(
     for label, run_cfg in runs:
         t = time.perf_counter()
         console.print(f"[bold]{label}[/]: Flower Simulation Engine, {len(channels) * shards} nodes")
-        results = _federated(Path(run_cfg.run_dir), run_cfg, len(channels) * shards, console)
+        node_policy_of_run = (
+            policy if run_cfg.dp.enabled else dataclasses.replace(policy, dp_required=False)
+        )
+        results = _federated(
+            Path(run_cfg.run_dir), run_cfg, len(channels) * shards, node_policy_of_run, console
+        )
         for ch, res in results.items():
             eps = res["privacy"].get("epsilon")  # strict JSON: null is ∞ (no guarantee)
             rows[ch][label] = {**res["metrics"], "epsilon": float("inf") if eps is None else eps}
@@ -443,6 +457,12 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(
             False, "--resume", help="Continue the run in --out from its last checkpoints."
         ),
+        node_policy: Path = typer.Option(
+            None,
+            "--node-policy",
+            help="The platforms' privacy policy (TOML) every simulated node holds "
+            "(default: the built-in policy; see README, 'Node privacy policy').",
+        ),
     ) -> None:
         """Run the main job: federated cross-platform training in Flower's Simulation Engine."""
         if scenario not in SCENARIOS:
@@ -462,4 +482,5 @@ def register(app: typer.Typer) -> None:
             baselines,
             run_config,
             resume,
+            node_policy,
         )

@@ -156,6 +156,7 @@ def test_simulate_raises_the_servers_reason_when_nobody_trained(
     import fedrec.simulations.flower as flower
     from fedrec.shared.config import FedrecConfig
     from fedrec.shared.errors import RunFailed
+    from fedrec.shared.policy import NodePolicy
     from fedrec.simulations.simulate import _federated
 
     reason = "no platform trained in any of the 1 round(s): shop failed (ValueError: no users)"
@@ -167,5 +168,5 @@ def test_simulate_raises_the_servers_reason_when_nobody_trained(
 
     # Execute / Assert: a fedrec error (exit 1 on the command line) carrying the reason
     with pytest.raises(RunFailed, match=r"shop failed \(ValueError: no users\)") as err:
-        _federated(tmp_path, FedrecConfig(), 2, Console(file=None, quiet=True))
+        _federated(tmp_path, FedrecConfig(), 2, NodePolicy(), Console(file=None, quiet=True))
     assert err.value.exit_code == 1

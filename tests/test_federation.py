@@ -17,6 +17,7 @@ import pytest
 from fedrec.deploy.flower import processes_with_env
 from fedrec.shared import hashlog, privacy, wire
 from fedrec.shared.config import FedrecConfig, from_run_config
+from fedrec.shared.policy import NodePolicy
 from fedrec.simulations.flower import run_simulation
 from fedrec.simulations.simulate import flower_overhead
 from tests.tiny import save_tiny_bert, write_small_world
@@ -28,6 +29,16 @@ STEPS, BATCH, SIGMA = (
     4096,
     4.0,
 )  # batch > users: q = 1 on every channel, so one ε target separates round 2 from round 3
+
+
+# the tiny world's δ (1e-4) is above the built-in policy's max-delta (1e-5)
+POLICY = NodePolicy(max_delta=1e-4)
+
+
+def _spending(run_dir: Path, channel: str) -> list[dict]:
+    """A node's ledger lines about spending (its evaluations apart)."""
+    lines = hashlog.read(run_dir / "nodes" / channel / "privacy-ledger.jsonl")
+    return [e for e in lines if e["status"] != "evaluated"]
 
 
 def _users_per_channel(data: Path, channels: tuple[str, ...]) -> dict[str, int]:
@@ -134,7 +145,9 @@ def test_two_rounds_then_resume_refuses_past_budget(
     run_dir = tmp_path / "run"
 
     # Execute: 2 rounds
-    run_simulation(run_dir, _config(world, run_dir, 2, target, False).to_run_config(), 3)
+    run_simulation(
+        run_dir, _config(world, run_dir, 2, target, False).to_run_config(), 3, node_policy=POLICY
+    )
 
     # Assert: metrics per channel per round, ε rising per channel, clean egress, checkpoint
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -170,16 +183,19 @@ def test_two_rounds_then_resume_refuses_past_budget(
             assert 0 < r[f"{phase}_slowest_node"] <= r[f"{phase}_wall"]
 
     # Execute: resume to 3 rounds in a fresh simulation (fresh context.state)
-    run_simulation(run_dir, _config(world, run_dir, 3, target, True).to_run_config(), 3)
+    run_simulation(
+        run_dir, _config(world, run_dir, 3, target, True).to_run_config(), 3, node_policy=POLICY
+    )
 
     # Assert: round 3 refused on every channel; nodes' ledgers kept their 2 rounds of steps
     round3 = [e for e in hashlog.read(run_dir / "privacy-ledger.jsonl") if e["round"] == 3]
     assert {e["channel"] for e in round3} == set(channels)
     assert all(e["status"] == "refused" and "privacy-refused" in e["reason"] for e in round3)
     for ch in channels:
-        node = hashlog.read(run_dir / "nodes" / ch / "privacy-ledger.jsonl")
+        node = _spending(run_dir, ch)
         assert [e["status"] for e in node] == ["trained", "trained", "refused"]
-        assert sum(int(s) for _, _, s in node[-1]["history"]) == 2 * STEPS
+        assert sum(int(s) for _, _, s in node[-2]["history"]) == 2 * STEPS
+        assert "privacy budget" in node[-1]["reason"]
     assert not (run_dir / "checkpoints" / "round-0003.safetensors").exists()
     assert np.isfinite(json.loads((run_dir / "results.json").read_text())["wall_seconds"])
 
@@ -189,7 +205,7 @@ def test_the_item_prior_is_released_once_accounted_and_audited(
 ) -> None:
     # Prepare: σ planned for the release and the DP-SGD steps together
     from fedrec.audit.accounting import audit_accounting
-    from fedrec.client.dp import RELEASED, TRAINED
+    from fedrec.client.ledger import RELEASED, TRAINED
 
     run_dir = tmp_path / "run"
     cfg = _config(
@@ -206,7 +222,7 @@ def test_the_item_prior_is_released_once_accounted_and_audited(
     )
 
     # Execute
-    run_simulation(run_dir, cfg.to_run_config(), 3)
+    run_simulation(run_dir, cfg.to_run_config(), 3, node_policy=POLICY)
 
     # Assert: each node released once (first), then trained twice, within the target
     from safetensors.numpy import load_file
@@ -214,7 +230,7 @@ def test_the_item_prior_is_released_once_accounted_and_audited(
     ledger = hashlog.read(run_dir / "privacy-ledger.jsonl")
     final = load_file(run_dir / "checkpoints" / "round-0002.safetensors")
     for ch in cfg.channels:
-        node = hashlog.read(run_dir / "nodes" / ch / "privacy-ledger.jsonl")
+        node = _spending(run_dir, ch)
         assert [e["status"] for e in node] == [RELEASED, TRAINED, TRAINED]
         sigma_p = node[0]["releases"][0][0]
         assert node[-1]["history"][0] == [sigma_p, 1.0, 1] and sigma_p > 0

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedrec.client.dp import RELEASED, DPSession
+from fedrec.client.dp import DPSession
+from fedrec.client.ledger import RELEASED, NodeLedger
 from fedrec.shared import hashlog, privacy
 from fedrec.shared.config import DPConfig
 from fedrec.shared.data import Sequences
@@ -75,7 +76,7 @@ def _session(tmp_path: Path | None = None, target: float = 8.0) -> DPSession:
         batch_size=50,
         planned_steps=40,
         channel="shop",
-        ledger=None if tmp_path is None else tmp_path / "ledger.jsonl",
+        ledger=None if tmp_path is None else NodeLedger(tmp_path / "ledger.jsonl", "shop"),
         item_prior=True,
     )
 

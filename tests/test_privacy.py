@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fedrec.client.dp import DPSession
+from fedrec.client.ledger import NodeLedger
 from fedrec.client.training import (
     LinearizedLoss,
     PerUserCrossEntropy,
@@ -57,7 +58,7 @@ def session(
     c: float = 1.0,
     target_epsilon: float = 100.0,
     users: int = 64,
-    batch_size: int = 8,
+    batch_size: int = 13,  # 64 users count as 100 (their bucket): ceil(100 / 13) = 8 batches
     accountant: str = "rdp",
     ledger: Path | None = None,
     saved: dict | None = None,
@@ -75,7 +76,7 @@ def session(
         batch_size=batch_size,
         planned_steps=1,
         channel="shop",
-        ledger=ledger,
+        ledger=NodeLedger(ledger, "shop") if ledger is not None else None,
         saved=saved,
     )
 
@@ -288,8 +289,9 @@ def _zero_gradient_world() -> tuple[torch.Tensor, Sequences]:
 
 
 def test_noise_std_is_sigma_times_c_over_expected_batch_size() -> None:
-    # Prepare: 64 users, B = 8 -> sample_rate 1/8, expected batch 8; plain SGD, lr 1 for
-    # every parameter (the head's projection too).
+    # Prepare: 64 users (counted as their bucket, 100), B = 13 -> 8 batches, sample_rate
+    # 1/8, Opacus's expected batch int(64 / 8) = 8; plain SGD, lr 1 for every parameter
+    # (the head's projection too).
     items, seqs = _zero_gradient_world()
     model = RecModel()
     before = flat_params(model)
@@ -423,7 +425,7 @@ def test_planning_sigma_keeps_its_search_warnings_to_itself() -> None:
 
 
 def test_saved_state_is_opacus_state_dict_and_restores_the_accountant() -> None:
-    # Prepare: 2 steps at sigma = 1.25, q = 1/8 (64 users, B = 8) through real training.
+    # Prepare: 2 steps at sigma = 1.25, q = 1/8 (64 users, B = 13) through real training.
     items, seqs = topic_world()
     first = session(1.25)
     train_local(RecModel(), items, seqs, TrainSpec(steps=2, batch_size=8, negatives=10), dp=first)
@@ -454,7 +456,7 @@ def test_the_accountant_records_the_steps_the_optimizer_ran() -> None:
 
 
 def test_rounds_compose_to_one_continuous_training() -> None:
-    # Prepare: 64 users, B = 8 (q = 1/8); 3 rounds of 2 steps vs one run of 6 steps.
+    # Prepare: 64 users, B = 13 (q = 1/8); 3 rounds of 2 steps vs one run of 6 steps.
     items, seqs = topic_world()
     carried, once = session(2.0), session(2.0)
     model = RecModel()
@@ -477,7 +479,7 @@ def test_rounds_compose_to_one_continuous_training() -> None:
 
 
 def test_budget_refusal_trains_nothing() -> None:
-    # Prepare: a budget of exactly 4 steps at sigma = 2, q = 1/8 (64 users, B = 8); two
+    # Prepare: a budget of exactly 4 steps at sigma = 2, q = 1/8 (64 users, B = 13); two
     # rounds of 2 steps spend it.
     items, seqs = topic_world()
     sigma = 2.0
@@ -498,11 +500,11 @@ def test_budget_refusal_trains_nothing() -> None:
 
 
 def test_a_session_plans_sigma_for_the_whole_run() -> None:
-    # Prepare: 64 users, B = 8 -> q = 1/8; 5 rounds x 30 steps.
+    # Prepare: 64 users, B = 13 -> q = 1/8; 5 rounds x 30 steps.
     dp = DPConfig(target_epsilon=8.0, accountant="rdp")
 
     # Execute
-    s = DPSession(dp, users=64, batch_size=8, planned_steps=150, channel="shop")
+    s = DPSession(dp, users=64, batch_size=13, planned_steps=150, channel="shop")
 
     # Assert: the σ that 150 steps need, not one round's 30.
     assert s.sample_rate == 0.125
@@ -545,7 +547,7 @@ def test_ledger_restores_the_accountant(tmp_path: Path) -> None:
     # Assert
     assert restored.history == written.history == [(1.1, 0.02, 20)]
     assert restored.epsilon() == pytest.approx(written.epsilon())
-    assert session(1.1, ledger=tmp_path / "absent.jsonl").history == []
+    assert session(1.1, ledger=tmp_path / "new" / "ledger.jsonl").history == []
 
 
 def test_the_ledger_wins_over_a_saved_state_with_fewer_steps(tmp_path: Path) -> None:
@@ -596,6 +598,8 @@ def test_delta_must_be_below_one_over_users() -> None:
 def test_sample_rate_matches_opacus_loader_arithmetic() -> None:
     # 100 users, B = 16 -> ceil(100/16) = 7 batches -> q = 1/7.
     assert privacy.sample_rate_for(100, 16) == pytest.approx(1 / 7)
+    # counted from the bucket (101 -> 200 users), so the rate tells no more than num-examples
+    assert privacy.sample_rate_for(101, 16) == privacy.sample_rate_for(200, 16) == 1 / 13
     with pytest.raises(PrivacyConfigError):
         privacy.sample_rate_for(0, 16)
 
@@ -664,4 +668,4 @@ def test_the_client_refuses_to_train_on_a_tampered_ledger(tmp_path: Path) -> Non
 
     # Execute / Assert: a refusal the server records (not a crash), saying why.
     with pytest.raises(local.Refused, match=f"{local.BUDGET_REFUSED}.*failed verification"):
-        local._dp_session(cfg, node, seqs, context)
+        local._guard(cfg, node, context, server_round=3)

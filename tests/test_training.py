@@ -508,7 +508,7 @@ def fedrec_train(args: list[str]) -> CliResult:
 
 
 def test_fedrec_train_with_dp_prints_baselines_model_and_privacy(tiny_dataset: Path) -> None:
-    # Execute: 150 users, B = 8 -> q = 1/19.
+    # Execute: 150 users count as 200 (their bucket), B = 8 -> 25 batches, q = 1/25.
     result = fedrec_train(
         [
             "--data",
@@ -533,7 +533,7 @@ def test_fedrec_train_with_dp_prints_baselines_model_and_privacy(tiny_dataset: P
     assert "NDCG@10" in out and "Recall@20" in out and "MRR" in out
     spent = float(out.split("model (DP, ε=")[1].split(")")[0])
     assert 0 < spent <= 4.0
-    assert "40 users" in out and "0.05263" in out  # evaluated users; q = 1/19
+    assert "40 users" in out and "0.04" in out  # evaluated users; q = 1/25
 
 
 def test_fedrec_train_without_dp_says_so(tiny_dataset: Path) -> None:
@@ -619,8 +619,9 @@ def test_scores_dtype_auto_follows_the_cpu(tmp_path: Path) -> None:
 
 
 def test_dp_training_steps_through_empty_poisson_batches() -> None:
-    # Prepare: 8 users sampled at q = 1/8, so a step draws nobody with probability
-    # (7/8)^8 = 0.34; 20 steps see at least one empty batch except with probability 2e-4.
+    # Prepare: 8 users (counted as 100, their bucket) and B = 13 -> 8 batches: sampled at
+    # q = 1/8, so a step draws nobody with probability (7/8)^8 = 0.34; 20 steps see at least
+    # one empty batch except with probability 2e-4.
     from fedrec.client.dp import DPSession
     from fedrec.shared.config import DPConfig
 
@@ -628,7 +629,7 @@ def test_dp_training_steps_through_empty_poisson_batches() -> None:
     dp = DPSession(
         DPConfig(target_epsilon=1e9, noise_multiplier=1.0),
         users=8,
-        batch_size=1,
+        batch_size=13,
         planned_steps=20,
         channel="shop",
     )
