@@ -168,40 +168,39 @@ class DPSession:
         spent = self.run_history()
         steps_spent = self.total_steps()
         if expected_steps is not None and steps_spent > expected_steps:
-            steps, run_before = max(planned_steps - steps_spent, 1), (*spent, *pending)
+            steps, run_before = max(planned_steps - expected_steps, 1), (*spent, *pending)
         else:
             steps, run_before = planned_steps, (*self.releases, *pending)
-        plans = [
-            privacy.plan_noise_multiplier(
-                target_epsilon=self.target_epsilon,
-                target_delta=self.delta,
+        sigma = privacy.plan_noise_multiplier(
+            target_epsilon=self.target_epsilon,
+            target_delta=self.delta,
+            sample_rate=self.sample_rate,
+            steps=steps,
+            accountant=self.accountant_name,
+            before=tuple(run_before),
+        )
+        if self.policy is None:
+            return sigma
+        lifetime_before = (*self.base, *run_before)
+        ceiling, delta = self.policy.lifetime_epsilon, self.policy.max_delta
+        planned = [*lifetime_before, (sigma, self.sample_rate, steps)]
+        if privacy.epsilon_of(planned, delta, self.accountant_name) <= ceiling:
+            return sigma  # the run's own plan fits what the lifetime has left
+        try:
+            return privacy.plan_noise_multiplier(
+                target_epsilon=ceiling,
+                target_delta=delta,
                 sample_rate=self.sample_rate,
                 steps=steps,
                 accountant=self.accountant_name,
-                before=tuple(run_before),
+                before=tuple(lifetime_before),
             )
-        ]
-        if self.policy is not None:
-            lifetime_before = (*self.base, *run_before)
-            try:
-                plans.append(
-                    privacy.plan_noise_multiplier(
-                        target_epsilon=self.policy.lifetime_epsilon,
-                        target_delta=self.policy.max_delta,
-                        sample_rate=self.sample_rate,
-                        steps=steps,
-                        accountant=self.accountant_name,
-                        before=tuple(lifetime_before),
-                    )
-                )
-            except privacy.PrivacyConfigError:
-                raise privacy.PrivacyConfigError(
-                    f"lifetime budget spent: this node's users have spent ε = "
-                    f"{self.lifetime_epsilon():.4f} of the policy's lifetime-epsilon "
-                    f"{self.policy.lifetime_epsilon:g} (δ = {self.policy.max_delta:g}) in "
-                    "earlier runs; nothing is left for this run"
-                ) from None
-        return max(plans)
+        except privacy.PrivacyConfigError:
+            raise privacy.PrivacyConfigError(
+                f"lifetime budget spent: this node's users have spent ε = "
+                f"{self.lifetime_epsilon():.4f} of the policy's lifetime-epsilon {ceiling:g} "
+                f"(δ = {delta:g}) in earlier runs; nothing is left for this run"
+            ) from None
 
     # ------------------------------------------------------------------ the accountant
 

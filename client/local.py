@@ -127,7 +127,11 @@ def _model(cfg: FedrecConfig, content: RecordDict, item_dim: int) -> CrossPlatfo
 
 def _items(content: RecordDict, node: nodes.Node) -> torch.Tensor:
     fp = _config(content, f"{wire.ITEMS_FINGERPRINT}.{node.channel}")
-    return torch.from_numpy(np.array(nodes.load_items(node, fp), dtype=np.float32))
+    try:
+        matrix = nodes.load_items(node, fp)
+    except nodes.NodeConfigError as exc:  # a fingerprint that would name any file
+        raise Refused(f"{BUDGET_REFUSED}: {exc}") from None
+    return torch.from_numpy(np.array(matrix, dtype=np.float32))
 
 
 def handle_items(content: RecordDict, context: Context) -> RecordDict:

@@ -669,3 +669,67 @@ def test_the_client_refuses_to_train_on_a_tampered_ledger(tmp_path: Path) -> Non
     # Execute / Assert: a refusal the server records (not a crash), saying why.
     with pytest.raises(local.Refused, match=f"{local.BUDGET_REFUSED}.*failed verification"):
         local._guard(cfg, node, context, server_round=3)
+
+
+# ------------------------------------------------------------------------------ noise and plans
+
+
+def test_secure_gaussian_has_the_asked_std_and_fresh_keys() -> None:
+    from fedrec.client.noise import SecureGaussian
+
+    n, std = 200_000, 3.0
+    draws = SecureGaussian().normal(std, (n,))
+    z = draws / std
+
+    assert abs(float(z.mean())) < 6 / n**0.5
+    assert float(z.std()) == pytest.approx(1.0, abs=6 / (2 * n) ** 0.5)
+    assert float((z**4).mean()) == pytest.approx(3.0, abs=0.1)  # Gaussian kurtosis
+    assert not np.array_equal(
+        SecureGaussian().normal(1.0, (8,)), SecureGaussian().normal(1.0, (8,))
+    )
+
+
+def test_dp_noise_comes_from_the_secure_generator_unless_seeded_for_a_benchmark(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedrec.client import noise
+    from fedrec.client.dp import NOISE_SEED_ENV
+    from fedrec.shared.policy import NodePolicy
+
+    assert session(1.0).noise_source == noise.SOURCE_SECURE
+    lax = DPSession(
+        DPConfig(noise_multiplier=1.0),
+        users=64,
+        batch_size=13,
+        planned_steps=1,
+        channel="shop",
+        policy=NodePolicy(secure_noise=False),
+    )
+    assert lax.noise_source == noise.SOURCE_TORCH
+    monkeypatch.setenv(NOISE_SEED_ENV, "1")
+    assert session(1.0).noise_source == noise.SOURCE_SEEDED
+
+
+def test_a_run_that_spent_more_than_planned_is_planned_again_for_the_rest() -> None:
+    # Prepare: 3 rounds x 10 steps planned; a lost round 2 was trained twice, so by round 3
+    # the run has 30 steps on record where the plan expects 20.
+    dp = DPConfig(target_epsilon=4.0, accountant="rdp")
+    kwargs = {"users": 64, "batch_size": 13, "planned_steps": 30, "channel": "shop"}
+    plan = DPSession(dp, **kwargs)
+    spent = {"mechanism": "rdp", "history": [[plan.noise_multiplier, 0.125, 30]], "run": ""}
+
+    # Execute
+    again = DPSession(dp, **kwargs, saved=spent, expected_steps=20)
+    on_plan = DPSession(
+        dp,
+        **kwargs,
+        saved={**spent, "history": [[plan.noise_multiplier, 0.125, 20]]},
+        expected_steps=20,
+    )
+
+    # Assert: on plan, σ is unchanged; after the loss, the last 10 steps fit what is left
+    assert on_plan.noise_multiplier == plan.noise_multiplier
+    assert again.noise_multiplier > plan.noise_multiplier
+    assert again.check_budget(10) <= 4.0 * (1 + 1e-6)
+    with pytest.raises(BudgetExceeded):
+        DPSession(dp, **kwargs, saved=spent).check_budget(10)  # without re-planning
