@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -50,8 +51,16 @@ class Node:
         return self.state_dir / LEDGER
 
 
+def default_state_dir(channel: str) -> Path:
+    """``$XDG_STATE_HOME/fedrec/<channel>`` (``~/.local/state/fedrec/<channel>``): outside the
+    data dir, so that a node restarted with a fresh copy of its data keeps its ledger."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fedrec" / channel
+
+
 def resolve_node(node_config: dict[str, Any], cfg: FedrecConfig) -> Node:
-    """Deployment: node-config ``channel``, ``data-dir``, ``state-dir``. Simulation: the
+    """Deployment: node-config ``channel``, ``data-dir``, ``state-dir`` (default
+    :func:`default_state_dir`). Simulation: the
     partition id picks ``channels[pid % n]`` and shard ``pid // n``; data comes from the
     run's ``data-dir`` and node-local files go under ``<run-dir>/nodes/<channel>[-shard]``."""
     if "channel" in node_config:
@@ -64,7 +73,7 @@ def resolve_node(node_config: dict[str, Any], cfg: FedrecConfig) -> Node:
                 '--node-config \'channel="..." data-dir="/path/to/dataset" state-dir="..."\''
             )
         if not state_dir:
-            state_dir = str(Path(data_dir) / ".fedrec-node" / channel)
+            state_dir = str(default_state_dir(channel))
         return Node(channel, Path(data_dir), Path(state_dir))
     if "partition-id" not in node_config:
         raise NodeConfigError(
