@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedrec.server.rundir import RunDir
 from fedrec.server.strategy import claim_refusal, make_strategy, run_failure
 from fedrec.shared import wire
-from fedrec.shared.config import from_run_config, node_bindings
+from fedrec.shared.config import FedrecConfig, from_run_config, node_bindings
 from fedrec.shared.errors import RunFailed
 from fedrec.shared.model import build_model, param_shapes
 
@@ -146,6 +146,14 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
     cfg = from_run_config(context.run_config)
     run = RunDir(cfg.run_dir)
+    with run.locked(f"the ServerApp of Flower run {context.run_id}"):  # the only writer
+        serve(grid, cfg, run, t0)
+
+
+def serve(grid: Grid, cfg: FedrecConfig, run: RunDir, t0: float) -> None:
+    """The run, from the item matrices to results.json; ``run`` is locked by the caller."""
+    if not cfg.resume:
+        run.refuse_used()  # at once, before the catalogues are encoded
     matrices = encode_catalogues(cfg.data_dir, cfg.channels, cfg.cache_dir, cfg.encoder_dir)
     item_dim = next(iter(matrices.values())).matrix.shape[1]
     model = build_model(cfg, item_dim)
@@ -168,6 +176,16 @@ def main(grid: Grid, context: Context) -> None:
     wait_for_nodes(grid, cfg.min_nodes, cfg.round_timeout)
     bindings, _ = node_bindings(cfg.node_channels)  # checked by from_run_config
     strategy = make_strategy(cfg)
+    if last is not None:
+        if strategy.resume_state(run, last[0], shapes):
+            log(INFO, "[fedrec] %s continues its state of round %d", strategy.name, last[0])
+        elif strategy.server_state_shapes(shapes):  # a run from before states were saved
+            log(
+                WARNING,
+                "[fedrec] no server state of round %d: %s starts afresh",
+                last[0],
+                strategy.name,
+            )
 
     shards = max(1, cfg.min_nodes // len(cfg.channels))  # nodes per channel
 

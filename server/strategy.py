@@ -50,7 +50,14 @@ else:
 
 
 class RecordingMixin(_Strategy):
-    """Checks, records and checkpoints around the parent strategy's aggregation."""
+    """Checks, records and checkpoints around the parent strategy's aggregation.
+
+    A strategy that keeps state between rounds (FedAdam's moments, FedAvgM's momentum) saves
+    it with each checkpoint (:meth:`server_state`) and takes it back on resume
+    (:meth:`restore_server_state`), so that a resumed run continues where it stopped.
+    """
+
+    name = "fedavg"  # the run config's strategy name
 
     def setup_recording(
         self,
@@ -233,11 +240,46 @@ class RecordingMixin(_Strategy):
             )
         self.round_status[round_] = status
         self._own_heads(kept)
-        arrays, metrics = super().aggregate_train(server_round, kept)
+        # The run's round, not this start()'s: FedAdam's bias correction goes on after a resume.
+        arrays, metrics = super().aggregate_train(round_, kept)
         if arrays is not None:
+            state = self.server_state()
+            if state:  # first: a checkpoint never lacks its state
+                self.run.save_server_state(round_, self.name, state)
             self.run.checkpoint(round_, {k: arrays[k].numpy() for k in arrays.keys()})
         self.train_seconds = time.monotonic() - self.started
         return arrays, metrics
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        """The parent strategy's state besides the global arrays, keyed ``<part>/<parameter>``
+        (empty for FedAvg and FedProx, which keep none)."""
+        return {}
+
+    def server_state_shapes(
+        self, shapes: Mapping[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of :meth:`server_state` once a round was aggregated, for a model
+        with parameters ``shapes``."""
+        return {}
+
+    def restore_server_state(
+        self, state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+    ) -> None:
+        """Continue from a :meth:`server_state` of an earlier run, already checked against
+        :meth:`server_state_shapes` (:meth:`~fedrec.server.rundir.RunDir.server_state`)."""
+
+    def resume_state(self, run: RunDir, round_: int, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Take back the state saved in ``run`` after ``round_`` (the checkpoint a run resumes
+        from); False if none was saved.
+
+        Raises:
+            RunDirError: the saved state is unreadable, of another strategy, or does not fit.
+        """
+        state = run.server_state(round_, self.name, self.server_state_shapes(shapes))
+        if state is None:
+            return False
+        self.restore_server_state(state, shapes)
+        return True
 
     def _own_heads(self, kept: list[Message]) -> None:
         """Give every reply the same value for each platform head (its own platform's mean),
@@ -417,19 +459,61 @@ def _eps(report: dict[str, Any] | None) -> str:
 
 
 class RecordingFedAvg(RecordingMixin, FedAvg):
-    pass
+    name = "fedavg"
 
 
 class RecordingFedAvgM(RecordingMixin, FedAvgM):
-    pass
+    """FedAvgM (Hsu et al., 2019, arXiv:1909.06335); its state is the momentum vector."""
+
+    name = "fedavgm"
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        if self.momentum_vector is None or self.current_arrays is None:
+            return {}
+        # FedAvgM zips the momentum with the arrays by position, in the arrays' key order.
+        names = list(self.current_arrays.keys())
+        return {f"momentum/{k}": v for k, v in zip(names, self.momentum_vector, strict=True)}
+
+    def server_state_shapes(
+        self, shapes: Mapping[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        if not (self.server_opt and self.server_momentum > 0.0):
+            return {}
+        return {f"momentum/{k}": v for k, v in shapes.items()}
+
+    def restore_server_state(
+        self, state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+    ) -> None:
+        # In the model's parameter order: the order of the replies FedAvgM aggregates.
+        self.momentum_vector = [np.asarray(state[f"momentum/{k}"]) for k in shapes]
 
 
 class RecordingFedAdam(RecordingMixin, FedAdam):
-    pass
+    """FedAdam (Reddi et al., 2021, arXiv:2003.00295); its state is the moments m_t, v_t."""
+
+    name = "fedadam"
+    _MOMENTS = ("m_t", "v_t")
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        if not self.m_t or not self.v_t:
+            return {}
+        moments = {"m_t": self.m_t, "v_t": self.v_t}
+        return {f"{part}/{k}": v for part, values in moments.items() for k, v in values.items()}
+
+    def server_state_shapes(
+        self, shapes: Mapping[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        return {f"{part}/{k}": v for part in self._MOMENTS for k, v in shapes.items()}
+
+    def restore_server_state(
+        self, state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+    ) -> None:
+        self.m_t = {k: np.asarray(state[f"m_t/{k}"]) for k in shapes}
+        self.v_t = {k: np.asarray(state[f"v_t/{k}"]) for k in shapes}
 
 
 class RecordingFedProx(RecordingMixin, FedProx):
-    pass
+    name = "fedprox"
 
 
 def make_strategy(cfg: FedrecConfig) -> RecordingMixin:

@@ -6,7 +6,8 @@ Owns: :func:`strict_json` (JSON every parser reads: no bare ``NaN``/``Infinity``
 :func:`atomic_write_bytes` / :func:`atomic_write_text` (temporary file in the same folder,
 fsync, ``os.replace``, fsync of the folder), :func:`atomic_dir` (a whole folder, renamed into
 place) and :func:`locked_append` (an exclusive ``flock`` around "read the tail, append one line,
-fsync", so that two writers of one hash-chained log cannot fork it).
+fsync", so that two writers of one hash-chained log cannot fork it), and :func:`held_lock` (an
+exclusive ``flock`` held for a whole process's work, refused at once while another holds it).
 
 Must not: import anything of fedrec's.
 """
@@ -188,6 +189,47 @@ def locked(path: Path | str) -> Iterator[None]:
     fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+class LockHeld(BlockingIOError):
+    """:func:`held_lock` found the lock taken; ``holder`` is what its holder wrote in the file
+    (empty if it had not written yet)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is locked by {holder or 'a process that is starting'}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def held_lock(path: Path | str, note: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if absent) for the block, without
+    waiting, and write ``note`` (who holds it) into the file.
+
+    The kernel releases a ``flock`` when its holder's last descriptor closes, so a process that
+    died (SIGKILL, a crash) leaves a file with its note but no lock. The note is written in
+    place, not by rename: a renamed-in file would be a new inode, and a second process could
+    lock that one while the first still held the old. For the same reason the file is never
+    removed.
+
+    Raises:
+        LockHeld: another open file description holds the lock (another process, or another
+            ``held_lock`` in this one).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            raise LockHeld(path, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (note.strip() + "\n").encode("utf-8"), 0)
+        os.fsync(fd)
         yield
     finally:
         os.close(fd)  # closing releases the lock

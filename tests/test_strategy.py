@@ -366,3 +366,108 @@ def test_rounds_go_only_to_admitted_nodes_and_late_nodes_are_hand_shaken(tmp_pat
     # Assert: only the new node was asked; the refused one gets no round
     assert asked == [[5]]
     assert sorted(m.metadata.dst_node_id for m in sent) == [1, 5]
+
+
+def _round(strategy, server_round: int, arrays, values: tuple[float, float]):
+    """One train round: ecommerce and finance (100 and 300 users) reply the given values."""
+    from flwr.app import ArrayRecord
+
+    strategy.configure_train(server_round, arrays, ConfigRecord(), _Grid([1, 2]))
+    replies = [
+        _reply(1, _train("ecommerce", values[0], 100)),
+        _reply(2, _train("finance", values[1], 300)),
+    ]
+    new, _ = strategy.aggregate_train(server_round, replies)
+    return ArrayRecord(dict(new.items()))
+
+
+ROUNDS = [(1.0, 2.0), (0.5, -1.0), (3.0, 0.25)]  # (ecommerce, finance) reply values per round
+
+
+def _stateful(name: str):
+    """FedAdam as the run config makes it; FedAvgM with momentum (the run config's has none)."""
+    from fedrec.server.strategy import RecordingFedAvgM
+
+    if name == "fedavgm":
+        return RecordingFedAvgM(
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+            server_learning_rate=0.5,
+            server_momentum=0.9,
+        )
+    return make_strategy(FedrecConfig(min_nodes=1, strategy=StrategyConfig(name=name)))
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedavgm"])
+def test_a_resumed_strategy_continues_with_the_saved_state(tmp_path, name: str) -> None:
+    # Prepare: one run of 3 rounds; another stopped after 2 (its state and checkpoint saved)
+    from flwr.app import Array, ArrayRecord
+
+    nodes = {1: ("ecommerce", 0), 2: ("finance", 0)}
+    zeros = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+    whole = _stateful(name)
+    whole.setup_recording(RunDir(tmp_path / "whole"), SHAPES, dict(nodes))
+    arrays = zeros
+    for r, values in enumerate(ROUNDS, start=1):
+        arrays = _round(whole, r, arrays, values)
+    stopped = _stateful(name)
+    stopped.setup_recording(RunDir(tmp_path / "stopped"), SHAPES, dict(nodes))
+    part = zeros
+    for r, values in enumerate(ROUNDS[:2], start=1):
+        part = _round(stopped, r, part, values)
+
+    # Execute: a new strategy resumes from the stopped run's directory, as the ServerApp does
+    run = RunDir(tmp_path / "stopped")
+    round_, saved = run.last_checkpoint(SHAPES)
+    resumed = _stateful(name)
+    resumed.setup_recording(run, SHAPES, dict(nodes), round_offset=round_)
+    restored = resumed.resume_state(run, round_, SHAPES)
+    initial = ArrayRecord({k: Array(v) for k, v in saved.items()})
+    after = _round(resumed, 1, initial, ROUNDS[2])
+    fresh = _stateful(name)  # control: the same resume without the saved state
+    fresh.setup_recording(RunDir(tmp_path / "fresh"), SHAPES, dict(nodes), round_offset=round_)
+    without = _round(fresh, 1, initial, ROUNDS[2])
+
+    # Assert: the state was saved per round; the resumed round equals the uninterrupted one
+    assert restored and round_ == 2
+    assert (tmp_path / "stopped" / "server-state" / "round-0002.safetensors").exists()
+    for k in SHAPES:
+        assert np.allclose(after[k].numpy(), arrays[k].numpy(), rtol=0, atol=1e-6), k
+    assert any(not np.allclose(without[k].numpy(), arrays[k].numpy()) for k in SHAPES)
+    assert resumed.server_state().keys() == whole.server_state().keys()
+    for k, v in whole.server_state().items():
+        assert np.allclose(resumed.server_state()[k], v, rtol=0, atol=1e-6), k
+
+
+def test_fedavg_keeps_no_server_state(tmp_path) -> None:
+    # Prepare
+    from flwr.app import Array, ArrayRecord
+
+    strategy = _strategy(tmp_path)
+    zeros = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+
+    # Execute
+    _round(strategy, 1, zeros, ROUNDS[0])
+
+    # Assert: a checkpoint, and no state file (nothing to continue)
+    assert strategy.server_state() == {} and strategy.server_state_shapes(SHAPES) == {}
+    assert (tmp_path / "run" / "checkpoints" / "round-0001.safetensors").exists()
+    assert not (tmp_path / "run" / "server-state").exists()
+
+
+def test_a_saved_state_of_another_strategy_is_refused(tmp_path) -> None:
+    # Prepare: a FedAdam run's state after round 1
+    from flwr.app import Array, ArrayRecord
+
+    from fedrec.server.rundir import RunDirError
+
+    adam = _stateful("fedadam")
+    adam.setup_recording(RunDir(tmp_path / "run"), SHAPES, {1: ("ecommerce", 0)})
+    zeros = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+    _round(adam, 1, zeros, ROUNDS[0])
+    avgm = _stateful("fedavgm")
+
+    # Execute / Assert: resuming it with FedAvgM names both and the fix
+    with pytest.raises(RunDirError, match="written by strategy 'fedadam'.*resume with strategy"):
+        avgm.resume_state(RunDir(tmp_path / "run"), 1, SHAPES)
