@@ -18,7 +18,12 @@ from pathlib import Path
 import typer
 
 from fedrec.deploy.certs import TEST_CERT_NOTE, Certs, make_certs
-from fedrec.deploy.commands import node_config, superlink_command, supernode_command
+from fedrec.deploy.commands import (
+    node_config,
+    read_trusted_entities,
+    superlink_command,
+    supernode_command,
+)
 from fedrec.deploy.flower import LOOPBACK
 from fedrec.deploy.local import DeployError, deploy_local
 from fedrec.deploy.split import check_out_dir, split_dataset
@@ -155,6 +160,12 @@ def register(app: typer.Typer) -> None:
             9094, min=1, max=65535, help="Local Runtime API port (unique per node)."
         ),
         torch_threads: int = typer.Option(1, min=1, help="torch threads per ClientApp."),
+        trusted_entities: Path = typer.Option(
+            None,
+            help="YAML file of the app-bundle signers this node trusts (fpk_<id>: ssh-ed25519 "
+            "key): the node then runs only bundles one of them signed on Flower Hub, and "
+            "refuses every other run (see docs/deployment.md).",
+        ),
         insecure: bool = typer.Option(False, "--insecure", help="No TLS (127.0.0.1 only)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the command only."),
     ) -> None:
@@ -163,11 +174,20 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"--insecure is allowed only for {LOOPBACK}")
         if not insecure and (root_certificates is None or key is None):
             raise typer.BadParameter("give --root-certificates and --key, or --insecure")
+        if trusted_entities is not None:
+            signers = read_trusted_entities(trusted_entities)
+            typer.secho(
+                f"This node runs only app bundles signed by {', '.join(sorted(signers))}; "
+                "a `flwr run` of a local folder is unsigned and will be refused.",
+                fg="yellow",
+                err=True,
+            )
         cmd = supernode_command(
             superlink=superlink,
             port=port,
             config=node_config(channel, data.resolve(), state.resolve(), torch_threads),
             root_certificates=None if insecure else root_certificates.resolve(),
             private_key=None if insecure else key.resolve(),
+            trusted_entities=None if trusted_entities is None else trusted_entities.resolve(),
         )
         _exec(cmd, dry_run)

@@ -1,7 +1,8 @@
 """The plain Flower command lines of a deployment, as an operator runs them on real machines.
 
 Owns: the ``flower-superlink`` and ``flower-supernode`` argument lists (:func:`superlink_command`,
-:func:`supernode_command`), a platform's ``--node-config`` string (:func:`node_config`) and the
+:func:`supernode_command`), a platform's ``--node-config`` string (:func:`node_config`), the
+check of a SuperNode's ``--trusted-entities`` file (:func:`read_trusted_entities`) and the
 ``flwr`` CLI's connection file (:func:`write_flower_config`). ``fedrec deploy local`` and the
 ``fedrec deploy superlink`` / ``node`` wrappers use the same functions, so what a test checks
 against the installed Flower is what an operator is shown.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from fedrec.deploy.certs import Certs
 from fedrec.deploy.flower import LOOPBACK, flower_bin, toml_value
+from fedrec.shared.errors import InputError
 from fedrec.shared.fsio import atomic_write_text
 
 LINK_NAME = "fedrec-local"  # the SuperLink connection name in $FLWR_HOME/config.toml
@@ -70,9 +72,14 @@ def supernode_command(
     config: str,
     root_certificates: Path | None,
     private_key: Path | None,
+    trusted_entities: Path | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """``flower-supernode`` for one platform (``root_certificates=None``: ``--insecure``)."""
+    """``flower-supernode`` for one platform (``root_certificates=None``: ``--insecure``).
+
+    ``trusted_entities``: the node runs only app bundles signed by one of these keys
+    (:func:`read_trusted_entities`); ``None``: any bundle the SuperLink sends.
+    """
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port)]
     if root_certificates is None:
         cmd.append("--insecure")
@@ -80,8 +87,50 @@ def supernode_command(
         cmd += ["--root-certificates", str(root_certificates)]
     if private_key is not None:
         cmd += ["--auth-supernode-private-key", str(private_key)]
+    if trusted_entities is not None:
+        cmd += ["--trusted-entities", str(trusted_entities)]
     cmd += ["--node-config", config, *extra]
     return cmd
+
+
+def read_trusted_entities(path: Path) -> dict[str, str]:
+    """The signers in a ``--trusted-entities`` file, checked as ``flower-supernode`` checks
+    them at start-up (which otherwise exits with code 304 and a one-line reason).
+
+    The file is YAML: Flower public-key id -> Ed25519 public key in OpenSSH format, e.g.
+    ``fpk_0b6e…: "ssh-ed25519 AAAAC3Nza… reviewer"``. With it, flwr 1.42's SuperNode runs a
+    run's bundle only if its verification records (which only Flower Hub supplies) hold a
+    valid signature by one of these keys over the bundle's SHA-256 and signing time.
+
+    Raises:
+        InputError: every problem at once, with the file and the key id.
+    """
+    import yaml
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    fix = 'Fix: one line per signer, `fpk_<id>: "ssh-ed25519 <key> [comment]"`.'
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"--trusted-entities {path}: cannot read it ({exc.strerror}).") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"--trusted-entities {path}: not YAML ({exc}). {fix}") from None
+    if not isinstance(doc, dict) or not doc:
+        raise InputError(f"--trusted-entities {path}: no signers in it. {fix}")
+    problems = []
+    for key_id, key in doc.items():
+        try:
+            public = load_ssh_public_key(str(key).encode("utf-8"))
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            problems.append(f"{key_id}: not an OpenSSH public key ({exc})")
+            continue
+        if not isinstance(public, ed25519.Ed25519PublicKey):
+            problems.append(f"{key_id}: not an Ed25519 key (flower-supernode takes only these)")
+    if problems:
+        raise InputError(f"--trusted-entities {path}: " + "; ".join(problems) + f". {fix}")
+    return {str(k): str(v) for k, v in doc.items()}
 
 
 def write_flower_config(

@@ -270,6 +270,7 @@ def test_commands_use_flags_the_installed_flower_has(tmp_path: Path) -> None:
         config="channel='finance'",
         root_certificates=certs.ca_cert,
         private_key=certs.node_key("finance"),
+        trusted_entities=tmp_path / "trusted.yaml",
     )
     for cmd in (link, node):
         helptext = subprocess.run(
@@ -277,6 +278,54 @@ def test_commands_use_flags_the_installed_flower_has(tmp_path: Path) -> None:
         ).stdout
         flags = [c for c in cmd[1:] if c.startswith("--")]
         assert flags and all(f in helptext for f in flags), (cmd[0], flags)
+
+
+def _signer(tmp_path: Path, name: str) -> tuple[Any, str]:
+    """An Ed25519 signing key and the trusted-entities line of its public key."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    return key, f"{public} {name}"
+
+
+def test_a_trusted_node_runs_only_bundles_its_pinned_signer_signed(tmp_path: Path) -> None:
+    """What ``--trusted-entities`` means, checked with the installed SuperNode's own verifier
+    on bundles signed the way Flower Hub signs them (Ed25519 over signing time + SHA-256)."""
+    import base64
+    import hashlib
+
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign
+    from flwr.supernode.start_client_internal import _verify_fab
+
+    from fedrec.deploy.commands import read_trusted_entities
+
+    # Prepare: the platform pins one reviewer's key; a bundle signed by it, one by another key
+    pinned, line = _signer(tmp_path, "reviewer")
+    other, _ = _signer(tmp_path, "someone-else")
+    (tmp_path / "trusted.yaml").write_text(f'fpk_pinned: "{line}"\n')
+    trusted = read_trusted_entities(tmp_path / "trusted.yaml")
+    content, signed_at = b"a bundle", 1_760_000_000
+
+    def signed(key: Any, key_id: str) -> Fab:
+        digest = hashlib.sha256(content).digest()
+        signature = key.sign(create_message_to_sign(digest, signed_at))
+        record = {
+            "signature": base64.urlsafe_b64encode(signature).rstrip(b"=").decode(),
+            "signed_at": signed_at,
+        }
+        verifications = {key_id: json.dumps(record), "valid_license": "Valid"}
+        return Fab(hashlib.sha256(content).hexdigest(), content, verifications)
+
+    # Execute / Assert: only the pinned key's signature verifies, under its own id
+    assert _verify_fab(signed(pinned, "fpk_pinned"), trusted)
+    assert not _verify_fab(signed(other, "fpk_pinned"), trusted)  # another key, the pinned id
+    assert not _verify_fab(signed(other, "fpk_other"), trusted)  # a signer nobody pinned
+    tampered = signed(pinned, "fpk_pinned")
+    tampered.content = b"a bundle, changed"
+    assert not _verify_fab(tampered, trusted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,3 +637,44 @@ def test_a_second_key_cannot_serve_a_bound_channel_and_a_run_nobody_trained_fail
     assert all(f"{ch} refused (privacy-refused: privacy budget" in reason for ch in CHANNELS)
     listed = cluster.flwr("ls", LINK_NAME, "--run-id", str(failed_run), "--format", "json")
     assert json.loads(listed.stdout)["runs"][0]["status"] == "finished:failed", listed.stdout
+
+
+@pytest.mark.e2e
+def test_a_node_with_trusted_entities_refuses_an_unsigned_bundle(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """A local ``flwr run`` sends an unsigned bundle: a SuperNode started with
+    ``--trusted-entities`` answers its first message with an error and never runs its code."""
+    # Prepare: an insecure loopback SuperLink, one finance node that trusts one signer only
+    _, line = _signer(tmp_path, "reviewer")
+    (tmp_path / "trusted.yaml").write_text(f'fpk_pinned: "{line}"\n')
+    with LocalDeployment(tmp_path / "dep", ("finance",), secure=False) as d:
+        d.start_superlink(database=False)
+        d.wait_superlink()
+        state = d.state_dir("finance")
+        state.mkdir(parents=True)
+        cmd = supernode_command(
+            superlink=d.address,
+            port=free_ports(1)[0],
+            config=node_config("finance", world["platforms"]["finance"], state),
+            root_certificates=None,
+            private_key=None,
+            trusted_entities=tmp_path / "trusted.yaml",
+        )
+        node = d.spawn("node-finance", cmd, "node-finance", cwd=state)
+        d.wait_online(1)
+        run_dir = tmp_path / "run"
+        cfg = _run_config(world, run_dir, channels="finance", **{"min-nodes": 1})
+
+        # Execute
+        code, _ = d.submit({**cfg, "num-server-rounds": 1}, timeout=300)
+        node_log = node.log.read_text(errors="replace")
+
+    # Assert: the node refused the bundle; the ServerApp got the error and no round started
+    assert code == 0  # flwr run --stream exits 0 for a failed run
+    assert "App verification is not supported by the connected SuperLink" in node_log
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["failed"].startswith("no node may serve a channel"), results["failed"]
+    run_log = (d.root / "logs" / "flwr-run.log").read_text(errors="replace")
+    assert "The FAB could not be verified" in run_log
+    assert sorted(p.name for p in state.iterdir()) == []  # no ClientApp ever ran on the node

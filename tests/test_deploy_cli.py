@@ -1,4 +1,4 @@
-"""``fedrec deploy split`` and ``fedrec deploy superlink`` through the command line in-process
+"""``fedrec deploy split``, ``superlink`` and ``node`` through the command line in-process
 (:func:`fedrec.cli.main.run`, which returns the exit code), and the ``node-channels`` run-config
 key. No processes are started (``--dry-run``)."""
 
@@ -121,6 +121,87 @@ def test_superlink_in_memory_has_no_database(capsys: pytest.CaptureFixture[str])
 
     # Assert
     assert code == 0 and "--database" not in capsys.readouterr().out
+
+
+def _ed25519_line() -> str:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    public = ed25519.Ed25519PrivateKey.generate().public_key()
+    return public.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode() + " reviewer"
+
+
+def _node(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "deploy",
+        "node",
+        "--channel",
+        "finance",
+        "--data",
+        str(tmp_path),
+        "--state",
+        str(tmp_path / "state"),
+        "--insecure",
+        "--dry-run",
+        *extra,
+    ]
+
+
+def test_node_passes_its_trusted_entities_to_flower(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    trusted = tmp_path / "trusted.yaml"
+    trusted.write_text(f'fpk_pinned: "{_ed25519_line()}"\n')
+
+    # Execute
+    code = run(_node(tmp_path, "--trusted-entities", str(trusted)))
+
+    # Assert: the flag reaches flower-supernode; the operator is told what it refuses
+    out = capsys.readouterr()
+    assert code == 0 and f"--trusted-entities {trusted}" in out.out
+    assert "fpk_pinned" in out.err and "local folder is unsigned" in out.err
+
+
+def test_node_without_trusted_entities_has_no_such_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run(_node(tmp_path))
+    assert code == 0 and "--trusted-entities" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "cannot read it"),
+        ("", "no signers in it"),
+        ("- just\n- a list\n", "no signers in it"),
+        ("fpk_x: [unclosed\n", "not YAML"),
+        ('fpk_x: "not a key"\n', "fpk_x: not an OpenSSH public key"),
+        ("ECDSA", "fpk_x: not an Ed25519 key"),
+    ],
+)
+def test_node_refuses_a_trusted_entities_file_flower_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, problem: str
+) -> None:
+    # Prepare
+    trusted = tmp_path / "trusted.yaml"
+    if content == "ECDSA":
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        key = ec.generate_private_key(ec.SECP384R1()).public_key()
+        content = f'fpk_x: "{key.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()}"\n'
+    if content is not None:
+        trusted.write_text(content)
+
+    # Execute
+    code = run(_node(tmp_path, "--trusted-entities", str(trusted)))
+
+    # Assert: exit 2 before any command is printed, the file and the problem named
+    out = capsys.readouterr()
+    assert code == 2 and "flower-supernode" not in out.out
+    assert str(trusted) in out.err and problem in out.err, out.err
 
 
 def test_node_channels_parses_to_node_ids() -> None:
