@@ -10,6 +10,7 @@ reply (the allowlist refuses them anyway).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -101,6 +102,12 @@ def _run(cfg: FedrecConfig, context: Context) -> str:
     return cfg.run_dir or f"flower-run-{context.run_id}"
 
 
+def _tag(cfg: FedrecConfig, context: Context) -> str:
+    """The run's name in the node's own files (optimizer state, item prior, personal
+    weights): stable across a resume, which Flower gives a new run id."""
+    return hashlib.sha256(_run(cfg, context).encode()).hexdigest()[:16]
+
+
 _R = TypeVar("_R", ArrayRecord, ConfigRecord)
 
 
@@ -174,7 +181,9 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         else None
     )
     if cfg.model.item_prior != "none":
-        prior = _prior(node, context, split.train, len(items), session, server_round)
+        prior = _prior(
+            node, context, _tag(cfg, context), split.train, len(items), session, server_round
+        )
         items = with_prior(items, prior)
     mu = float(_config(content, wire.PROXIMAL_MU, 0.0))
     spec = TrainSpec.from_config(
@@ -192,7 +201,7 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         spec,
         global_params=global_params,
         head_mean=federated.head_mean() if cfg.train.head_pull > 0 else None,
-        optimizer_state=nodes.load_optimizer(node, context.run_id),
+        optimizer_state=nodes.load_optimizer(node, _tag(cfg, context)),
     )
     report: dict[str, float | int | str | bool] = {
         wire.DP_ENABLED: cfg.dp.enabled,
@@ -227,9 +236,9 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         _record_without_dp(ledger, cfg, run, server_round, result.steps)
         report.update({wire.EPSILON: math.inf, wire.STEPS: result.steps})
     report[wire.LEDGER_HEAD] = hashlog.head(ledger.path)
-    nodes.save_optimizer(node, context.run_id, result.optimizer_state)
+    nodes.save_optimizer(node, _tag(cfg, context), result.optimizer_state)
     if cfg.train.personal_mix > 0:
-        nodes.save_personal(node, context.run_id, shared_weights(federated))
+        nodes.save_personal(node, _tag(cfg, context), shared_weights(federated))
     seconds = time.perf_counter() - t0
     nodes.record_timing(node, server_round, "train", seconds)
     log.info("%s round %d trained in %.1fs", node.channel, server_round, seconds)
@@ -276,7 +285,7 @@ def _personalise(
     """``train.personal-mix``: mix this node's own last shared weights into the federation's."""
     if cfg.train.personal_mix <= 0:
         return
-    own = nodes.load_personal(node, context.run_id)
+    own = nodes.load_personal(node, _tag(cfg, context))
     if own is not None:
         mix_shared(federated, own, cfg.train.personal_mix)
 
@@ -284,6 +293,7 @@ def _personalise(
 def _prior(
     node: nodes.Node,
     context: Context,
+    tag: str,
     train: Sequences,
     n_items: int,
     session: DPSession | None,
@@ -291,7 +301,7 @@ def _prior(
 ) -> np.ndarray:
     """This platform's item prior for this run: released once (under DP, through the session,
     recorded in the ledger) and kept on the node's disk for the rounds after."""
-    prior = nodes.load_prior(node, context.run_id)
+    prior = nodes.load_prior(node, tag)
     if prior is not None:
         return prior
     counts = popularity_counts(train, n_items)
@@ -303,7 +313,7 @@ def _prior(
             raise Refused(f"{BUDGET_REFUSED}: {exc}") from exc
         context.state[nodes.STATE_KEY] = ConfigRecord({"json": session.to_json()})
     prior = prior_logits(counts)
-    nodes.save_prior(node, context.run_id, prior)
+    nodes.save_prior(node, tag, prior)
     return prior
 
 
@@ -386,14 +396,16 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
     _personalise(cfg, node, context, federated)
     model = federated.channel_model(node.channel)
     if cfg.model.item_prior != "none":
-        prior = nodes.load_prior(node, context.run_id)
+        prior = nodes.load_prior(node, _tag(cfg, context))
         if prior is None:  # evaluated before it trained: release the prior now
             session = (
                 _dp_session(cfg, node, split.train, context, policy, ledger, server_round)
                 if cfg.dp.enabled
                 else None
             )
-            prior = _prior(node, context, split.train, len(items), session, server_round)
+            prior = _prior(
+                node, context, _tag(cfg, context), split.train, len(items), session, server_round
+            )
         items = with_prior(items, prior)
     metrics, n = evaluate(
         model_scorer(model, items),

@@ -157,11 +157,11 @@ def save_items(node: Node, fingerprint: str, matrix: np.ndarray) -> Path:
     return path
 
 
-def _optimizer_path(node: Node, run_id: int) -> Path:
+def _optimizer_path(node: Node, run_id: str) -> Path:
     return node.state_dir / f"optimizer-run{run_id}.pt"
 
 
-def load_optimizer(node: Node, run_id: int) -> dict[str, Any] | None:
+def load_optimizer(node: Node, run_id: str) -> dict[str, Any] | None:
     """The node's own optimizer state from its previous round of this run (never sent)."""
     import torch
 
@@ -169,7 +169,7 @@ def load_optimizer(node: Node, run_id: int) -> dict[str, Any] | None:
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
-def save_optimizer(node: Node, run_id: int, state: dict[str, Any] | None) -> None:
+def save_optimizer(node: Node, run_id: str, state: dict[str, Any] | None) -> None:
     import torch
 
     if state is None:
@@ -179,27 +179,27 @@ def save_optimizer(node: Node, run_id: int, state: dict[str, Any] | None) -> Non
     atomic_write_bytes(_optimizer_path(node, run_id), buffer.getvalue())
 
 
-def _prior_path(node: Node, run_id: int) -> Path:
+def _prior_path(node: Node, run_id: str) -> Path:
     return node.state_dir / prior_file(run_id)
 
 
-def load_prior(node: Node, run_id: int) -> np.ndarray | None:
+def load_prior(node: Node, run_id: str) -> np.ndarray | None:
     """The item prior (logits) this node released for this run, if it has (never sent)."""
     path = _prior_path(node, run_id)
     return np.load(path) if path.exists() else None
 
 
-def save_prior(node: Node, run_id: int, prior: np.ndarray) -> None:
+def save_prior(node: Node, run_id: str, prior: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(prior, dtype=np.float32))
     atomic_write_bytes(_prior_path(node, run_id), buffer.getvalue())
 
 
-def personal_file(run_id: int) -> str:
+def personal_file(run_id: str) -> str:
     return f"personal-run{run_id}.npz"
 
 
-def load_personal(node: Node, run_id: int) -> dict[str, np.ndarray] | None:
+def load_personal(node: Node, run_id: str) -> dict[str, np.ndarray] | None:
     """The shared weights this node trained last in this run (its own DP outputs; never sent
     again): what ``train.personal-mix`` mixes back into the federation's."""
     path = node.state_dir / personal_file(run_id)
@@ -209,7 +209,7 @@ def load_personal(node: Node, run_id: int) -> dict[str, np.ndarray] | None:
         return {k: kept[k] for k in kept.files}
 
 
-def save_personal(node: Node, run_id: int, weights: dict[str, np.ndarray]) -> None:
+def save_personal(node: Node, run_id: str, weights: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     savez: Any = np.savez  # numpy's stub types **arrays as its keyword flags
     savez(buffer, **weights)

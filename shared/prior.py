@@ -39,7 +39,7 @@ def prior_logits(counts: np.ndarray) -> np.ndarray:
 PRIOR_GLOB = "item-prior-run*.npy"
 
 
-def prior_file(run_id: int) -> str:
+def prior_file(run_id: str) -> str:
     """The file a node keeps its released prior of one run in (in its state dir)."""
     return f"item-prior-run{run_id}.npy"
 
