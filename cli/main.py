@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "fedrec.serving.recommend",  # fedrec recommend
     "fedrec.deploy.cli",  # fedrec deploy certs|local|split|superlink|node
     "fedrec.audit.cli",  # fedrec audit
+    "fedrec.cli.node",  # fedrec node policy|check-ledger|reset-ledger
 )
 DEBUG_ENV = "FEDREC_DEBUG"
 INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in fedrec, not in the input

@@ -105,8 +105,8 @@ class NodeLedger:
         node_id = self.node_id()
         fix = (
             "Restore the node's state dir from its backup, or, if the loss is accepted, reset "
-            f"the ledger explicitly: fedrec deploy reset-ledger --state-dir {self.path.parent} "
-            '--reason "..." (the audit reports every reset).'
+            f"the ledger explicitly: fedrec node reset-ledger --state-dir {self.path.parent} "
+            f'--channel {self.channel} --reason "..." --yes (the audit reports every reset).'
         )
         if not self.path.exists():
             if anchor is not None or node_id is not None:

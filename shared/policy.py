@@ -232,14 +232,18 @@ def sampling_refusals(policy: NodePolicy, noise_multiplier: float, sample_rate: 
     return out
 
 
+def to_toml(policy: NodePolicy) -> str:
+    """``policy`` as the text of a policy file."""
+    lines = ["# fedrec node privacy policy", f"# source: {policy.source}"]
+    lines += [f"{key} = {_toml(value)}" for key, value in policy.to_dict().items()]
+    return "\n".join(lines) + "\n"
+
+
 def write_policy(path: Path, policy: NodePolicy) -> None:
     """``policy`` as a TOML file (what a simulation's nodes were given, kept in its run dir)."""
     from fedrec.shared.fsio import atomic_write_text
 
-    lines = ["# fedrec node privacy policy", f"# source: {policy.source}"]
-    for key, value in policy.to_dict().items():
-        lines.append(f"{key} = {_toml(value)}")
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, to_toml(policy))
 
 
 def _toml(value: Any) -> str:
