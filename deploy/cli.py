@@ -27,6 +27,7 @@ from fedrec.deploy.commands import (
 from fedrec.deploy.flower import LOOPBACK
 from fedrec.deploy.local import DeployError, deploy_local
 from fedrec.deploy.split import check_out_dir, split_dataset
+from fedrec.shared.policy import load_policy
 
 
 def _exec(cmd: list[str], dry_run: bool) -> None:
@@ -106,10 +107,13 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(
             3600.0, min=1.0, help="Give up on the run after this many seconds."
         ),
+        node_policy: Path = typer.Option(
+            None, "--node-policy", help="Every node's privacy policy (TOML; default built-in)."
+        ),
     ) -> None:
         """SuperLink + one SuperNode per channel on 127.0.0.1, one run, then stop everything."""
         try:
-            deploy_local(data, rounds, insecure, out, seed, dp, run_config, timeout)
+            deploy_local(data, rounds, insecure, out, seed, dp, run_config, timeout, node_policy)
         except DeployError as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from exc
@@ -160,6 +164,11 @@ def register(app: typer.Typer) -> None:
             9094, min=1, max=65535, help="Local Runtime API port (unique per node)."
         ),
         torch_threads: int = typer.Option(1, min=1, help="torch threads per ClientApp."),
+        policy: Path = typer.Option(
+            None,
+            help="This platform's privacy policy (TOML; see README, 'The platform's privacy "
+            "policy'). Without it the node holds the built-in policy.",
+        ),
         trusted_entities: Path = typer.Option(
             None,
             help="YAML file of the app-bundle signers this node trusts (fpk_<id>: ssh-ed25519 "
@@ -182,10 +191,19 @@ def register(app: typer.Typer) -> None:
                 fg="yellow",
                 err=True,
             )
+        if policy is not None:
+            held = load_policy(policy)  # a bad file stops here, not in the first round
+            typer.secho(f"node policy {held.source} (sha256 {held.digest()[:12]})", err=True)
         cmd = supernode_command(
             superlink=superlink,
             port=port,
-            config=node_config(channel, data.resolve(), state.resolve(), torch_threads),
+            config=node_config(
+                channel,
+                data.resolve(),
+                state.resolve(),
+                torch_threads,
+                None if policy is None else policy.resolve(),
+            ),
             root_certificates=None if insecure else root_certificates.resolve(),
             private_key=None if insecure else key.resolve(),
             trusted_entities=None if trusted_entities is None else trusted_entities.resolve(),

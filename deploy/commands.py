@@ -24,13 +24,22 @@ from fedrec.shared.fsio import atomic_write_text
 LINK_NAME = "fedrec-local"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
 
-def node_config(channel: str, data_dir: Path, state_dir: Path, torch_threads: int = 1) -> str:
-    """The ``--node-config`` string of one platform's SuperNode.
+def node_config(
+    channel: str,
+    data_dir: Path,
+    state_dir: Path,
+    torch_threads: int = 1,
+    policy: Path | None = None,
+) -> str:
+    """The ``--node-config`` string of one platform's SuperNode (``policy``: the node's privacy
+    policy file; without it the node holds the built-in policy).
 
     Flower splits it with a regular expression that does not know escapes, so a value may not
     contain ``"`` or ``\\`` (spaces are fine).
     """
     values = {"channel": channel, "data-dir": str(data_dir), "state-dir": str(state_dir)}
+    if policy is not None:
+        values["policy"] = str(policy)
     bad = {k: v for k, v in values.items() if '"' in v or "\\" in v}
     if bad:
         raise ValueError(f"--node-config values cannot contain '\"' or '\\'. Found {bad}.")

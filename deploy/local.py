@@ -129,6 +129,7 @@ class LocalDeployment:
     link_port: int = 0
     procs: dict[str, Proc] = field(default_factory=dict)
     certs: Certs | None = None
+    node_policy: Path | None = None  # every node's privacy policy file (None: built-in)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -328,7 +329,7 @@ class LocalDeployment:
         cmd = supernode_command(
             superlink=self.address,
             port=port,
-            config=node_config(channel, data_dir, self.state_dir(channel)),
+            config=node_config(channel, data_dir, self.state_dir(channel), policy=self.node_policy),
             root_certificates=self.ca,
             private_key=self.certs.node_key(channel) if self.certs is not None else None,
         )
@@ -457,16 +458,22 @@ def deploy_local(
     dp: bool = True,
     run_config: list[str] | None = None,
     timeout: float = 3600.0,
+    node_policy: Path | None = None,
 ) -> dict[str, Any]:
     """SuperLink + one SuperNode per channel on 127.0.0.1, one federated run, then teardown.
 
-    Returns the run's ``results.json``. Every process is stopped on the way out, also on an
-    error, Ctrl-C or SIGTERM.
+    Every node holds ``node_policy`` (the built-in policy if None; with ``dp-required =
+    false`` for a run without DP, since this command runs both sides), written to
+    ``<out>/node-policy.toml``. Returns the run's ``results.json``. Every process is stopped
+    on the way out, also on an error, Ctrl-C or SIGTERM.
     """
+    import dataclasses
+
     from rich.console import Console
 
     from fedrec.shared.config import ConfigError, from_run_config, parse_value
     from fedrec.shared.hashlog import resolve_key_env
+    from fedrec.shared.policy import NodePolicy, load_policy, write_policy
     from fedrec.simulations.simulate import (
         check_out_dir,
         dataset_channels,
@@ -518,7 +525,17 @@ def deploy_local(
         elif "ERROR" in line or "Traceback" in line or "WARNING" in line and "round" in line:
             console.print("  [red]" + line)
 
-    with signals_interrupt(), LocalDeployment(out, channels, secure=not insecure) as d:
+    policy = load_policy(node_policy) if node_policy is not None else NodePolicy()
+    if not cfg.dp.enabled:
+        policy = dataclasses.replace(policy, dp_required=False)
+    out.mkdir(parents=True, exist_ok=True)
+    write_policy(out / "node-policy.toml", policy)
+    with (
+        signals_interrupt(),
+        LocalDeployment(
+            out, channels, secure=not insecure, node_policy=out / "node-policy.toml"
+        ) as d,
+    ):
         coordinator, platform_dirs = split_dataset(data_dir, out / "data")
         console.print(f"  data split: coordinator gets catalogues only; {len(channels)} platforms")
         d.start_superlink()

@@ -42,6 +42,7 @@ from fedrec.deploy.local import DEPLOYMENT_ENV, LocalDeployment
 from fedrec.deploy.split import split_dataset
 from fedrec.shared import hashlog, privacy, wire
 from fedrec.shared.config import from_run_config
+from fedrec.shared.policy import NodePolicy, write_policy
 from tests.deploy_faults import crash, restart_node, start_misconfigured_node, stop
 from tests.tiny import save_tiny_bert, write_small_world
 
@@ -72,7 +73,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def cluster(tmp_path_factory: pytest.TempPathFactory, world: dict[str, Any]) -> Any:
     """SuperLink (TLS + auth, file state) and one registered, online SuperNode per channel."""
     root = tmp_path_factory.mktemp("deploy-cluster")
-    d = LocalDeployment(root, CHANNELS)
+    # many runs share these nodes' ledgers: a lifetime and caps that only these tests' own
+    # targets bind; DELTA is the tiny world's
+    policy = root / "policy.toml"
+    write_policy(
+        policy,
+        NodePolicy(
+            lifetime_epsilon=1e5,
+            max_delta=DELTA,
+            max_evaluations_per_run=1000,
+            max_evaluations=100_000,
+        ),
+    )
+    d = LocalDeployment(root, CHANNELS, node_policy=policy)
     try:
         d.start_superlink()
         d.wait_superlink()
@@ -678,3 +691,42 @@ def test_a_node_with_trusted_entities_refuses_an_unsigned_bundle(
     run_log = (d.root / "logs" / "flwr-run.log").read_text(errors="replace")
     assert "The FAB could not be verified" in run_log
     assert sorted(p.name for p in state.iterdir()) == []  # no ClientApp ever ran on the node
+
+
+@pytest.mark.e2e
+def test_a_supernode_holds_its_own_policy_against_the_servers_request(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """The run config asks a real SuperNode to train with its noise off; the node's own policy
+    (node-config ``policy=``) refuses, the ServerApp records why, and nothing is trained."""
+    # Prepare: one finance node whose policy is the built-in one, with the tiny world's δ
+    policy = tmp_path / "policy.toml"
+    write_policy(policy, NodePolicy(max_delta=DELTA))
+    with LocalDeployment(tmp_path / "dep", ("finance",), secure=False, node_policy=policy) as d:
+        d.start_superlink(database=False)
+        d.wait_superlink()
+        d.start_node("finance", world["platforms"]["finance"])
+        d.wait_online(1)
+        run_dir = tmp_path / "run"
+        cfg = _run_config(
+            world,
+            run_dir,
+            channels="finance",
+            **{"min-nodes": 1, "audit.disable-noise": True, "dp.target-epsilon": 8.0},
+        )
+
+        # Execute
+        code, _ = d.submit({**cfg, "num-server-rounds": 1}, timeout=300)
+
+    # Assert: the node refused with its reason, on both sides; no weights came back
+    assert code == 0  # flwr run --stream exits 0 for a failed run
+    results = json.loads((run_dir / "results.json").read_text())
+    assert "without noise" in results["failed"], results["failed"]
+    server = [e for e in _ledger(run_dir) if e["channel"] == "finance"]
+    assert server and all(e["status"] == "refused" for e in server)
+    assert all("allow-noise-off" in e["reason"] for e in server)
+    node = hashlog.read(d.state_dir("finance") / "privacy-ledger.jsonl")
+    assert node and all(e["status"] == "refused" for e in node)
+    assert not any(
+        e["kind"] == "train" and e["records"] for e in hashlog.read(run_dir / "egress.jsonl")
+    )
