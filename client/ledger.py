@@ -220,6 +220,13 @@ class NodeLedger:
                 before = events(entry["history"])
         return before
 
+    def holds(self, head: str) -> bool:
+        """Whether this ledger still holds ``head`` (a line's hash that it reported earlier),
+        or starts after an operator's reset, which the audit reports."""
+        return hashlog.contains(self.path, head) or any(
+            e.get("status") == RESET for e in self.entries()
+        )
+
     def evaluations(self, run: str) -> tuple[int, int]:
         """``(in this run, in the node's lifetime)`` evaluations on record."""
         done = [e for e in self.entries() if e.get("status") == EVALUATED]

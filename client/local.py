@@ -167,6 +167,16 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
     server_round = int(_config(content, wire.SERVER_ROUND))
     policy, ledger = _guard(cfg, node, context, server_round)
     run = _run(cfg, context)
+    label = node.channel if node.shard == 0 else f"{node.channel}-{node.shard}"
+    kept = _config(content, f"{wire.LEDGER_HEAD}.{label}")
+    if kept and not ledger.holds(kept):
+        _refuse(
+            ledger,
+            run,
+            server_round,
+            f"this node's last train reply reported ledger head {kept[:12]}…, which its "
+            f"ledger {ledger.path} no longer holds: the ledger was truncated or replaced since",
+        )
     items = _items(content, node)
     seqs, n_items = nodes.load_sequences(node)
     if n_items != len(items):

@@ -24,8 +24,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from fedrec.server.rundir import TIMING_CHANNEL, TIMING_PHASE, RunDir
-from fedrec.shared import wire
+from fedrec.server.rundir import LEDGER, TIMING_CHANNEL, TIMING_PHASE, RunDir
+from fedrec.shared import hashlog, wire
 from fedrec.shared.config import FedrecConfig
 from fedrec.shared.model import head_owner
 
@@ -96,7 +96,23 @@ class RecordingMixin(_Strategy):
         self._admit_new(grid)
         sent = super().configure_train(server_round + self.round_offset, arrays, config, grid)
         self.sent = [m for m in sent if self._serves(m.metadata.dst_node_id)]
+        heads = self.ledger_heads()
+        for m in self.sent:  # each node checks that its ledger still holds what it sent last
+            record = m.content.get(wire.CONFIG)
+            if isinstance(record, ConfigRecord):
+                for label, head in heads.items():
+                    record[f"{wire.LEDGER_HEAD}.{label}"] = head
         return self.sent
+
+    def ledger_heads(self) -> dict[str, str]:
+        """Node label -> the head of its own ledger that its last accepted train reply
+        reported, from the run's ledger (so a resumed server has them too)."""
+        heads: dict[str, str] = {}
+        for entry in hashlog.read(self.run.path / LEDGER):
+            head = entry.get(wire.LEDGER_HEAD)
+            if entry.get("status") == "trained" and isinstance(head, str):
+                heads[_node_label(str(entry.get("channel")), int(entry.get("shard", 0)))] = head
+        return heads
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -87,7 +87,12 @@ class Node:
         )
 
     def send(
-        self, kind: str, config: dict[str, Any], round_: int = 1, fingerprint: str = ""
+        self,
+        kind: str,
+        config: dict[str, Any],
+        round_: int = 1,
+        fingerprint: str = "",
+        extra: dict[str, str] | None = None,
     ) -> Message:
         """One server message of ``kind`` (``train``/``evaluate``) through the ClientApp."""
         context = self.context(config)
@@ -107,7 +112,11 @@ class Node:
             {
                 wire.ARRAYS: ArrayRecord(arrays),
                 wire.CONFIG: ConfigRecord(
-                    {wire.SERVER_ROUND: round_, f"{wire.ITEMS_FINGERPRINT}.{CHANNEL}": fp}
+                    {
+                        wire.SERVER_ROUND: round_,
+                        f"{wire.ITEMS_FINGERPRINT}.{CHANNEL}": fp,
+                        **(extra or {}),
+                    }
                 ),
             }
         )
@@ -378,6 +387,21 @@ def test_a_tampered_ledger_is_refused_at_the_node(
     assert (path.read_bytes() if path.exists() else None) == before
 
 
+def test_the_node_checks_the_ledger_head_the_server_kept(
+    make_node: Callable[..., Node],
+) -> None:
+    # Prepare: a node trained twice; the server kept the head its first reply reported
+    node = make_node()
+    first = node.send("train", run_config(), 1).content[wire.PRIVACY][wire.LEDGER_HEAD]
+    last = node.send("train", run_config(), 2).content[wire.PRIVACY][wire.LEDGER_HEAD]
+    key = f"{wire.LEDGER_HEAD}.{CHANNEL}"
+
+    # Execute / Assert: heads the ledger holds are fine; one it does not hold is refused
+    assert not node.send("train", run_config(), 3, extra={key: last}).has_error()
+    assert not node.send("train", run_config(), 3, extra={key: first}).has_error()
+    refused(node.send("train", run_config(), 3, extra={key: "f" * 64}), "no longer holds")
+
+
 def test_a_keyed_anchor_refuses_a_ledger_rewritten_without_the_key(
     make_node: Callable[..., Node], tmp_path: Path
 ) -> None:
@@ -412,6 +436,38 @@ def test_only_an_explicit_reset_starts_the_ledger_again(make_node: Callable[...,
     first = node.ledger()[0]
     assert first["status"] == "reset" and "disk lost" in first["reason"]
     assert list(node.state.glob("privacy-ledger.head.json.reset-*"))
+
+
+def test_the_operator_checks_and_resets_a_ledger_from_the_command_line(
+    make_node: Callable[..., Node],
+) -> None:
+    from tests.tiny import fedrec_cli
+
+    node = _trained_node(make_node)
+    where = ["--state-dir", str(node.state), "--channel", CHANNEL]
+    policy = ["--policy", str(node.state.parent / "policy.toml")]
+    assert fedrec_cli(["node", "check-ledger", *where, *policy]).exit_code == 0
+    (node.state / LEDGER).unlink()
+
+    checked = fedrec_cli(["node", "check-ledger", *where, *policy])
+    unconfirmed = fedrec_cli(["node", "reset-ledger", *where, "--reason", "lost disk"])
+    confirmed = fedrec_cli(["node", "reset-ledger", *where, "--reason", "lost disk", "--yes"])
+
+    assert checked.exit_code == 2 and "missing" in checked.output
+    assert unconfirmed.exit_code == 2 and "--yes" in unconfirmed.output
+    assert confirmed.exit_code == 0, confirmed.output
+    assert node.ledger()[0]["status"] == "reset"
+    assert fedrec_cli(["node", "check-ledger", *where, *policy]).exit_code == 0
+
+
+def test_fedrec_node_policy_prints_a_file_that_loads_back(tmp_path: Path) -> None:
+    from tests.tiny import fedrec_cli
+
+    shown = fedrec_cli(["node", "policy"])
+    (tmp_path / "p.toml").write_text(shown.output)
+
+    assert shown.exit_code == 0
+    assert load_policy(tmp_path / "p.toml").to_dict() == NodePolicy().to_dict()
 
 
 def test_a_reset_needs_a_reason(tmp_path: Path) -> None:
@@ -484,3 +540,104 @@ def test_the_run_config_cannot_name_the_policy() -> None:
 
 def test_parse_policy_accepts_an_empty_file_as_the_defaults() -> None:
     assert parse_policy({}, "x").to_dict() == NodePolicy().to_dict()
+
+
+# ------------------------------------------------------------------ a killed run, resumed
+
+
+def _trained_rounds(run_dir: Path) -> set[int]:
+    rounds: set[int] = set()
+    for ledger in run_dir.glob("nodes/*/privacy-ledger.jsonl"):
+        for line in ledger.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line being written
+                continue
+            if entry.get("status") == "trained":
+                rounds.add(int(entry["round"]))
+    return rounds
+
+
+@pytest.mark.e2e
+def test_a_server_killed_after_round_2_resumes_to_round_4_within_the_lifetime(
+    tmp_path: Path,
+) -> None:
+    # Prepare: nodes whose lifetime (ε = 5) binds below the run's target (ε = 8)
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.tiny import save_tiny_bert, write_small_world
+
+    world = write_small_world(tmp_path / "world", people=100)
+    bert = save_tiny_bert(tmp_path / "bert")
+    policy = tmp_path / "policy.toml"
+    write_policy(policy, NodePolicy(lifetime_epsilon=5.0))
+    out = tmp_path / "out"
+    run_dir = out / "federated-dp"
+    fedrec = str(Path(sys.executable).with_name("fedrec"))
+    cmd = [
+        fedrec,
+        "simulate",
+        "--data",
+        str(world),
+        "--out",
+        str(out),
+        "--rounds",
+        "4",
+        "--epsilon",
+        "8",
+        "--no-baselines",
+        "--node-policy",
+        str(policy),
+        "--set",
+        f"encoder-dir={bert}",
+        "--set",
+        "model.dim=16",
+        "--set",
+        "train.local-steps=2",
+        "--set",
+        "dp.accountant=rdp",
+    ]
+    env = {**os.environ, "FEDREC_CACHE_DIR": str(tmp_path / "cache")}
+
+    # Execute 1: SIGKILL the whole job once a node has trained round 3 (the server may not
+    # have aggregated it: a lost round)
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while 3 not in _trained_rounds(run_dir):
+            assert first.poll() is None, "simulate ended before round 3"
+            assert time.monotonic() < deadline, "no round 3 within 300 s"
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    time.sleep(2)  # the reaper stops the Flower processes
+
+    # Execute 2: resume
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env)
+
+    # Assert: 4 rounds on record, nobody refused, each node's ε never went back and stayed
+    # within its lifetime, and the audit passes the run
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["rounds_completed"] == 4
+    for ledger in run_dir.glob("nodes/*/privacy-ledger.jsonl"):
+        lines = [e for e in hashlog.read(ledger) if e["status"] in ("trained", "refused")]
+        assert all(e["status"] == "trained" for e in lines), [e.get("reason") for e in lines]
+        lifetime = [e["lifetime-epsilon"] for e in lines]
+        assert lifetime == sorted(lifetime) and lifetime[-1] <= 5.0 * (1 + 1e-6)
+        assert max(e["round"] for e in lines) == 4
+    audit = subprocess.run(
+        [fedrec, "audit", str(run_dir), "--out", str(tmp_path / "audit")],
+        capture_output=True,
+        text=True,
+    )
+    assert audit.returncode == 0, audit.stdout[-3000:]

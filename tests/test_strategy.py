@@ -471,3 +471,26 @@ def test_a_saved_state_of_another_strategy_is_refused(tmp_path) -> None:
     # Execute / Assert: resuming it with FedAvgM names both and the fix
     with pytest.raises(RunDirError, match="written by strategy 'fedadam'.*resume with strategy"):
         avgm.resume_state(RunDir(tmp_path / "run"), 1, SHAPES)
+
+
+def test_each_round_tells_every_node_the_ledger_head_it_reported_last(tmp_path) -> None:
+    # Prepare: round 1's replies report their nodes' ledger heads
+    from flwr.app import ArrayRecord
+
+    strategy = _strategy(tmp_path)
+    heads = {"ecommerce": "a" * 64, "finance": "b" * 64}
+    replies = [
+        _reply(n, _train(ch, 1.0, 100, {wire.PRIVACY: ConfigRecord({wire.LEDGER_HEAD: h})}))
+        for n, (ch, h) in enumerate(heads.items(), start=1)
+    ]
+    strategy.aggregate_train(1, replies)
+
+    # Execute: round 2, also by a fresh strategy on the same run dir (a resumed server)
+    sent = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), _Grid([1, 2]))
+    resumed = _strategy(tmp_path)
+    again = resumed.configure_train(2, ArrayRecord(), ConfigRecord(), _Grid([1, 2]))
+
+    # Assert
+    for msg in [*sent, *again]:
+        config = msg.content[wire.CONFIG]
+        assert {ch: config[f"{wire.LEDGER_HEAD}.{ch}"] for ch in heads} == heads
