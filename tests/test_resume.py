@@ -1,6 +1,7 @@
 """A simulate run stopped after its first checkpoint is continued with ``--resume``: it
 finishes from that checkpoint, its ledgers continue (ε keeps counting from the spent rounds),
-the audit passes it, and resuming a finished run rewrites nothing.
+FedAdam's moments continue from the saved server state, the audit passes it, and resuming a
+finished run rewrites nothing.
 
 End-to-end: the real ``fedrec`` command on a tiny world and a tiny encoder."""
 
@@ -34,6 +35,8 @@ def _simulate(world: Path, bert: Path, out: Path, *extra: str) -> list[str]:
         "--rounds",
         "3",
         "--no-baselines",
+        "--strategy",
+        "fedadam",  # a strategy with server state to continue
         "--set",
         f"encoder-dir={bert}",
         "--set",
@@ -88,6 +91,10 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_passes_the_audit(tmp_path
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["resumed_after"] >= 1 and results["rounds_completed"] == 3
+    after = results["resumed_after"]
+    log = (run_dir / "flower.log").read_text(errors="replace")
+    assert f"fedadam continues its state of round {after}" in log, log[-3000:]
+    assert (run_dir / "server-state" / "round-0003.safetensors").exists()
     assert not (run_dir / "INCOMPLETE").exists() and not (out / "INCOMPLETE").exists()
     ledger = (run_dir / "privacy-ledger.jsonl").read_text().splitlines()
     assert ledger[: len(stopped_ledger)] == stopped_ledger and len(ledger) > len(stopped_ledger)
