@@ -53,6 +53,8 @@ Event = tuple[float, float, int]
 class LedgerError(PrivacyConfigError):
     """The node's ledger cannot be trusted; the node refuses to train or evaluate."""
 
+    exit_code = 2
+
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
