@@ -30,7 +30,7 @@ COMMAND_MODULES = (
     "fedrec.cli.encode",  # fedrec encode
     "fedrec.cli.train",  # fedrec train
     "fedrec.simulations.simulate",  # fedrec simulate
-    "fedrec.serving.recommend",  # fedrec recommend
+    "fedrec.cli.serve",  # fedrec recommend|serve|export
     "fedrec.deploy.cli",  # fedrec deploy certs|local|split|superlink|node
     "fedrec.audit.cli",  # fedrec audit
     "fedrec.cli.node",  # fedrec node policy|check-ledger|reset-ledger

@@ -1,22 +1,27 @@
-"""``fedrec recommend``: top-K items for one user of one channel from a trained run.
+"""Ranking a platform's items for one of its users from a trained run: the one owner of it.
 
-Runs on the platform's side: it reads the user's local history, never sends it anywhere.
-An optional free-text query is encoded with the same item encoder and blended into the
-user's recent interests (search and recommendation in one call). Items added to the
-catalogue after training are recommendable as soon as they are encoded (the encoder cache
-encodes only new or changed items), because the model scores item *text vectors*, not ids.
+Owns: :class:`Recommender` (a run's model for one channel, its item codes and their
+:class:`~fedrec.serving.index.ItemIndex`; every top-k that ``fedrec recommend``, ``fedrec
+serve``, ``fedrec export`` and hybrid search return comes from it), :class:`RecommendError`,
+and reading what a run directory holds for serving (its config, its node's item prior and
+personalised weights).
+
+Runs on the platform's side: it reads the user's local history and never sends it anywhere.
+Items added to the catalogue after training are rankable as soon as they are encoded, because
+the model scores item *text vectors*, not ids.
+
+Must not: import ``fedrec.client``, ``deploy``, ``audit``, ``simulations`` or ``cli``.
 """
 
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import typer
 
 from fedrec.shared.errors import FedrecError
 
@@ -29,17 +34,24 @@ class RecommendError(FedrecError, ValueError):
 
 @dataclass
 class Recommender:
-    """A loaded model + one channel's item matrix; ``recommend`` is the per-request path."""
+    """A loaded model + one channel's item matrix; :meth:`user_vectors` then :meth:`top` is
+    every request's path (:meth:`recommend` for one history)."""
 
     model: Any
     item_ids: np.ndarray
     items: Any  # torch (N, E)
     max_history: int
-    codes: Any = None  # torch (N, D+1): items in the profile space, computed once
+    index_kind: str = "auto"  # fedrec.serving.index.KINDS
+    round: int = 0  # the checkpoint's round, when loaded from a run
 
     def __post_init__(self) -> None:
-        if self.codes is None:
-            self.codes = self.model.item_codes(self.items)
+        from fedrec.serving.index import ItemIndex
+
+        # (N, D+1): items in the profile space, computed once; a user's score is codes @ v
+        self.codes = np.ascontiguousarray(self.model.item_codes(self.items).numpy(), np.float32)
+        self.index = ItemIndex(self.codes, self.index_kind)
+        # columns of an item vector that are text (the item prior's column, if any, is last)
+        self.text_dim = int(self.items.shape[1]) - int(self.model.spec.item_prior)
 
     @classmethod
     def from_run(
@@ -49,6 +61,7 @@ class Recommender:
         item_matrix: np.ndarray,
         item_ids: np.ndarray,
         prior: np.ndarray | None = None,
+        index_kind: str = "auto",
     ) -> Recommender:
         """``prior``: the platform's item prior in logits, for a model that has one; by
         default the one its node released in this run (``nodes/<channel>/``). Items added
@@ -105,47 +118,67 @@ class Recommender:
                     "items were removed since training; retrain"
                 )
             items = with_prior(items, np.pad(prior, (0, len(items) - len(prior))))
-        return cls(channel_model, item_ids, items, cfg.model.max_history)
+        return cls(channel_model, item_ids, items, cfg.model.max_history, index_kind, last[0])
+
+    def user_vectors(
+        self, histories: Sequence[np.ndarray], queries: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(B, D+1) float32 ``TAU * [p, 1]`` per history (item rows, oldest first), so that
+        ``codes @ v`` is every item's score. ``queries`` (B, E): text vectors blended into
+        the recent summary (:func:`~fedrec.shared.model.summarize_history`)."""
+        import torch
+
+        from fedrec.shared.model import TAU
+
+        windows = [np.array(h[-self.max_history :], dtype=np.int64) for h in histories]
+        width = max([1, *(len(w) for w in windows)])
+        hist = torch.zeros((len(windows), width), dtype=torch.long)  # (B, L), left-padded
+        mask = torch.zeros_like(hist, dtype=torch.bool)
+        for b, w in enumerate(windows):
+            if len(w):
+                hist[b, width - len(w) :] = torch.from_numpy(w)
+                mask[b, width - len(w) :] = True
+        q = None
+        if queries is not None:  # 0 in the item prior's column, if the model has one
+            q = torch.zeros((len(windows), self.items.shape[1]))
+            q[:, : queries.shape[1]] = torch.from_numpy(np.array(queries, dtype=np.float32))
+        with torch.inference_mode():
+            p = self.model.user_code(self.items[hist], mask, q)  # (B, D)
+            v = TAU * torch.cat([p, torch.ones((len(p), 1))], dim=1)  # (B, D+1)
+        return np.ascontiguousarray(v.numpy(), dtype=np.float32)
+
+    def check_history(self, history: np.ndarray) -> np.ndarray:
+        history = np.asarray(history, dtype=np.int64)
+        if len(history) and (history.min() < 0 or history.max() >= len(self.items)):
+            raise RecommendError(
+                f"history refers to item indices outside the catalogue (0..{len(self.items) - 1})"
+            )
+        return history
+
+    def top(
+        self, vectors: np.ndarray, k: int, seen: Sequence[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per user vector: (item rows, scores) of its top ``k``, ``seen[b]`` left out."""
+        return self.index.search(vectors, k, seen)
+
+    def scores(self, vector: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact scores of the items ``rows`` for one user vector (D+1,)."""
+        return np.asarray(self.codes[rows] @ vector, dtype=np.float32)
 
     def recommend(
         self, history: np.ndarray, k: int = 10, query: np.ndarray | None = None
     ) -> list[tuple[str, float]]:
         """Top-``k`` (item id, score) for a history of item indices (oldest first)."""
-        import torch
-
-        history = np.asarray(history, dtype=np.int64)
+        history = self.check_history(history)
         if len(history) == 0 and query is None:
             raise RecommendError(
                 "the user has no history on this channel; pass --query to search instead"
             )
-        if len(history) and (history.min() < 0 or history.max() >= len(self.items)):
-            raise RecommendError(
-                f"history refers to item indices outside the catalogue (0..{len(self.items) - 1})"
-            )
-        window = history[-self.max_history :]
-        hist = torch.zeros((1, max(len(window), 1)), dtype=torch.long)
-        mask = torch.zeros_like(hist, dtype=torch.bool)
-        if len(window):
-            hist[0, :] = torch.from_numpy(window)
-            mask[0, :] = True
-        q = None
-        if query is not None:  # text vector; 0 in the item prior's column, if the model has one
-            q = torch.zeros((1, self.items.shape[1]))
-            q[0, : len(query)] = torch.from_numpy(np.asarray(query, dtype=np.float32))
-        with torch.inference_mode():
-            from fedrec.shared.model import TAU
-
-            p = self.model.user_code(self.items[hist], mask, q)[0]  # (D,)
-            d = len(p)
-            scores = TAU * (self.codes[:, :d] @ p + self.codes[:, d])  # (N,)
-            seen = np.unique(history)
-            if len(seen):
-                scores[torch.from_numpy(seen)] = -torch.inf  # already seen
-            k = min(k, len(scores) - len(seen))
-            top = torch.topk(scores, k)
+        queries = None if query is None else np.asarray(query, dtype=np.float32)[None]
+        rows, scores = self.top(self.user_vectors([history], queries), k, [history])[0]
         return [
             (str(self.item_ids[i]), float(s))
-            for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            for i, s in zip(rows.tolist(), scores.tolist(), strict=True)
         ]
 
 
@@ -179,112 +212,19 @@ def released_prior(run_dir: Path, channel: str) -> np.ndarray | None:
     return newest([nodes / channel, nodes / f"{channel}-0"])  # -0: the first of shards
 
 
-def _personal(run_dir: Path, channel: str) -> dict[str, np.ndarray] | None:
-    """The shared weights ``channel``'s node kept last in a simulation's run dir, if any."""
+def personal_file(run_dir: Path, channel: str) -> Path | None:
+    """The file of the shared weights ``channel``'s node kept last in a simulation's run
+    dir, if any."""
     from fedrec.shared.prior import newest_kept
 
     nodes = run_dir / "nodes"
-    path = newest_kept([nodes / channel, nodes / f"{channel}-0"], "personal-run*.npz")
+    return newest_kept([nodes / channel, nodes / f"{channel}-0"], "personal-run*.npz")
+
+
+def _personal(run_dir: Path, channel: str) -> dict[str, np.ndarray] | None:
+    """The shared weights ``channel``'s node kept last in a simulation's run dir, if any."""
+    path = personal_file(run_dir, channel)
     if path is None:
         return None
     with np.load(path) as kept:
         return {k: kept[k] for k in kept.files}
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("recommend")
-    def recommend_cmd(
-        run_dir: Path = typer.Argument(
-            ..., help="A run directory written by fedrec simulate / a deployment."
-        ),
-        channel: str = typer.Option(..., help="The platform whose catalogue to recommend from."),
-        user: str = typer.Option(
-            None, help="User id on that platform (their local history is used)."
-        ),
-        query: str = typer.Option(None, help="Free-text query, blended into the user's interests."),
-        k: int = typer.Option(10, min=1, max=10_000, help="How many items."),
-        data: Path = typer.Option(None, help="Dataset directory (default: the run's data-dir)."),
-        cache_dir: Path = typer.Option(
-            None, help="Encoder cache (default: $FEDREC_CACHE_DIR or ~/.cache/fedrec/encoder)."
-        ),
-    ) -> None:
-        """Top-K items for one user (and/or a query) from a trained run."""
-        from rich.console import Console
-        from rich.table import Table
-
-        from fedrec.server.rundir import INCOMPLETE
-        from fedrec.shared.data import to_sequences
-        from fedrec.shared.datasets import load_catalogue, load_interactions
-        from fedrec.shared.prior import popularity_counts, prior_logits
-
-        console = Console()
-        if user is None and query is None:
-            raise RecommendError("give --user, --query, or both")
-        if query is not None and not query.strip():
-            raise RecommendError("--query is empty. Fix: give words to search for, or drop it.")
-        cfg = load_run_config(run_dir)
-        if channel not in cfg.channels:
-            raise RecommendError(
-                f"channel {channel!r} is not in this run (it has {', '.join(cfg.channels)})."
-            )
-        data_dir = data or Path(cfg.data_dir)
-        if not (data_dir / "manifest.json").is_file():
-            raise RecommendError(
-                f"the run's dataset {data_dir} is not there (moved or deleted?). Fix: pass "
-                "--data with the folder that now holds it."
-            )
-        if (run_dir / INCOMPLETE).exists():
-            console.print(
-                f"[yellow]warning: {run_dir} is an incomplete run (it stopped before its last "
-                "round); serving its last checkpoint."
-            )
-        t0 = time.perf_counter()
-        catalogue = load_catalogue(data_dir, channel)
-        from fedrec.server.app import encode_catalogues
-
-        matrix = encode_catalogues(
-            str(data_dir), (channel,), str(cache_dir or cfg.cache_dir), cfg.encoder_dir
-        )[channel]
-        seqs = to_sequences(load_interactions(data_dir, channel, catalogue))
-        prior = None
-        if released_prior(run_dir, channel) is None:
-            # not the node's run dir (a deployment keeps it on the node): the platform's own
-            # exact popularity, which serving its own users never sends anywhere
-            prior = prior_logits(popularity_counts(seqs, len(catalogue)))
-        rec = Recommender.from_run(
-            run_dir, channel, np.asarray(matrix.matrix), catalogue.item_ids, prior
-        )
-        history = np.zeros(0, dtype=np.int64)
-        if user is not None:
-            where = np.flatnonzero(seqs.users == user)
-            if len(where) == 0:
-                raise RecommendError(
-                    f"user {user!r} has no interactions on channel {channel!r}. Fix: check the "
-                    "id, or pass --query alone to search."
-                )
-            r = int(where[0])
-            history = seqs.item_index[seqs.offsets[r] : seqs.offsets[r + 1]]
-        qvec = None
-        if query:
-            from fedrec.server.encoder import ItemEncoder
-
-            qvec = ItemEncoder(Path(cfg.encoder_dir) if cfg.encoder_dir else None).encode([query])[
-                0
-            ]
-        t1 = time.perf_counter()
-        top = rec.recommend(history, k, qvec)
-        t2 = time.perf_counter()
-        titles = dict(zip(catalogue.item_ids, catalogue.titles, strict=True))
-        table = Table(
-            title=f"top {k} on {channel}"
-            + (f" for {user}" if user else "")
-            + (f", query {query!r}" if query else "")
-        )
-        for col in ("#", "item_id", "title", "score"):
-            table.add_column(col)
-        for i, (item, score) in enumerate(top, 1):
-            table.add_row(str(i), item, titles[item], f"{score:.3f}")
-        console.print(table)
-        console.print(
-            f"history: {len(history)} items; loaded in {t1 - t0:.2f}s; ranked {len(catalogue)} items in {1000 * (t2 - t1):.1f} ms"
-        )
