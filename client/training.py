@@ -204,6 +204,52 @@ class UserExamples(torch.utils.data.Dataset):
         return np.where(np.take_along_axis(keys, order, axis=1) < np.inf, order + 1, 0)
 
 
+class WindowExamples(UserExamples):
+    """One example per user for the sequence tower: a window of up to ``max_history + 1``
+    consecutive items of the user's training history, redrawn on every access; up to
+    ``spec.positions`` of its positions, drawn uniformly, each predict the item that followed.
+
+    An example is ``(x, mask, slots, cands)``: ``x`` (T, E) the window's inputs, left-padded
+    with zero vectors (most recent last), ``mask`` (T,) where ``x`` holds an item, ``slots``
+    (P,) the predicting positions, and ``cands[p, 0]`` the item that followed slot
+    ``slots[p]``, then ``spec.negatives`` uniform public negatives; ``cands == -1`` pads. The
+    window ends at a uniform point of the history (at its end when the history fits in one
+    window), so every stretch of it is trained on. One causal pass gives every position;
+    the user's loss is one mean over its predictions, clipped as one example.
+    """
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+        rows = self.rows[np.asarray(idx, dtype=np.int64)]
+        n = self.lengths[rows]
+        size = np.minimum(n, self.spec.max_history + 1)  # items in the window
+        end = self.rng.integers(size, n + 1)  # one past the window's last item
+        t = int(size.max(initial=2)) - 1
+        first = t - (size - 1)  # slot of each window's first input
+        slot = np.arange(t)[None, :] - first[:, None]  # input index, < 0: padding
+        used = slot >= 0
+        at = self.seqs.offsets[rows][:, None] + (end - size)[:, None] + np.where(used, slot, 0)
+        hist = torch.from_numpy(self.seqs.item_index[at])  # (B, T)
+        mask = torch.from_numpy(used)
+        x = self.items[hist] * mask.unsqueeze(-1).to(self.items.dtype)  # (B, T, E)
+        cut = self.draw_prefixes(size)  # (B, P) prefix lengths in the window, 0 = unused
+        live = cut > 0
+        slots = np.where(live, first[:, None] + cut - 1, 0)
+        nxt = np.take_along_axis(self.seqs.item_index[at + 1], slots, axis=1)
+        negs = self.rng.integers(0, len(self.items), size=(*cut.shape, self.spec.negatives))
+        cands = np.concatenate([nxt[..., None], negs], axis=-1)
+        cands[~live] = -1
+        return x, mask, torch.from_numpy(slots), torch.from_numpy(cands)
+
+
+def examples_for(
+    model: RecModel, seqs: Sequences, items: torch.Tensor, spec: TrainSpec
+) -> UserExamples:
+    """The examples a model's tower trains on: windows for the sequence tower, prefixes
+    otherwise."""
+    kind = WindowExamples if model.spec.tower == "attention" else UserExamples
+    return kind(seqs, items, spec)
+
+
 def _collate(batch: Any) -> tuple[torch.Tensor, ...]:
     """Identity: :meth:`UserExamples.__getitems__` already returns the batch's tensors."""
     return tuple(batch)
@@ -320,8 +366,8 @@ def train_step(
     """One optimiser step on ``batch`` through :class:`LinearizedLoss` (``criterion``, as
     Opacus wraps it under ghost clipping); returns each user's loss."""
     optimizer.zero_grad(set_to_none=True)
-    x, cands = batch
-    users = net(x)
+    *inputs, cands = batch  # (x, cands), or (x, mask, slots, cands) for windows
+    users = net(*inputs)
     per_user, grads = output_grads(users, items, cands, low_precision)
     criterion(users, grads).backward()
     optimizer.step()
@@ -386,7 +432,7 @@ def train_local(
       their own but share what their noisy updates agree on.
     """
     check_item_range(seqs, len(items))
-    examples = UserExamples(seqs, items, spec)
+    examples = examples_for(model, seqs, items, spec)
     if len(examples) == 0:
         raise ValueError(
             f"no user has 2 or more training interactions on this channel "

@@ -24,6 +24,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
 HEADS = ("channel-tower", "channel", "shared")
 ITEM_PRIORS = ("popularity", "none")
+TOWERS = ("mean", "attention")
 
 
 class ConfigError(FedrecError, ValueError):
@@ -61,6 +62,11 @@ class ModelConfig:
     # square, so DP-SGD's clipping spends more of the bound on W_o (with Adam, W_o's
     # effective learning rate also grows by it: lower train.head-lr-scale to keep it)
     head_scale: float = 2.0
+    # the user tower: "mean" (summaries of the history) or "attention" (the same plus a causal
+    # self-attention residual over the ordered history, trained at every position)
+    tower: str = "mean"
+    blocks: int = 1  # attention blocks (model.tower = "attention")
+    attention_heads: int = 2  # must divide model.dim
 
 
 @dataclass(frozen=True)
@@ -300,6 +306,15 @@ def check(cfg: FedrecConfig) -> list[str]:
     if cfg.model.item_prior not in ITEM_PRIORS:
         p.append(
             f"model.item-prior must be one of {list(ITEM_PRIORS)}. Found {cfg.model.item_prior!r}."
+        )
+    if cfg.model.tower not in TOWERS:
+        p.append(f"model.tower must be one of {list(TOWERS)}. Found {cfg.model.tower!r}.")
+    positive("model.blocks", cfg.model.blocks)
+    positive("model.attention-heads", cfg.model.attention_heads)
+    if cfg.model.attention_heads > 0 and cfg.model.dim % cfg.model.attention_heads:
+        p.append(
+            f"model.dim ({cfg.model.dim}) must be a multiple of model.attention-heads. "
+            f"Found {cfg.model.attention_heads}."
         )
     if cfg.model.hidden < 0:
         p.append(f"model.hidden must be >= 0. Found {cfg.model.hidden}.")

@@ -26,6 +26,24 @@ already ranks by text similarity to the history; DP-SGD only has to learn correc
 start at zero. Every layer is ``nn.Linear`` (no raw parameters, no weight tying): all Opacus
 grad-sample modes, ghost clipping included, support it.
 
+The sequence tower (``spec.tower = "attention"``, SASRec-like: Kang and McAuley, ICDM 2018)
+reads the ordered history x_1..x_T (item vectors, most recent last) and adds an order-aware
+residual to the same profile at every position t:
+  * embed    e_t = W_in x_t                                                (B, T, D)
+  * base     b_t = W_h f_t + W_c f_t,  f_t = [mean(e_1..e_t), mean(e_{t-2}..e_t)]
+  * sequence z_t = e_t + P onehot(T-t)    (P: a position vector per distance from the end)
+             z   = z + A(LN z),  z = z + F(LN z)   (per block; A is causal self-attention,
+                   position t attends to 1..t, F a GELU feed-forward)
+  * profile  p_t = b_t + W_s LN(z_t)                       W_s starts at 0
+W_in starts as the mean tower's projection and W_h as half and half, so the untrained
+attention tower equals the untrained mean tower. The summaries are taken after W_in (width
+2D, not 2E): every position costs D-wide work only. Training predicts x_{t+1} from p_t at
+positions of a user's window drawn at once, all from one causal pass. The profile served is
+p_T.
+Each layer is an ``nn.Linear`` called once per forward (ghost clipping refuses a layer
+called twice); layer norms have no parameters, and positions are a linear map of a one-hot
+slot, so the tower has no raw parameters either.
+
 Must not: import ``fedrec.server`` or ``fedrec.client``.
 """
 
@@ -39,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedrec.shared.config import ConfigError, FedrecConfig
+from fedrec.shared.config import TOWERS, ConfigError, FedrecConfig
 from fedrec.shared.data import Sequences
 
 RECENT = 3  # the "recent" summary averages the last RECENT history items
@@ -55,6 +73,10 @@ class ModelSpec:
     own_tower: bool = False  # a platform's own tower, added to the shared one (zero at start)
     item_prior: bool = False  # item vectors carry one more column: the platform's item prior
     head_scale: float = 1.0  # the head reads head_scale * profile (as ModelConfig.head_scale)
+    tower: str = "mean"  # "mean": history summaries; "attention": + a causal sequence residual
+    blocks: int = 1  # attention blocks (tower = "attention")
+    attention_heads: int = 2
+    max_history: int = 50  # positions the sequence tower knows (its window)
 
     @property
     def in_dim(self) -> int:
@@ -96,6 +118,23 @@ def summarize_history(
         has_recent = (rm.sum(1) > 0).to(hist.dtype)  # (B, 1)
         recent = has_recent * 0.5 * (recent + query) + (1 - has_recent) * query
     return torch.cat([mean, recent], dim=-1)  # (B, 2E)
+
+
+def causal_summaries(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`summarize_history` of every prefix of a left-padded window: (B, T, 2E).
+
+    Position t holds [mean of the items in slots <= t, mean of the last RECENT of them];
+    padding slots hold zeros. Position T-1 equals ``summarize_history(x, mask)``.
+    """
+    m = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+    xm = x * m
+    total, count = xm.cumsum(1), m.cumsum(1)  # (B, T, E), (B, T, 1)
+    shift = min(RECENT, x.shape[1])
+    before = nn.functional.pad(total, (0, 0, shift, 0))[:, : x.shape[1]]  # sum up to t-RECENT
+    before_n = nn.functional.pad(count, (0, 0, shift, 0))[:, : x.shape[1]]
+    mean = total / count.clamp(min=1.0)
+    recent = (total - before) / (count - before_n).clamp(min=1.0)
+    return torch.cat([mean, recent], dim=-1) * m  # (B, T, 2E)
 
 
 def summarize_prefixes(
@@ -140,6 +179,67 @@ def summarize_prefixes(
     return torch.cat([window_mean(max_history), window_mean(min(RECENT, max_history))], dim=-1)
 
 
+class CausalBlock(nn.Module):
+    """Pre-norm causal self-attention and a GELU feed-forward, each with a residual."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(
+                [f"model.dim ({dim}) must be a multiple of model.attention-heads ({heads})."]
+            )
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.mix = nn.Linear(dim, dim)
+        self.ff_in = nn.Linear(dim, 4 * dim)
+        self.ff_out = nn.Linear(4 * dim, dim)
+
+    def forward(self, z: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """(B, T, D), (B, 1, T, T) bool (query t may read key s) -> (B, T, D)."""
+        b, t, d = z.shape
+        qkv = self.qkv(nn.functional.layer_norm(z, (d,)))  # (B, T, 3D)
+        q, k, v = qkv.view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, H, T, d/H)
+        z = z + self.mix(a.transpose(1, 2).reshape(b, t, d))
+        out: torch.Tensor = z + self.ff_out(
+            nn.functional.gelu(self.ff_in(nn.functional.layer_norm(z, (d,))))
+        )
+        return out
+
+
+class SequenceTower(nn.Module):
+    """Item embedding W_in and the order-aware residual W_s LN(z_t) of the module docstring."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        d = spec.dim
+        self.length = spec.max_history
+        self.embed = nn.Linear(spec.in_dim, d, bias=False)  # W_in
+        self.position = nn.Linear(self.length, d, bias=False)  # P, read by a one-hot slot
+        self.blocks = nn.ModuleList(
+            CausalBlock(d, spec.attention_heads) for _ in range(spec.blocks)
+        )
+        self.out = nn.Linear(d, d, bias=False)  # W_s, zero at start
+
+    def forward(self, e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Embedded items e = W_in x (B, T, D), left-padded, most recent in the last slot, and
+        mask (B, T) bool -> the residual at every position (B, T, D)."""
+        b, t, _ = e.shape
+        if t > self.length:
+            raise ValueError(
+                f"a window of {t} items is longer than model.max-history {self.length}"
+            )
+        slots = torch.eye(self.length, dtype=e.dtype, device=e.device)[self.length - t :]
+        z = e + self.position(slots.expand(b, t, self.length))  # (B, T, D)
+        causal = torch.ones(t, t, dtype=torch.bool, device=e.device).tril()
+        # a padding slot reads only itself (an all-masked row would give NaN)
+        allowed = causal & (mask.unsqueeze(1) | torch.eye(t, dtype=torch.bool, device=e.device))
+        for block in self.blocks:
+            z = block(z, allowed.unsqueeze(1))
+        out: torch.Tensor = self.out(nn.functional.layer_norm(z, (z.shape[-1],)))  # (B, T, D)
+        return out
+
+
 class RecModel(nn.Module):
     """User-profile tower + dot-product scorer with an MLP residual."""
 
@@ -153,15 +253,20 @@ class RecModel(nn.Module):
                     f"{min(spec.item_dim, 64)} or an encoder with larger vectors."
                 ]
             )
+        if spec.tower not in TOWERS:
+            raise ConfigError([f"model.tower must be one of {list(TOWERS)}. Found {spec.tower!r}."])
         self.spec = spec
         e, d = spec.in_dim, spec.dim
-        self.profile_lin = nn.Linear(2 * e, d, bias=False)
+        # the summaries' width: of item vectors (mean tower) or of embedded items (attention)
+        w = 2 * (e if spec.tower == "mean" else d)
+        self.seq = SequenceTower(spec) if spec.tower == "attention" else None
+        self.profile_lin = nn.Linear(w, d, bias=False)
         self.profile_mlp = (
-            nn.Sequential(nn.Linear(2 * e, spec.hidden), nn.GELU(), nn.Linear(spec.hidden, d))
+            nn.Sequential(nn.Linear(w, spec.hidden), nn.GELU(), nn.Linear(spec.hidden, d))
             if spec.hidden > 0
             else None
         )
-        self.profile_own = nn.Linear(2 * e, d, bias=False) if spec.own_tower else None
+        self.profile_own = nn.Linear(w, d, bias=False) if spec.own_tower else None
         self.to_items = nn.Linear(d, e)  # W_o and the item prior b
         self.reset_parameters()
 
@@ -173,13 +278,26 @@ class RecModel(nn.Module):
         s = (e / d) ** 0.5
         if self.spec.item_prior:  # the prior column: read by nothing but beta = 1
             q = torch.cat([q, torch.zeros(1, d)])
-        self.profile_lin.weight.copy_(torch.cat([0.5 * s * q.T, 0.5 * s * q.T], dim=1))
+        if self.seq is None:
+            self.profile_lin.weight.copy_(torch.cat([0.5 * s * q.T, 0.5 * s * q.T], dim=1))
+        else:  # W_in carries the projection; the summaries of W_in x mix half and half
+            self.seq.embed.weight.copy_(s * q.T)
+            self.profile_lin.weight.copy_(0.5 * torch.cat([torch.eye(d), torch.eye(d)], dim=1))
         self.to_items.weight.copy_(s * q / self.spec.head_scale)
         self.to_items.bias.zero_()
         if self.spec.item_prior:
             self.to_items.bias[-1] = 1.0
         if self.profile_own is not None:
             self.profile_own.weight.zero_()
+        if self.seq is not None:
+            self.seq.position.weight.normal_(0.0, 0.02, generator=g)
+            for layer in [m for m in self.seq.modules() if isinstance(m, nn.Linear)]:
+                if layer not in (self.seq.embed, self.seq.position):
+                    bound = 1.0 / layer.in_features**0.5
+                    layer.weight.uniform_(-bound, bound, generator=g)
+                    if layer.bias is not None:
+                        layer.bias.zero_()
+            self.seq.out.weight.zero_()
         if self.profile_mlp is None:
             return
         layers = [m for m in self.profile_mlp if isinstance(m, nn.Linear)]
@@ -192,8 +310,27 @@ class RecModel(nn.Module):
     def user_code(
         self, hist: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The user's D-dimensional profile p: (B, L, E), (B, L) [, (B, E)] -> (B, D)."""
-        return self.code(summarize_history(hist, mask, query))
+        """The user's D-dimensional profile p: (B, L, E), (B, L) [, (B, E)] -> (B, D).
+
+        ``hist`` is left-padded, most recent last. A query enters the base summary only.
+        """
+        if self.seq is None:
+            return self.code(summarize_history(hist, mask, query))
+        if query is None:
+            e, q = self.seq.embed(hist), None
+        else:  # one call of W_in for both
+            both = self.seq.embed(torch.cat([hist, query.unsqueeze(1)], dim=1))
+            e, q = both[:, :-1], both[:, -1]
+        residual: torch.Tensor = self.seq(e, mask)[:, -1]
+        return self.code(summarize_history(e, mask, q)) + residual
+
+    def sequence_code(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Profiles p_t after every prefix of left-padded windows: (B, T, E), (B, T) -> (B, T, D)."""
+        if self.seq is None:
+            return self.code(causal_summaries(x, mask))
+        e = self.seq.embed(x)  # (B, T, D)
+        residual: torch.Tensor = self.seq(e, mask)
+        return self.code(causal_summaries(e, mask)) + residual
 
     def code(self, x: torch.Tensor) -> torch.Tensor:
         """History summaries (..., 2E) -> profiles (..., D)."""
@@ -208,8 +345,7 @@ class RecModel(nn.Module):
         self, hist: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
     ) -> torch.Tensor:
         """User vector in item space: (B, L, E), (B, L) [, (B, E)] -> (B, E)."""
-        out: torch.Tensor = self(summarize_history(hist, mask, query))  # (B, E)
-        return out
+        return self.to_user_vector(self.user_code(hist, mask, query))
 
     @torch.no_grad()
     def item_codes(self, items: torch.Tensor) -> torch.Tensor:
@@ -226,15 +362,31 @@ class RecModel(nn.Module):
         """Full ranking: (B, E) user vectors x (N, E) item vectors -> (B, N) scores."""
         return profile @ items.T
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """History summaries (..., 2E) -> user vectors in item space (..., E).
+    def to_user_vector(self, p: torch.Tensor) -> torch.Tensor:
+        """Profiles (..., D) -> user vectors in item space (..., E): u = tau * (W_o p + b)."""
+        out: torch.Tensor = TAU * self.to_items(self.spec.head_scale * p)
+        return out
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Training inputs -> user vectors in item space.
+
+        Without ``mask`` (mean tower): history summaries (..., 2E) -> (..., E), one per prefix.
+        With it: a left-padded window of item vectors (B, T, E) and its mask (B, T) -> the user
+        vector after each prefix, (B, T, E), or only after the slots ``slots`` (B, P) ->
+        (B, P, E) (:meth:`sequence_code`).
 
         A candidate's score is its dot product with the user vector. Scores are computed
         outside the model against the constant, public item matrix, so each user's loss
         depends on that user's data and public items only.
         """
-        out: torch.Tensor = TAU * self.to_items(self.spec.head_scale * self.code(x))
-        return out
+        if mask is None:
+            return self.to_user_vector(self.code(x))
+        p = self.sequence_code(x, mask)  # (B, T, D)
+        if slots is not None:
+            p = p.gather(1, slots.unsqueeze(-1).expand(-1, -1, p.shape[-1]))  # (B, P, D)
+        return self.to_user_vector(p)
 
 
 SHARED_HEAD = "shared"  # the head's key when every platform shares one (model.heads = "shared")
@@ -253,7 +405,8 @@ class CrossPlatformModel(nn.Module):
     parts guard against negative transfer, where a platform does worse federated than alone.
     ``model.heads = "shared"`` gives the fully shared model (one head) for comparison.
 
-    Parameter names: ``profile_lin.*`` (``profile_mlp.*``) and ``heads.<channel>.*``.
+    Parameter names: ``profile_lin.*`` (``profile_mlp.*``, ``seq.*``: shared like the rest
+    of the tower) and ``heads.<channel>.*``.
     """
 
     def __init__(
@@ -263,6 +416,7 @@ class CrossPlatformModel(nn.Module):
         base = RecModel(spec)
         self.spec, self.per_channel = spec, per_channel
         self.profile_lin, self.profile_mlp = base.profile_lin, base.profile_mlp
+        self.seq = base.seq
         keys = channels if per_channel else (SHARED_HEAD,)
         head = nn.ModuleDict({"to_items": base.to_items})
         if base.profile_own is not None:
@@ -278,7 +432,7 @@ class CrossPlatformModel(nn.Module):
                 f"the model has no head for channel {channel!r}; it has {sorted(self.heads)}"
             )
         m = RecModel(self.spec)
-        m.profile_lin, m.profile_mlp = self.profile_lin, self.profile_mlp
+        m.profile_lin, m.profile_mlp, m.seq = self.profile_lin, self.profile_mlp, self.seq
         m.to_items = _head_layer(self.heads, key, "to_items")
         m.profile_own = _head_layer(self.heads, key, "profile_own") if self.spec.own_tower else None
         return m
@@ -335,6 +489,10 @@ def model_spec(cfg: FedrecConfig, item_dim: int) -> ModelSpec:
         own_tower=cfg.model.heads == "channel-tower",
         item_prior=cfg.model.item_prior != "none",
         head_scale=cfg.model.head_scale,
+        tower=cfg.model.tower,
+        blocks=cfg.model.blocks,
+        attention_heads=cfg.model.attention_heads,
+        max_history=cfg.model.max_history,
     )
 
 

@@ -349,3 +349,138 @@ def test_mix_shared_moves_the_shared_tower_toward_the_nodes_own_and_leaves_heads
     for k in after:
         if k.startswith("heads."):
             torch.testing.assert_close(after[k], before[k])
+
+
+# --- the attention tower ---------------------------------------------------------------------
+
+
+def _window(batch: int = 4, length: int = 8, pad: int = 3, seed: int = 0):
+    """Left-padded windows of unit item vectors: row 0 has ``pad`` padding slots."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(batch, length, DIM, generator=g), dim=-1)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, :pad] = False
+    return x * mask.unsqueeze(-1), mask
+
+
+@pytest.mark.parametrize("item_prior", [False, True])
+def test_untrained_attention_tower_equals_the_untrained_mean_tower(item_prior: bool) -> None:
+    # Prepare: the same seed; W_s starts at zero, W_in x summarised = the mean tower's summary
+    mean = RecModel(ModelSpec(seed=3, item_prior=item_prior))
+    attention = RecModel(ModelSpec(seed=3, item_prior=item_prior, tower="attention"))
+    x, mask = _window()
+    if item_prior:
+        x = torch.cat([x, torch.randn(*x.shape[:2], 1) * mask.unsqueeze(-1)], dim=-1)
+    query = torch.nn.functional.normalize(torch.randn(4, x.shape[-1]), dim=-1)
+
+    # Execute / Assert: with and without a search query
+    torch.testing.assert_close(attention.profile(x, mask), mean.profile(x, mask))
+    torch.testing.assert_close(attention.profile(x, mask, query), mean.profile(x, mask, query))
+
+
+def test_attention_tower_is_causal_and_its_last_position_is_the_profile() -> None:
+    # Prepare: a trained-looking tower (W_s no longer zero)
+    model = RecModel(ModelSpec(tower="attention", blocks=2, max_history=8))
+    torch.nn.init.normal_(model.seq.out.weight)
+    x, mask = _window()
+    changed = x.clone()
+    changed[:, -1] = torch.nn.functional.normalize(torch.randn(4, DIM), dim=-1)
+
+    # Execute
+    before, after = model(x, mask), model(changed, mask)  # (B, T, E)
+
+    # Assert: a later item moves only the last position; position T is what is served
+    torch.testing.assert_close(before[:, :-1], after[:, :-1])
+    assert not torch.allclose(before[:, -1], after[:, -1])
+    torch.testing.assert_close(before[:, -1], model.profile(x, mask), rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(before).all()  # padding slots read only themselves
+
+
+def test_attention_tower_reads_order() -> None:
+    # Prepare: the same items in two orders
+    model = RecModel(ModelSpec(tower="attention", max_history=8))
+    torch.nn.init.normal_(model.seq.out.weight)
+    x, mask = _window(pad=0)
+    flipped = x.flip(1)
+
+    # Execute / Assert: the mean tower's summary of the full window is the same; the profile not
+    assert not torch.allclose(model.profile(x, mask), model.profile(flipped, mask))
+
+
+def test_attention_forward_at_slots_gathers_positions() -> None:
+    model = RecModel(ModelSpec(tower="attention", max_history=8))
+    x, mask = _window()
+    slots = torch.tensor([[7, 3], [0, 7], [5, 5], [1, 2]])
+
+    every, picked = model(x, mask), model(x, mask, slots)
+
+    torch.testing.assert_close(picked, every.gather(1, slots.unsqueeze(-1).expand(-1, -1, DIM)))
+
+
+def test_ghost_clipping_norms_of_the_attention_tower_equal_per_user_gradients() -> None:
+    # Prepare: Opacus's per-user gradient norms (ghost clipping, the default mode) against
+    # each user's gradient computed alone
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    def loss_of(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # per user (B,)
+        return (out * target).flatten(1).sum(1)
+
+    model = RecModel(ModelSpec(tower="attention", blocks=2, max_history=8, own_tower=True))
+    torch.nn.init.normal_(model.seq.out.weight, std=0.1)
+    x, mask = _window()
+    target = torch.randn(4, 8, DIM)
+    alone = []
+    for i in range(4):
+        model.zero_grad()
+        loss_of(model(x[i : i + 1], mask[i : i + 1]), target[i : i + 1]).sum().backward()
+        alone.append(torch.sqrt(sum((p.grad**2).sum() for p in model.parameters())))
+
+    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum")
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(gsm.parameters(), lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=1e6,
+        expected_batch_size=4,
+        loss_reduction="sum",
+    )
+
+    class Criterion(torch.nn.Module):
+        reduction = "sum"
+
+        def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return loss_of(out, target)
+
+    criterion = DPLossFastGradientClipping(gsm, opt, Criterion(), loss_reduction="sum")
+
+    # Execute
+    criterion(gsm(x, mask), target).backward()
+
+    # Assert
+    torch.testing.assert_close(
+        gsm.per_sample_gradient_norms, torch.stack(alone), rtol=1e-3, atol=1e-4
+    )
+
+
+def test_cross_platform_attention_tower_is_shared_by_every_platform() -> None:
+    from fedrec.shared.model import CrossPlatformModel, head_owner
+
+    spec = ModelSpec(tower="attention", own_tower=True)
+    model = CrossPlatformModel(spec, ("a", "b"))
+
+    a, b = model.channel_model("a"), model.channel_model("b")
+
+    assert a.seq is b.seq is model.seq
+    shared = [n for n in param_shapes(model) if head_owner(n) is None]
+    assert {n.split(".")[0] for n in shared} == {"profile_lin", "seq"}
+    assert param_shapes(model)["heads.a.profile_own.weight"] == (spec.dim, 2 * spec.dim)
+
+
+def test_attention_heads_must_divide_the_model_dim() -> None:
+    from fedrec.shared.config import ConfigError, from_run_config
+
+    with pytest.raises(ConfigError, match="model.attention-heads"):
+        from_run_config({"model.tower": "attention", "model.attention-heads": 5})
+    with pytest.raises(ConfigError, match="model.tower"):
+        from_run_config({"model.tower": "gru"})

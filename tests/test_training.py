@@ -642,3 +642,76 @@ def test_dp_training_steps_through_empty_poisson_batches() -> None:
     # Assert: every step ran and was accounted, empty ones included
     assert result.steps == 20 and dp.total_steps() == 20
     assert np.isfinite(result.loss)
+
+
+# ------------------------------------------------------------------ windows (attention tower)
+
+
+def test_windows_predict_the_next_item_of_the_users_own_training_history() -> None:
+    # Prepare: held-out items (90+) never occur in the training split; windows of 4 inputs
+    full = sequences([[1, 2, 3, 90], [4, 5, 6, 7, 8, 9, 10, 11, 91], [12, 13, 92], [14, 93]])
+    split = leave_last_out(full)
+    items = torch.nn.functional.normalize(torch.randn(100, DIM), dim=1)
+    spec = TrainSpec(negatives=2, positions=3, max_history=4)
+    examples = training.WindowExamples(split.train, items, spec)
+    train_rows = [
+        split.train.item_index[s:e].tolist()
+        for s, e in zip(split.train.offsets[:-1], split.train.offsets[1:], strict=True)
+    ]
+
+    # Execute: many redraws
+    ends, targets = set(), set()
+    for _ in range(60):
+        x, mask, slots, cands = examples.__getitems__(list(range(len(examples))))
+        assert x.shape[0] == mask.shape[0] == 3 and slots.shape == (3, 3)
+        assert cands.shape == (3, 3, 3)
+        for k, row in enumerate(examples.rows):
+            seq = train_rows[row]
+            held = [int(torch.argmax(items @ v)) for v in x[k][mask[k]]]  # the window's items
+            # Assert: left-padded, consecutive items of the user's history, at most 4
+            assert not mask[k, : x.shape[1] - len(held)].any() and len(held) <= 4
+            start = seq.index(held[0])
+            assert seq[start : start + len(held)] == held
+            ends.add((row, start + len(held)))
+            used = cands[k, :, 0] >= 0
+            assert int(used.sum()) == min(3, len(held))
+            for p in np.flatnonzero(used.numpy()):
+                slot = int(slots[k, p])
+                assert mask[k, slot]
+                before = held[: slot - (x.shape[1] - len(held)) + 1]
+                # the target is the item that followed the prefix ending at that slot
+                assert int(cands[k, p, 0]) == seq[start + len(before)]
+                targets.add(int(cands[k, p, 0]))
+
+    # Assert: u3 ([14]) is no example; the long user's (8 training items) 4 inputs end at
+    # every point that leaves a next item; no held-out item is a target
+    assert len(examples) == 3
+    assert {e for r, e in ends if r == 1} == {4, 5, 6, 7}
+    assert targets.isdisjoint({90, 91, 92, 93})
+
+
+def test_train_local_attention_tower_learns_and_trains_under_dp() -> None:
+    from fedrec.client.dp import DPSession
+    from fedrec.shared.config import DPConfig
+
+    items, seqs = topic_world(shift=1)
+    split = leave_last_out(seqs)
+    spec = TrainSpec(steps=30, batch_size=32, negatives=20, max_history=10)
+    model = RecModel(ModelSpec(tower="attention", max_history=10))
+    before, _ = evaluate(model_scorer(model, items), len(items), split, max_history=10)
+
+    train_local(model, items, split.train, spec)
+    after, _ = evaluate(model_scorer(model, items), len(items), split, max_history=10)
+    dp = DPSession(
+        DPConfig(target_epsilon=1e9, noise_multiplier=1.0),
+        users=64,
+        batch_size=32,
+        planned_steps=3,
+        channel="shop",
+    )
+    private = RecModel(ModelSpec(tower="attention", max_history=10))
+    result = train_local(private, items, split.train, TrainSpec(steps=3, max_history=10), dp=dp)
+
+    assert before["ndcg@10"] < 0.05
+    assert after["ndcg@10"] > 0.25
+    assert result.steps == 3 and dp.total_steps() == 3 and np.isfinite(result.loss)
