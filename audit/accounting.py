@@ -3,8 +3,9 @@
 Owns: the three ε functions (Opacus RDP, Opacus PRV, Google ``dp_accounting`` PLD) over an
 Opacus-style history of ``(noise_multiplier, sample_rate, steps)`` events, the reconstruction of
 each channel's history from the server's privacy ledger, the per-channel checks (ledger ε equals
-the recomputation, RDP ≥ PLD, budget), the composed worst case for a user present on several
-channels, and the fixed wording of the privacy statement (privacy unit, trust model, what is not
+the recomputation, RDP ≥ PLD, budget), the worst case with lost rounds counted as spent
+(:func:`worst_case`), the composed worst case for a user present on several channels, and the
+fixed wording of the privacy statement (privacy unit, trust model, what is not
 protected).
 
 Every mechanism here is the Poisson-subsampled Gaussian of DP-SGD (Abadi et al. 2016) with
@@ -63,8 +64,9 @@ TRUST_MODEL = (
     "Federated, local DP: each platform runs DP-SGD on its own users before anything leaves it. "
     "The server (and anyone who sees the global model) sees each platform's DP-noised model "
     "weights, aggregate metrics and bucketed counts; raw interactions, user ids and per-user "
-    "values never leave the platform. The guarantee holds against the server as well, since "
-    "everything it receives is post-processing of the DP-SGD iterates. No secure aggregation."
+    "values never leave the platform. What of this holds against the server itself depends on "
+    "each node's own privacy policy, which the server cannot change: see 'Against the server'. "
+    "No secure aggregation."
 )
 PROTECTED = (
     "Every model update a platform sends (all DP-SGD iterates, hence every checkpoint and the "
@@ -462,6 +464,7 @@ class _LedgerWalk:
         }
     )
     sample_rates: set[float] = field(default_factory=set)
+    settings: dict[int, tuple[float, float]] = field(default_factory=dict)  # round -> (σ, q)
     steps_per_round: set[int] = field(default_factory=set)
     total_steps: int = 0
     releases: int = 0  # item-prior releases counted into ``events`` so far
@@ -512,6 +515,7 @@ class _LedgerWalk:
             self.dp_off_rounds.append(rnd)
         elif problem is None:
             self.sample_rates.add(event[1])
+            self.settings[rnd] = (event[0], event[1])
         self._add_releases(e, at)
         self.events.append(event)
         self.total_steps += event[2]
@@ -633,6 +637,9 @@ def audit_channel(
     node_entries: Sequence[Mapping[str, Any]] | None = None,
     pld_interval: float = PLD_INTERVAL,
     where: str = "privacy-ledger.jsonl",
+    planned_steps: int | None = None,
+    fallback_sigma: float | None = None,
+    fallback_q: float = 1.0,
 ) -> dict[str, Any]:
     """Recompute one channel's privacy spend from its ledger lines and check them.
 
@@ -652,11 +659,15 @@ def audit_channel(
         node_entries: the client's own ledger (simulation), to compare histories.
         pld_interval: discretisation of the PLD cross-check.
         where: file name used in problem messages.
+        planned_steps, fallback_sigma, fallback_q: what a lost round is counted as in the
+            worst case (:func:`worst_case`; the steps are the larger of ``planned_steps``, the
+            run's ``train.local-steps``, and the most a round of the channel logged).
 
     Returns:
-        A JSON-able dict: final ε (run accountant, PLD, RDP), history, per-round curve, refused
-        rounds, budget, and ``problems`` (accounting inconsistencies), ``violations`` (budget
-        exceeded, DP off although configured on) and ``notes``.
+        A JSON-able dict: final ε (run accountant, PLD, RDP), the worst-case ε with lost rounds
+        counted as spent (``epsilon_worst_case``, ``worst_case``), history, per-round curve,
+        refused rounds, budget, and ``problems`` (accounting inconsistencies), ``violations``
+        (budget exceeded, DP off although configured on) and ``notes``.
     """
     walk = _LedgerWalk(
         channel, accountant, delta, target_epsilon, dp_enabled_config, pld_interval, where
@@ -676,6 +687,27 @@ def audit_channel(
     result["epsilon_pld"] = eps_pld
     result["epsilon_rdp"] = eps_rdp
     result["cross_check"] = "pld" if accountant == "rdp" else "pld, rdp"
+    try:
+        worst = worst_case(
+            walk.missing,
+            history,
+            walk.settings,
+            planned_steps=max(
+                [*walk.steps_per_round, *([planned_steps] if planned_steps else [])], default=None
+            ),
+            fallback_sigma=fallback_sigma,
+            fallback_q=fallback_q,
+            delta=delta,
+            accountant=accountant,
+            pld_interval=pld_interval,
+        )
+    except Exception as exc:
+        problems.append(f"{channel}: could not compute the worst-case ε ({exc})")
+        worst = {"epsilon": math.nan, "lost_rounds": [], "events": [], "basis": []}
+    if worst["epsilon"] is None:  # no lost round: the worst case is the record
+        worst["epsilon"] = eps_run
+    result["worst_case"] = worst
+    result["epsilon_worst_case"] = worst["epsilon"]
     problems += cross_check_problems(channel, accountant, eps_run, eps_pld, eps_rdp)
     result["budget"] = {
         "target_epsilon": target_epsilon,
@@ -763,6 +795,79 @@ def _check_node_ledger(
     return problems
 
 
+def _lost_setting(
+    rnd: int, settings: Mapping[int, tuple[float, float]]
+) -> tuple[float, float, int] | None:
+    """``(σ, q, round)`` of the spent round nearest before ``rnd``, else nearest after."""
+    before = [r for r in settings if r < rnd]
+    after = [r for r in settings if r > rnd]
+    if not before and not after:
+        return None
+    r = max(before) if before else min(after)
+    return (*settings[r], r)
+
+
+def worst_case(
+    lost: Sequence[Mapping[str, Any]],
+    history: History,
+    settings: Mapping[int, tuple[float, float]],
+    *,
+    planned_steps: int | None,
+    fallback_sigma: float | None,
+    fallback_q: float,
+    delta: float,
+    accountant: str,
+    pld_interval: float = PLD_INTERVAL,
+) -> dict[str, Any]:
+    """ε if every lost round had trained: the worst case the server's record allows.
+
+    A lost round is ``missing`` (no reply: the node may have trained and timed out) or
+    ``failed`` (an error reply that is not the node's refusal: it may have come after the
+    training). Each adds ``planned_steps`` at that round's σ and q, taken from the channel's
+    nearest spent round (before it, else after it); without one, σ is ``fallback_sigma`` (the
+    run's fixed σ, else the node policy's min-noise-multiplier) and q is ``fallback_q`` (the
+    policy's max-sample-rate, else 1). Unknown σ or steps: ε = ∞. Refused rounds add nothing:
+    a refusal is the node's own statement that it did not train.
+
+    Returns:
+        ``{"epsilon", "lost_rounds", "events", "basis"}``; ``epsilon`` is the on-record ε's
+        history plus ``events``, with the run's accountant.
+    """
+    events: list[Event] = []
+    basis: list[str] = []
+    for r in lost:
+        rnd = int(r["round"])
+        found = _lost_setting(rnd, settings)
+        sigma: float | None
+        if found is not None:
+            sigma, q, src = found
+            where = f"σ, q of round {src}"
+        else:
+            sigma, q = fallback_sigma, fallback_q
+            where = (
+                "no spent round: σ "
+                + ("unknown" if sigma is None else f"{sigma:g} (run config or policy floor)")
+                + f", q {q:g}"
+            )
+        if sigma is None or planned_steps is None:
+            events.append((0.0, q, max(planned_steps or 1, 1)))
+            basis.append(f"round {rnd} ({r['status']}): {where}; counted as no noise (ε = ∞)")
+            continue
+        events.append((float(sigma), float(q), planned_steps))
+        basis.append(f"round {rnd} ({r['status']}): {planned_steps} steps, {where}")
+    eps = (
+        epsilon([*history, *events], delta, accountant, pld_interval=pld_interval)
+        if events
+        else None
+    )
+    return {
+        "epsilon": eps,
+        "lost_rounds": [int(r["round"]) for r in lost],
+        "events": [list(ev) for ev in events],
+        "basis": basis,
+    }
+
+
 def _worse(a: float, b: float) -> bool:
     return not math.isnan(a) and (math.isnan(b) or a > b)
 
@@ -804,6 +909,7 @@ def audit_accounting(
     channels: Sequence[str] = (),
     node_ledgers: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     pld_interval: float = PLD_INTERVAL,
+    policy_floor: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Audit the whole server ledger: every channel, then the composed worst case.
 
@@ -814,6 +920,8 @@ def audit_accounting(
             reported).
         node_ledgers: channel → that client's own ledger entries, where they exist.
         pld_interval: discretisation of the PLD cross-check.
+        policy_floor: the node policy's ``(min-noise-multiplier, max-sample-rate)``, if known:
+            what a lost round of a channel that never trained is counted at in the worst case.
     """
     problems: list[str] = []
     accountant = str(run_config.get("dp.accountant", "")).lower()
@@ -835,6 +943,14 @@ def audit_accounting(
         delta = min(deltas) if deltas else 1e-5
     target = as_float(run_config.get("dp.target-epsilon"))
     dp_enabled = run_config.get("dp.enabled", True) is not False
+    planned = run_config.get("train.local-steps")
+    fixed_sigma = as_float(run_config.get("dp.noise-multiplier"))
+    if not dp_enabled:
+        fallback_sigma: float | None = 0.0
+    elif fixed_sigma is not None and fixed_sigma >= 0:
+        fallback_sigma = fixed_sigma
+    else:
+        fallback_sigma = policy_floor[0] if policy_floor else None
 
     # A channel split over shards (disjoint users, one accountant each) is audited per shard,
     # named like its node folder ("<channel>-<shard>"), when the ledger says which shard.
@@ -862,16 +978,23 @@ def audit_accounting(
             dp_enabled_config=dp_enabled,
             node_entries=(node_ledgers or {}).get(ch),
             pld_interval=pld_interval,
+            planned_steps=planned if isinstance(planned, int) and planned > 0 else None,
+            fallback_sigma=fallback_sigma,
+            fallback_q=policy_floor[1] if policy_floor else 1.0,
         )
     composed: dict[str, Any] | None = None
     if per:
         # A person is in at most one shard of a channel (parallel composition): take each
         # channel's worst shard, then compose across channels.
         worst: dict[str, str] = {}
+        worst_lost: dict[str, str] = {}  # the same with lost rounds counted as spent
         for key, r in per.items():
             ch = base[key]
             if ch not in worst or _worse(r["epsilon"], per[worst[ch]]["epsilon"]):
                 worst[ch] = key
+            wc = r["epsilon_worst_case"]
+            if ch not in worst_lost or _worse(wc, per[worst_lost[ch]]["epsilon_worst_case"]):
+                worst_lost[ch] = key
         try:
             composed = composed_worst_case(
                 {ch: per[key]["history"] for ch, key in worst.items()},
@@ -879,6 +1002,21 @@ def audit_accounting(
                 accountant,
                 per_channel={ch: per[key]["epsilon"] for ch, key in worst.items()},
                 pld_interval=pld_interval,
+            )
+            lost = [per[key]["worst_case"] for key in worst_lost.values()]
+            composed["epsilon_worst_case"] = (
+                epsilon(
+                    [
+                        ev
+                        for key in worst_lost.values()
+                        for ev in (*per[key]["history"], *per[key]["worst_case"]["events"])
+                    ],
+                    delta,
+                    accountant,
+                    pld_interval=pld_interval,
+                )
+                if any(w["events"] for w in lost)
+                else composed["epsilon"]
             )
         except Exception as exc:
             problems.append(f"composed ε: could not compute ({type(exc).__name__}: {exc})")
@@ -896,19 +1034,27 @@ def audit_accounting(
     }
 
 
-def not_protected(run_config: Mapping[str, Any], per_channel: Mapping[str, Any]) -> list[str]:
+def not_protected(
+    run_config: Mapping[str, Any],
+    per_channel: Mapping[str, Any],
+    *,
+    loss_sent: bool | None = None,
+) -> list[str]:
     """What the DP guarantee does not cover, for the report: participation and timing, the
-    bucketed platform size, evaluation metrics and the training loss (aggregates without noise),
-    platform-level properties, the public item encoder, hyperparameter choices; first, if so,
-    that the run or some channels trained without DP."""
+    bucketed platform size, evaluation metrics and the training loss (aggregates without noise;
+    ``loss_sent`` False: the nodes' policies keep it, None: not known), platform-level
+    properties, the public item encoder, hyperparameter choices; first, if so, that the run or
+    some channels trained without DP."""
     items = [
         "Participation and timing: which platforms took part in which round, and when.",
         f"Platform size: '{wire.NUM_EXAMPLES}' is sent rounded up to a multiple of "
         f"{wire.COUNT_BUCKET}; the server learns each platform's user count at that granularity.",
         "Evaluation metrics (HR/NDCG/Recall/MRR, evaluated-user counts) are computed on users' "
         "held-out data without DP; they are aggregates, but not covered by ε.",
-        "The training loss sent with each update is computed on the sampled users without "
-        "noise; it is an aggregate, but not covered by ε.",
+        "The training loss stays on the nodes (their policies' send-loss = false)."
+        if loss_sent is False
+        else "The training loss sent with each update (where a node's policy sends it) is "
+        "computed on the sampled users without noise; it is an aggregate, but not covered by ε.",
         "Platform-level properties (the platform's user mix, item popularity): ε protects one "
         "user; a group of k users is protected only at about k·ε.",
         "Item text and the central item encoder are public (no private data; they cost no ε).",

@@ -3,8 +3,9 @@
 Owns: the command line of the audit only; the checks live in :mod:`.report` and below.
 Exit code 1 when a check fails (tampered or missing log, results.json removed, files that
 disagree on the rounds or the spend, accounting inconsistency, budget exceeded, egress
-violation, or an empirical bound above the claimed ε); 2 when ``--out`` cannot be written
-(checked before any work).
+violation, a node policy flag that fails (see :mod:`.nodes`), a node ledger not trusted, or an
+empirical bound above the claimed ε); 2 when ``--out`` cannot be written (checked before any
+work) or a ``--node-policy`` file is unreadable.
 
 Must not: import ``server/`` or ``client/``; do heavy imports at module import (``fedrec
 --help`` stays instant).
@@ -61,6 +62,15 @@ def audit(
             help="The run key the server signed the log heads with (default $FEDREC_RUN_KEY).",
         ),
     ] = None,
+    node_policy: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--node-policy",
+            help="A platform's node policy file (TOML), matched by digest to what its nodes "
+            "reported; repeat for several platforms. A simulation's node-policy.toml is read "
+            "without it.",
+        ),
+    ] = None,
 ) -> None:
     """Audit a run: accounting, budget, egress, log integrity; write audit.{json,md,html}."""
     from rich.console import Console
@@ -81,9 +91,15 @@ def audit(
         if not isinstance(spec, dict):
             raise typer.BadParameter(f"{empirical}: must hold a JSON object of audits")
     from fedrec.shared.hashlog import load_key
+    from fedrec.shared.policy import load_policy
 
+    policies = [load_policy(p) for p in node_policy or ()]
     report = build_report(
-        run_dir, spec, pld_interval=pld_interval, key=load_key(key) if key else None
+        run_dir,
+        spec,
+        pld_interval=pld_interval,
+        key=load_key(key) if key else None,
+        node_policies=policies,
     )
     paths = write_report(report, out_dir)
 
@@ -94,6 +110,7 @@ def audit(
     for col in (
         "channel",
         f"ε {acc['accountant'].upper()}",
+        "ε worst case",
         "ε cross-check (PLD)" + (", RDP" if acc["accountant"] != "rdp" else ""),
         "target",
         "trained / refused",
@@ -110,6 +127,7 @@ def audit(
         table.add_row(
             ch,
             fmt(r.get("epsilon")),
+            fmt(r.get("epsilon_worst_case")),
             cross,
             fmt(acc["target_epsilon"], 2),
             f"{r.get('rounds_trained', 0)} / {len(r.get('rounds_refused', []))}",

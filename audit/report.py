@@ -2,15 +2,19 @@
 
 Owns: reading the run directory tolerantly (a crashed run or a deployment run lacks files; what
 is missing is reported, nothing crashes), running the checks (:mod:`.accounting`,
-:mod:`.egress`, the cross-checks between files of :mod:`.evidence`, the empirical statistics of
-:mod:`.stats`, the verdicts of :mod:`.verdicts`), the privacy statement, the plots (matplotlib, Agg, no pyplot), the report as a
-:class:`~.document.Document` and the atomic writing of the outputs.
+:mod:`.egress`, the cross-checks between files of :mod:`.evidence`, the nodes' policies, ledgers
+and refusals of :mod:`.nodes`, the empirical statistics of :mod:`.stats`, the verdicts of
+:mod:`.verdicts`), the privacy statement, the plots (matplotlib, Agg, no pyplot), the report as
+a :class:`~.document.Document` and the atomic writing of the outputs.
 
 The privacy statement has the fields a DP training report needs (after TF-Privacy's
 ``compute_dp_sgd_privacy_statement`` and Ponomareva et al., "How to DP-fy ML", 2023): the
-setting and trust model, the privacy unit and adjacency, users on several platforms, what is
-and is not protected, the mechanism, the sampling, the accounting, the budget policy; the
-report adds the empirical audits, the utility and the library versions.
+setting and trust model, what holds against the server under the nodes' policy (:mod:`.trust`),
+the guarantee claimed (the worst-case ε, lost rounds counted as spent, next to the ε on record),
+the privacy unit and adjacency, users on several platforms, what is and is not protected, the
+mechanism, the sampling, the accounting, the budget policy; the report adds the nodes (policy,
+noise source, evaluations, ledger; every refusal and reset), the empirical audits, the utility
+and the library versions.
 
 Must not: import ``server/`` or ``client/``; write anything inside the run directory except the
 chosen output folder; put per-example values of real users in the report (membership scores are
@@ -33,8 +37,9 @@ import numpy as np
 from fedrec.shared import hashlog, wire
 from fedrec.shared.errors import FedrecError
 from fedrec.shared.fsio import atomic_write_bytes, atomic_write_text, out_dir_problem
+from fedrec.shared.policy import NodePolicy
 
-from . import accounting, egress, evidence, stats, verdicts
+from . import accounting, egress, evidence, nodes, stats, verdicts
 from .document import (
     Block,
     BulletList,
@@ -320,11 +325,14 @@ def build_report(
     *,
     pld_interval: float = accounting.PLD_INTERVAL,
     key: bytes | None = None,
+    node_policies: Sequence[NodePolicy] = (),
 ) -> dict[str, Any]:
     """Audit a run directory; return the report as a JSON-able dict.
 
     ``key``: the operator's run key (``FEDREC_RUN_KEY`` when the run was written); with it
     the log heads' HMAC in results.json is checked (:func:`verdicts.check_signature`).
+    ``node_policies``: the platforms' policy files, matched by digest to what the nodes
+    reported (a simulation's ``node-policy.toml`` is read without being given).
 
     Args:
         run_dir: the run directory (see the server's run writer for its layout).
@@ -341,7 +349,7 @@ def build_report(
 
     Returns:
         ``{"schema", "ok", "verdicts", "run", "files", "logs", "evidence", "accounting",
-        "egress", "statement", "utility", "empirical", "read_problems"}``, strict JSON:
+        "egress", "nodes", "statement", "utility", "empirical", "read_problems"}``, strict JSON:
         non-finite numbers are the strings "inf", "-inf" and "nan" (never bare
         ``Infinity``/``NaN``; an ε of ∞ is "inf").
     """
@@ -375,13 +383,23 @@ def build_report(
     node_ledgers = _node_ledgers(run_dir, read_problems) if nodes_present else {}
     metrics = _read_jsonl(run_dir / METRICS, METRICS, read_problems)
 
-    # Accounting and egress
+    # The nodes' policies and ledgers, then accounting and egress
+    node_report = nodes.audit_nodes(
+        run_dir,
+        run_config=run_config,
+        channels=channels,
+        ledger=ledger,
+        replies=replies,
+        node_ledgers=node_ledgers,
+        given=node_policies,
+    )
     acc = accounting.audit_accounting(
         ledger,
         run_config,
         channels=channels,
         node_ledgers=node_ledgers or None,
         pld_interval=pld_interval,
+        policy_floor=_policy_floor(node_report),
     )
     shapes = model.get("param_shapes")
     eg = egress.audit_egress(replies, shapes if isinstance(shapes, dict) else None)
@@ -421,6 +439,8 @@ def build_report(
         results=results_state,
         evidence=ev,
         signature=signature,
+        nodes=node_report,
+        trained=any(e.get(accounting.STATUS) in accounting.SPENT for e in ledger),
     )
     report = {
         "schema": SCHEMA,
@@ -450,7 +470,8 @@ def build_report(
         "evidence": ev,
         "accounting": acc,
         "egress": eg,
-        "statement": _statement(config, run_config, acc),
+        "nodes": node_report,
+        "statement": _statement(config, run_config, acc, node_report),
         "utility": _utility(metrics),
         "empirical": emp,
         "read_problems": read_problems,
@@ -458,25 +479,73 @@ def build_report(
     return _jsonable(report)
 
 
+def _policy_floor(node_report: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The weakest ``(min-noise-multiplier, max-sample-rate)`` of the known node policies."""
+    known = [p["policy"] for p in node_report["policies"].values()]
+    if not known:
+        return None
+    return (
+        min(float(p["min-noise-multiplier"]) for p in known),
+        max(float(p["max-sample-rate"]) for p in known),
+    )
+
+
+def _loss_sent(node_report: Mapping[str, Any]) -> bool | None:
+    """Whether some node's policy sends the loss; None when a node's policy is not known."""
+    if not all(n["policy_known"] for n in node_report["nodes"].values()):
+        return None
+    return any(p["policy"]["send-loss"] for p in node_report["policies"].values())
+
+
+def _guarantee(acc: Mapping[str, Any]) -> str:
+    """The claim: the worst case (lost rounds counted as spent), with the ε on record."""
+    per = acc["channels"]
+    if not per:
+        return "No channel trained: nothing was spent on record."
+    worst = max(per, key=lambda c: num(per[c]["epsilon_worst_case"]) or -1.0)
+    lost = sorted(r for c in per.values() for r in c["worst_case"]["lost_rounds"])
+    on_record = max((num(c["epsilon"]) or 0.0) for c in per.values())
+    counted = (
+        f"{len(lost)} lost round(s) (no reply, or an error that may have followed training) "
+        "counted as spent"
+        if lost
+        else "no round was lost"
+    )
+    return (
+        f"ε ≤ {fmt(per[worst]['epsilon_worst_case'])} per user of one platform at "
+        f"δ = {acc['delta']:g} ({acc['accountant'].upper()}; worst channel {worst}), the worst "
+        f"case: {counted}; on record the largest ε is {fmt(on_record)}."
+    )
+
+
 def _statement(
-    config: Mapping[str, Any], run_config: Mapping[str, Any], acc: Mapping[str, Any]
+    config: Mapping[str, Any],
+    run_config: Mapping[str, Any],
+    acc: Mapping[str, Any],
+    node_report: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The privacy statement, field by field (see the module docstring)."""
     per = acc["channels"]
     comp = acc.get("composed") or {}
+    wc = comp.get("epsilon_worst_case", comp.get("epsilon"))
     return {
         "setting_and_trust_model": accounting.TRUST_MODEL,
+        "guarantee": _guarantee(acc),
+        "against_the_server": node_report["statements"],
         "privacy_unit": accounting.PRIVACY_UNIT,
         "adjacency": accounting.ADJACENCY,
         "users_on_several_platforms": (
             "Protected by each platform's guarantee separately; a person who is a user on every "
-            f"platform has, in the worst case, ε = {fmt(comp.get('epsilon'))} "
-            f"({acc['accountant'].upper()}; PLD {fmt(comp.get('epsilon_pld'))}) at "
-            f"δ = {acc['delta']:g}, all channels composed; the naive sum "
-            f"{fmt(comp.get('naive_sum'))} holds at δ = {comp.get('naive_sum_delta', 0):g}."
+            f"platform has, in the worst case, ε = {fmt(wc)} ({acc['accountant'].upper()}, "
+            f"lost rounds counted as spent; on record {fmt(comp.get('epsilon'))}, PLD "
+            f"{fmt(comp.get('epsilon_pld'))}) at δ = {acc['delta']:g}, all channels composed; "
+            f"the naive sum of the on-record ε {fmt(comp.get('naive_sum'))} holds at "
+            f"δ = {comp.get('naive_sum_delta', 0):g}."
         ),
         "protected": accounting.PROTECTED,
-        "not_protected": accounting.not_protected(run_config, per),
+        "not_protected": accounting.not_protected(
+            run_config, per, loss_sent=_loss_sent(node_report)
+        ),
         "mechanism": {
             "algorithm": "DP-SGD (Abadi et al. 2016) with Opacus, one example per user",
             "clipping": "flat per-user clipping to max_grad_norm C",
@@ -500,6 +569,8 @@ def _statement(
             "cross_check": acc["cross_check"],
             "delta": acc["delta"],
             "epsilon": {c: r["epsilon"] for c, r in per.items()},
+            "epsilon_worst_case": {c: r["epsilon_worst_case"] for c, r in per.items()},
+            "lost_rounds": {c: r["worst_case"]["lost_rounds"] for c, r in per.items()},
             "epsilon_pld": {c: r["epsilon_pld"] for c, r in per.items()},
             "history": {c: r["history"] for c, r in per.items()},
         },
@@ -649,6 +720,7 @@ def _document(report: Mapping[str, Any], image_names: Sequence[str]) -> Document
     if details:
         sections.append(Section("Details", (BulletList(tuple(details[:MAX_DETAILS])),)))
     sections.append(_channels_section(report["accounting"], report["egress"], image_names))
+    sections.append(_nodes_section(report["nodes"]))
     sections.append(_statement_section(report["statement"]))
     if report.get("empirical"):
         sections.append(_empirical_section(report["empirical"]))
@@ -666,8 +738,8 @@ def _channels_section(
     target, rounds and egress counts; the composed worst case; the plots."""
     name = acc["accountant"].upper()
     rdp_column = acc["accountant"] != "rdp"
-    header = ["channel", f"ε {name}", "ε PLD", *(["ε RDP"] if rdp_column else [])]
-    header += ["target", "trained", "refused", "replies", "bytes", "violations"]
+    header = ["channel", f"ε {name}", "ε worst case", "ε PLD", *(["ε RDP"] if rdp_column else [])]
+    header += ["target", "trained", "refused", "lost", "replies", "bytes", "violations"]
     rows = []
     for ch in sorted(set(acc["channels"]) | set(eg["channels"])):
         r = acc["channels"].get(ch, {})
@@ -676,11 +748,13 @@ def _channels_section(
             (
                 ch,
                 fmt(r.get("epsilon")),
+                fmt(r.get("epsilon_worst_case")),
                 fmt(r.get("epsilon_pld")),
                 *([fmt(r.get("epsilon_rdp"))] if rdp_column else []),
                 fmt(acc["target_epsilon"], 2),
                 str(r.get("rounds_trained", "—")),
                 ", ".join(map(str, r.get("rounds_refused", []))) or "—",
+                ", ".join(map(str, r.get("rounds_missing", []))) or "—",
                 str(e.get("replies", 0)),
                 f"{e.get('bytes', 0):,}",
                 str(e.get("violations", 0)),
@@ -697,8 +771,106 @@ def _channels_section(
                 f"(at δ = {comp['naive_sum_delta']:g})."
             )
         )
+    blocks.append(
+        Paragraph(
+            "ε worst case: lost rounds (no reply, or an error reply that was not a refusal) "
+            "counted as spent, at the steps planned and the σ, q of the channel's nearest "
+            "trained round; the privacy statement claims this figure. Lost: those rounds."
+        )
+    )
     blocks += [Image(n, n.removesuffix(".png")) for n in image_names]
     return Section("Per channel", tuple(blocks))
+
+
+def _nodes_section(nodes_report: Mapping[str, Any]) -> Section:
+    """Each node's policy, noise source, evaluations and ledger; the policies in force; every
+    refusal and ledger reset."""
+    pf = nodes_report["policy_file"]
+    if pf["present"]:
+        where = (
+            f"{pf['name']}: digest {str(pf['digest'])[:12]}…, {pf['source']}"
+            if pf["digest"]
+            else f"{pf['name']}: unreadable: {pf['problem']}"
+        )
+    else:
+        where = f"no {pf['name']} in the run directory (a deployment's nodes keep their own)"
+    rows = []
+    for label, n in nodes_report["nodes"].items():
+        own = n["node_ledger"] or {}
+        check = n["ledger_check"] or {}
+        rows.append(
+            (
+                label,
+                (str(n["policy"])[:12] + "…" if n["policy"] else "—")
+                + ("" if n["policy_known"] else " (unknown)"),
+                str(n["policy_basis"]),
+                ", ".join(n["noise_sources"]) or "—",
+                str(n["trained"]),
+                str(n["evaluations"]) + (f" / {own['evaluations_lifetime']}" if own else ""),
+                fmt(own.get("lifetime_epsilon")),
+                str(check.get("status", "—")),
+            )
+        )
+    blocks: list[Block] = [
+        Paragraph(where, lead="Policy file."),
+        Table(
+            (
+                "node",
+                "policy",
+                "basis",
+                "noise source",
+                "trained",
+                "evaluations (run / lifetime)",
+                "lifetime ε",
+                "node ledger",
+            ),
+            tuple(rows),
+        ),
+    ]
+    subsections = [
+        Section(f"Policy {digest[:12]}…", (KeyValues.of({"source": p["source"], **p["policy"]}),))
+        for digest, p in nodes_report["policies"].items()
+    ]
+    refusals = nodes_report["refusals"]
+    subsections.append(
+        Section(
+            f"Refusals ({len(refusals)})",
+            (
+                Table(
+                    ("source", "node", "round", "kind", "status", "reason"),
+                    tuple(
+                        (
+                            str(r["source"]),
+                            str(r["node"]),
+                            str(r["round"]),
+                            str(r["kind"]),
+                            str(r["status"]),
+                            str(r["reason"]) or "—",
+                        )
+                        for r in refusals
+                    ),
+                )
+                if refusals
+                else Paragraph("No node refused and no request failed."),
+            ),
+        )
+    )
+    if nodes_report["resets"]:
+        subsections.append(
+            Section(
+                "Ledger resets",
+                (
+                    BulletList(
+                        tuple(
+                            f"{r['node']} ({r['where']}, {r['time']}): {r['reason']}; previous "
+                            f"head {str(r['previous_head'])[:12]}…, {r['previous_entries']} lines"
+                            for r in nodes_report["resets"]
+                        )
+                    ),
+                ),
+            )
+        )
+    return Section("Nodes", tuple(blocks), tuple(subsections))
 
 
 def _statement_section(st: Mapping[str, Any]) -> Section:
@@ -706,13 +878,27 @@ def _statement_section(st: Mapping[str, Any]) -> Section:
         Paragraph(st[key], lead=f"{key.replace('_', ' ').capitalize()}.")
         for key in (
             "setting_and_trust_model",
+            "guarantee",
             "privacy_unit",
             "adjacency",
             "users_on_several_platforms",
             "protected",
         )
     )
-    subsections = [Section("Not protected", (BulletList(tuple(st["not_protected"])),))]
+    subsections = [
+        Section(
+            f"Against the server: policy {t['policy']}",
+            (
+                Paragraph(", ".join(t["nodes"]) or "no node in the logs", lead="Nodes."),
+                Paragraph("What holds against the server:"),
+                BulletList(tuple(t["holds"]) or ("Nothing known.",)),
+                Paragraph("What does not hold against the server:"),
+                BulletList(tuple(t["does_not_hold"])),
+            ),
+        )
+        for t in st["against_the_server"]
+    ]
+    subsections.append(Section("Not protected", (BulletList(tuple(st["not_protected"])),)))
     subsections += [
         Section(key.replace("_", " ").capitalize(), (KeyValues.of(st[key]),))
         for key in ("mechanism", "sampling", "accounting", "budget_policy")

@@ -2,8 +2,10 @@
 
 Owns: the statuses (pass, warn, fail, skip), :class:`Verdict`, and the checks in the order the
 report lists them: fault injection, log integrity (hash chains), the run's results (missing or
-the run incomplete), accounting consistency, budget, egress (allowlist and shapes), evidence (the
-run directory's files agree on the rounds and the spend), empirical audits, files; and :func:`check_empirical_claim`, the
+the run incomplete), accounting consistency, budget (on record, and the worst case with lost
+rounds counted as spent), egress (allowlist and shapes), evidence (the run directory's files
+agree on the rounds and the spend), the node policy's flags, the node ledgers, empirical
+audits, files; and :func:`check_empirical_claim`, the
 comparison of one empirical audit's ε with the ε it tests. A run is OK when no verdict fails.
 
 Inputs are the parts of the report that :mod:`.egress`, :mod:`.accounting` and :mod:`.evidence`
@@ -52,10 +54,18 @@ def _plural(n: int, word: str, suffix: str = "s") -> str:
     return f"{n} {word}{suffix * (n != 1)}"
 
 
-def check_fault_injection(fault_injected: bool) -> Verdict | None:
-    """The audit's own fault injection (``audit.disable-noise``): the claimed ε is not real."""
+def check_fault_injection(fault_injected: bool, *, trained: bool = True) -> Verdict | None:
+    """The audit's own fault injection (``audit.disable-noise``): the claimed ε is not real
+    once a node trained; asked for and refused by every node: a warning."""
     if not fault_injected:
         return None
+    if not trained:
+        return Verdict(
+            "fault-injection",
+            WARN,
+            "FAULT INJECTION: audit.disable-noise was asked for; no node trained "
+            "(every node refused it)",
+        )
     return Verdict(
         "fault-injection",
         FAIL,
@@ -218,10 +228,28 @@ def check_budget(acc: Report) -> Verdict:
         if len(per) > 1 and comp
         else ""
     )
+    lost = {c: r["worst_case"] for c, r in per.items() if r.get("worst_case", {}).get("events")}
+    if lost:
+        wc = {c: float(per[c]["epsilon_worst_case"]) for c in lost}
+        top = _largest_epsilon(wc)
+        tail += (
+            f"; worst case with lost rounds counted as spent ({', '.join(sorted(lost))}): "
+            f"max ε {fmt(wc[top])} ({top})"
+        )
+        if target is not None and wc[top] > float(target) * (1 + 1e-6):
+            return Verdict(
+                "budget",
+                WARN,
+                f"BUDGET: on record max ε {fmt(eps[worst])} ({worst}) {target_txt}, but the "
+                f"worst case with lost rounds counted as spent is ε {fmt(wc[top])} ({top}), "
+                "above the target",
+                tuple(b for r in lost.values() for b in r["basis"]),
+            )
     return Verdict(
         "budget",
         PASS,
         f"BUDGET: within target: max ε {fmt(eps[worst])} ({worst}) {target_txt}{ref}{tail}",
+        tuple(b for r in lost.values() for b in r["basis"]),
     )
 
 
@@ -315,6 +343,55 @@ def check_empirical(emp: Mapping[str, Report] | None) -> Verdict:
     return Verdict("empirical", status, f"EMPIRICAL: {head}: " + "; ".join(lines), lines)
 
 
+def check_node_policy(nodes: Report | None) -> Verdict | None:
+    """The nodes' policies and what they accepted (:mod:`.nodes` lists the flags and why each
+    is a warning or a failure): the worst flag's status, every flag a detail; without flags,
+    the policies in force. ``None`` when the run has no node in its logs and no policy file."""
+    if nodes is None or (not nodes["nodes"] and not nodes["policy_file"]["present"]):
+        return None
+    flags: Sequence[Report] = nodes["flags"]
+    refusals = len(nodes["refusals"])
+    tail = f"; {_plural(refusals, 'refusal')} listed" if refusals else ""
+    if flags:
+        status: Status = FAIL if any(f["status"] == FAIL for f in flags) else WARN
+        return Verdict(
+            "node-policy",
+            status,
+            f"NODE POLICY: {_plural(len(flags), 'flag')}: {flags[0]['line']}{tail}",
+            tuple(f"{f['status'].upper()}: {f['line']}" for f in flags),
+        )
+    held = "; ".join(
+        f"{d[:12]}… held by {', '.join(p['nodes']) or 'no node in the logs'}"
+        for d, p in nodes["policies"].items()
+    )
+    return Verdict("node-policy", PASS, f"NODE POLICY: {held or 'none'}{tail}")
+
+
+def check_node_ledgers(nodes: Report | None) -> Verdict | None:
+    """Each node ledger under ``nodes/`` by the node's own fail-closed rules: fail if any is
+    deleted, truncated, edited, reordered, another node's or wrongly keyed."""
+    checks: Mapping[str, Report] = (nodes or {}).get("ledger_checks") or {}
+    if not checks:
+        return None
+    bad = [c for c in checks.values() if c["status"] == egress.TAMPERED]
+    if bad:
+        return Verdict(
+            "node-ledgers",
+            FAIL,
+            f"NODE LEDGERS: {len(bad)} of {len(checks)} NOT TRUSTED: {bad[0]['problem']}",
+            tuple(c["problem"] for c in bad),
+        )
+    keyed = sum(1 for c in checks.values() if c["key_checked"])
+    unchecked = sum(1 for c in checks.values() if c["keyed"] and not c["key_checked"])
+    extra = f", {keyed} keyed anchors checked" if keyed else ""
+    extra += f", {unchecked} keyed anchors not checked (no key)" if unchecked else ""
+    return Verdict(
+        "node-ledgers",
+        PASS,
+        f"NODE LEDGERS: {len(checks)} intact (chain, anchor, identity){extra}",
+    )
+
+
 def check_files(missing: Sequence[str], read_problems: Sequence[str]) -> Verdict | None:
     """Files a complete run has but this one lacks, and unreadable lines: a warning (a crashed
     or deployment run lacks some; what they would have shown is reported as unverifiable by the
@@ -378,11 +455,13 @@ def all_verdicts(
     results: str = RESULTS_PRESENT,
     evidence: Report | None = None,
     signature: str | None = None,
+    nodes: Report | None = None,
+    trained: bool = True,
 ) -> list[Verdict]:
-    """Every check, in the report's order (fault injection, results, evidence and files only
-    when they apply)."""
+    """Every check, in the report's order (fault injection, results, evidence, node policy,
+    node ledgers and files only when they apply)."""
     found = [
-        check_fault_injection(fault_injected),
+        check_fault_injection(fault_injected, trained=trained),
         check_logs(logs),
         check_results(results),
         check_signature(signature),
@@ -390,6 +469,8 @@ def all_verdicts(
         check_budget(acc),
         check_egress(eg, egress_present=egress_present, shapes_known=shapes_known),
         check_evidence(evidence),
+        check_node_policy(nodes),
+        check_node_ledgers(nodes),
         check_empirical(emp),
         check_files(missing, read_problems),
     ]

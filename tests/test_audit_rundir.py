@@ -16,10 +16,13 @@ import numpy as np
 
 from fedrec.audit import accounting
 from fedrec.audit.report import build_report
+from fedrec.client.ledger import NodeLedger
 from fedrec.shared import hashlog, wire
+from fedrec.shared.policy import NodePolicy, write_policy
 
 PARAM_SHAPES = {"user.weight": [4, 3], "user.bias": [4]}
 FAST_PLD = 1e-3  # coarser PLD cross-check in tests: ~10x faster, still an upper bound
+DEFAULT_POLICY = NodePolicy()
 
 
 def _reply_entry(
@@ -96,15 +99,26 @@ def make_run_dir(
     nodes: bool = True,
     results: bool = True,
     per_channel: dict[str, tuple[float, float]] | None = None,
+    policy: NodePolicy | None = DEFAULT_POLICY,
+    lost: dict[str, set[int]] | None = None,
+    noise_source: str = "chacha20-os-key",
 ) -> Path:
     """A small, clean run directory: every channel trains every round unless refused.
 
     A checkpoint for every round in which some channel trained; without ``results``, the
     ``INCOMPLETE`` marker of a run that stopped early. ``per_channel`` overrides ``(sigma, q)``
-    for some channels.
+    for some channels; ``lost`` rounds of a channel have no reply (``missing``, as the
+    server logs a node that timed out). With ``nodes``, each node's ledger is written by the node's own
+    :class:`NodeLedger` (identity, anchor) and the nodes held ``policy`` (``node-policy.toml``,
+    its digest in every trained line, as a simulation writes them).
     """
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
+    digest = {}
+    if nodes and policy is not None:
+        write_policy(run / "node-policy.toml", policy)
+        digest = {"policy": policy.digest(), "noise-source": noise_source}
+    key = hashlog.load_key(policy.ledger_key) if policy is not None and policy.ledger_key else None
     config = {
         "fedrec_version": "0.1.0",
         "run_config": {
@@ -130,6 +144,7 @@ def make_run_dir(
         json.dumps({"param_shapes": PARAM_SHAPES, "num_parameters": 16})
     )
     refuse = refuse or {}
+    lost = lost or {}
     node = {ch: i for i, ch in enumerate(channels)}
     base = (sigma, q)
     for ch in channels:
@@ -137,6 +152,13 @@ def make_run_dir(
         history: list[tuple[float, float, int]] = []
         total = 0
         for rnd in range(1, rounds + 1):
+            if rnd in lost.get(ch, set()):
+                missing = {"status": "missing", "reason": "no reply this round", "steps": 0}
+                hashlog.append(
+                    run / "privacy-ledger.jsonl",
+                    {"time": "2025-01-01T00:00:00Z", "round": rnd, "channel": ch, **missing},
+                )
+                continue
             refused = rnd in refuse.get(ch, set())
             if not refused:
                 history = accounting.merge_history([*history, (sigma, q, steps)])
@@ -167,13 +189,13 @@ def make_run_dir(
                     "accountant": "rdp",
                     "grad-sample-mode": "ghost",
                     "dp-enabled": True,
+                    **digest,
                 }
             hashlog.append(run / "privacy-ledger.jsonl", {"time": "2025-01-01T00:00:00Z", **line})
             if nodes:
-                hashlog.append(
-                    run / "nodes" / ch / "privacy-ledger.jsonl",
+                NodeLedger(run / "nodes" / ch / "privacy-ledger.jsonl", ch, key).append(
                     {
-                        "time": "2025-01-01T00:00:00Z",
+                        "run": str(run),
                         "round": rnd,
                         "steps": 0 if refused else steps,
                         "noise-multiplier": sigma,
@@ -183,6 +205,7 @@ def make_run_dir(
                         "accountant": "rdp",
                         "history": [list(h) for h in history],
                         "status": "refused" if refused else "trained",
+                        **({} if refused else digest),
                     },
                 )
             if refused:
@@ -208,8 +231,14 @@ def make_run_dir(
                     )
                     + "\n"
                 )
+
+    def status(ch: str, rnd: int) -> str:
+        if rnd in lost.get(ch, set()):
+            return "missing"
+        return "refused" if rnd in refuse.get(ch, set()) else "ok"
+
     for rnd in range(1, rounds + 1):  # as server.strategy: a round with a kept reply
-        if any(rnd not in refuse.get(ch, set()) for ch in channels):
+        if any(status(ch, rnd) == "ok" for ch in channels):
             (run / "checkpoints" / f"round-{rnd:04d}.safetensors").write_bytes(b"")
     if results:
         (run / "results.json").write_text(
@@ -218,10 +247,7 @@ def make_run_dir(
                     "rounds_completed": rounds,
                     "resumed_after": 0,
                     "round_status": {
-                        str(rnd): {
-                            ch: "refused" if rnd in refuse.get(ch, set()) else "ok"
-                            for ch in channels
-                        }
+                        str(rnd): {ch: status(ch, rnd) for ch in channels}
                         for rnd in range(1, rounds + 1)
                     },
                     "channels": {ch: {} for ch in channels},
@@ -267,6 +293,8 @@ def test_clean_run_dir_passes(tmp_path: Path) -> None:
         "budget": "pass",
         "egress": "pass",
         "evidence": "pass",
+        "node-policy": "pass",
+        "node-ledgers": "pass",
         "empirical": "skip",
     }
     assert report["egress"]["replies"] == 2 * 3 * 2
