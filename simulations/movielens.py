@@ -13,6 +13,10 @@ then romance → ``drama``, comedy → ``family``, and crime, film-noir, mystery
 ``drama``. On ML-1M this gives 1,082 / 1,215 / 1,586 movies and 29% / 41% / 30% of the ratings
 for family / action / drama. Movies with no listed genre (ML-100K's "unknown") are dropped.
 
+``pooled`` (``fedrec world --domains none``) instead writes every rating in one channel, in
+RecBole's time order (:func:`recbole_time`), so that fedrec's leave-last-out split is RecBole's
+leave-one-out split of the same file (the comparison rows of ``fedrec.simulations.bench.ml1m``).
+
 Every rating is one implicit interaction (event ``rate``); a user is kept in a domain when they
 have at least ``min_interactions`` ratings there. Item ids are ``ml1m-<n>`` / ``ml100k-<n>``,
 user ids ``u<n>``. ML-1M's RecBole files name movies by title, so ``<n>`` there is the movie's
@@ -453,6 +457,59 @@ def cross_domain(
     return catalogues, interactions
 
 
+POOLED_CHANNEL = "movies"
+
+
+def recbole_time(timestamps: np.ndarray) -> np.ndarray:
+    """Unix seconds as RecBole orders them: rounded through float32 (64-s steps in 2000).
+
+    RecBole stores ``:float`` fields as float32 and sorts stably on them, so its "time order"
+    is this key, then file row.
+    """
+    return np.asarray(timestamps, dtype=np.float64).astype(np.float32).astype(np.int64)
+
+
+def pooled(
+    ratings: Ratings, movies: Movies, *, channel: str = POOLED_CHANNEL
+) -> tuple[dict[str, Catalogue], dict[str, Interactions]]:
+    """Every rating as one implicit interaction in one channel, in RecBole's order.
+
+    The catalogue holds the movies rated at least once (the item set RecBole builds from the
+    interaction file). Interactions are sorted by (user, :func:`recbole_time`, file row) and
+    carry the rounded times, so any loader that orders by (user, timestamp, row) rebuilds
+    RecBole's leave-one-out split exactly.
+    """
+    rated = np.unique(ratings.item_ids)
+    order = np.argsort(movies.item_ids, kind="stable")
+    pos = np.minimum(np.searchsorted(movies.item_ids[order], rated), len(order) - 1)
+    if np.any(movies.item_ids[order][pos] != rated):
+        raise ValueError("a rating refers to an item that is not in the movie table")
+    members = np.sort(order[pos])  # rated movies, in movie-file order
+    texts = [movies.text(int(i)) for i in members]
+    catalogue = Catalogue(
+        channel=channel,
+        item_ids=movies.item_ids[members],
+        titles=np.array([t for t, _ in texts], dtype=str),
+        descriptions=np.array([d for _, d in texts], dtype=str),
+        categories=np.full(len(members), "", dtype=str),
+        attributes=np.full(len(members), "", dtype=str),
+    )
+    by_id = np.argsort(catalogue.item_ids)
+    local = by_id[np.searchsorted(catalogue.item_ids[by_id], ratings.item_ids)]
+    user_codes = np.unique(ratings.user_ids, return_inverse=True)[1]
+    time = recbole_time(ratings.timestamps)
+    sel = np.lexsort((np.arange(len(ratings)), time, user_codes))
+    interactions = Interactions(
+        channel=channel,
+        user_ids=ratings.user_ids[sel],
+        item_index=local[sel].astype(np.int64),
+        timestamps=time[sel],
+        events=np.full(len(sel), "rate"),
+        queries=np.full(len(sel), "", dtype=str),
+    )
+    return {channel: catalogue}, {channel: interactions}
+
+
 # ---------------------------------------------------------------------------------------------
 # Scenarios for ``fedrec world``
 
@@ -479,13 +536,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+DOMAIN_SPLITS = ("genre", "none")  # genre domains (the default), or one pooled channel
+
+
 def load_scenario(
-    scenario: str, data_root: str | Path | None = None
+    scenario: str, data_root: str | Path | None = None, *, domains: str = "genre"
 ) -> tuple[dict[str, Catalogue], dict[str, Interactions], dict]:
     """Load a MovieLens scenario: ``(catalogues, interactions, source)`` for ``write_dataset``.
 
-    A domain left without interactions (no user with 3 ratings there) is dropped, with a
-    warning: a dataset channel needs interactions.
+    ``domains="genre"`` splits it into genre domains (:func:`cross_domain`); a domain left
+    without interactions (no user with 3 ratings there) is dropped, with a warning: a dataset
+    channel needs interactions. ``domains="none"`` writes one channel (:func:`pooled`).
 
     Raises:
         FileNotFoundError: the scenario's folder is missing (message names it).
@@ -493,23 +554,31 @@ def load_scenario(
     directory = scenario_dir(scenario, data_root)
     if not directory.is_dir():
         raise FileNotFoundError(f"{scenario} data folder not found: {directory}")
+    if domains not in DOMAIN_SPLITS:
+        raise ValueError(f"domains must be one of {list(DOMAIN_SPLITS)}. Found {domains!r}.")
     loader = load_ml1m if scenario == "movielens-1m" else load_ml100k
     ratings, movies = loader(directory)
-    catalogues, interactions = cross_domain(ratings, movies)
+    if domains == "none":
+        catalogues, interactions = pooled(ratings, movies)
+    else:
+        catalogues, interactions = cross_domain(ratings, movies)
     for name in [n for n, x in interactions.items() if len(x) == 0]:
         logger.warning("%s: domain %r has no user with >= 3 ratings; left out", scenario, name)
         del catalogues[name], interactions[name]
     files = sorted(
         p for p in directory.iterdir() if p.is_file() and p.name.startswith(("ml-", "u."))
     )
-    source = {
+    source: dict[str, object] = {
         "scenario": scenario,
         "generator": "fedrec.simulations.movielens",
         "origin": "GroupLens MovieLens, see shared/data/SOURCES.md",
         "licence": "MovieLens terms: non-commercial research only, no redistribution",
-        "domains": [list(pair) for pair in DEFAULT_DOMAINS],
-        "min_interactions": 3,
         "event": "rate (every rating counts, implicit)",
         "files": {p.name: _sha256(p) for p in files},
     }
+    if domains == "none":
+        source["domains"] = "none: one channel, rated movies only, RecBole's time order"
+    else:
+        source["domains"] = [list(pair) for pair in DEFAULT_DOMAINS]
+        source["min_interactions"] = 3
     return catalogues, interactions, source

@@ -1008,21 +1008,41 @@ def register(app: typer.Typer) -> None:
                 "Default: $FEDREC_SHARED_DATA, else ../shared/data beside the repository."
             ),
         ] = None,
+        domains: Annotated[
+            str | None,
+            typer.Option(
+                help="MovieLens only: 'genre' (genre domains as channels) or 'none' (every "
+                "rating in one channel, in RecBole's time order). Default: genre."
+            ),
+        ] = None,
         force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     ) -> None:
         """Write a scenario (synthetic world or MovieLens domains) as a dataset folder."""
         from rich.console import Console
         from rich.table import Table
 
+        from fedrec.simulations.movielens import DOMAIN_SPLITS
+
         console = Console()
         name = scenario.value
-        out_dir = out if out is not None else Path("worlds") / name
+        if domains is not None and domains not in DOMAIN_SPLITS:
+            console.print(
+                f"[red]--domains must be one of {list(DOMAIN_SPLITS)}. Found {domains!r}.[/red]"
+            )
+            raise typer.Exit(2)
+        pooled = domains == "none"
+        out_dir = (
+            out if out is not None else Path("worlds") / (f"{name}-pooled" if pooled else name)
+        )
         if out_dir.exists() and not force:
             console.print(f"[red]{out_dir} already exists[/red]; pass --force to replace it.")
             raise typer.Exit(1)
 
         began = time.perf_counter()
         if scenario is Scenario.synthetic:
+            if domains is not None:
+                console.print("[red]--domains only applies to the MovieLens scenarios.[/red]")
+                raise typer.Exit(2)
             try:
                 cfg = WorldConfig(seed=0 if seed is None else seed).resized(
                     people=people, overlap=overlap
@@ -1059,7 +1079,9 @@ def register(app: typer.Typer) -> None:
                 )
                 raise typer.Exit(1)
             try:
-                catalogues, interactions, source = load_scenario(name, data_root)
+                catalogues, interactions, source = load_scenario(
+                    name, data_root, domains=domains or "genre"
+                )
             except (FileNotFoundError, ValueError) as err:
                 console.print(f"[red]{err}[/red]")
                 raise typer.Exit(1) from None

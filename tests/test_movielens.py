@@ -17,12 +17,16 @@ import pytest
 
 from fedrec.simulations.movielens import (
     DATA_ENV,
+    Movies,
+    Ratings,
     assign_domains,
     cross_domain,
     default_data_root,
     load_ml1m,
     load_ml100k,
     natural_title,
+    pooled,
+    recbole_time,
     scenario_dir,
 )
 
@@ -245,6 +249,40 @@ def test_cross_domain_min_interactions_is_configurable():
     }
 
 
+def test_pooled_is_one_channel_of_rated_movies_in_recboles_time_order():
+    # Prepare: 978300750 and 978300760 round to the same float32 (64-s steps), so RecBole keeps
+    # them in file order although 750 came first; movie 3 is never rated.
+    ratings = Ratings(
+        user_ids=np.array(["u2", "u1", "u1", "u1", "u2"]),
+        item_ids=np.array(["m-1", "m-4", "m-2", "m-1", "m-2"]),
+        ratings=np.ones(5, dtype=np.float32),
+        timestamps=np.array([5000, 978300760, 978300750, 978300900, 4000], dtype=np.int64),
+    )
+    movies = Movies(
+        item_ids=np.array(["m-1", "m-2", "m-3", "m-4"]),
+        titles=np.array(["A", "B", "C", "D"]),
+        years=np.array(["1990", "", "1995", "2000"]),
+        genres=(("Drama",), ("Comedy",), ("War",), ()),
+    )
+
+    # Execute
+    catalogues, interactions = pooled(ratings, movies)
+
+    # Assert
+    (name,) = catalogues
+    assert list(interactions) == [name]
+    assert catalogues[name].item_ids.tolist() == ["m-1", "m-2", "m-4"]
+    assert _sequences(interactions[name], catalogues[name]) == {
+        "u1": ["m-4", "m-2", "m-1"],
+        "u2": ["m-2", "m-1"],
+    }
+    assert (
+        interactions[name].timestamps.tolist()
+        == recbole_time(np.array([978300760, 978300750, 978300900, 4000, 5000])).tolist()
+    )
+    assert recbole_time(np.array([978300750]))[0] == recbole_time(np.array([978300760]))[0]
+
+
 def test_data_root_follows_environment(monkeypatch, tmp_path):
     # Prepare
     monkeypatch.setenv(DATA_ENV, str(tmp_path))
@@ -296,3 +334,39 @@ def test_real_ml1m_counts_and_split():
     for x in interactions.values():
         _, counts = np.unique(x.user_ids, return_counts=True)
         assert counts.min() >= 3
+
+
+@pytest.mark.data
+def test_real_ml1m_pooled_through_the_dataset_format_is_recboles_split(tmp_path):
+    # Prepare: the digest of RecBole 1.2.1's leave-one-out split of ML-1M (all ratings,
+    # time order by float32 timestamp then file row): lines "user<TAB>valid<TAB>test" in
+    # RecBole's tokens, sorted, UTF-8, SHA-256 (computed with RecBole itself)
+    import hashlib
+
+    from fedrec.shared.data import to_sequences
+    from fedrec.shared.datasets import load_channel, write_dataset
+
+    folder = _real("movielens-1m")
+    ratings, movies = load_ml1m(folder)
+    with gzip.open(folder / "ml-1m.item.gz", "rt", encoding="utf-8") as f:
+        f.readline()
+        token = {f"ml1m-{i + 1}": line.split("\t")[0] for i, line in enumerate(f) if line.strip()}
+
+    # Execute: written as fedrec's CSV and read back as any channel is
+    catalogues, interactions = pooled(ratings, movies)
+    write_dataset(
+        tmp_path / "d", name="ml", catalogues=catalogues, interactions=interactions, source={}
+    )
+    (name,) = catalogues
+    catalogue, loaded = load_channel(tmp_path / "d", name)
+    seqs = to_sequences(loaded)
+
+    # Assert
+    assert (len(catalogue), len(loaded), len(seqs)) == (3706, 1_000_209, 6040)
+    ids = catalogue.item_ids[seqs.item_index]
+    lines = sorted(
+        f"1m_{user[1:]}\t{token[ids[end - 2]]}\t{token[ids[end - 1]]}\n"
+        for user, end in zip(seqs.users, seqs.offsets[1:], strict=True)
+    )
+    digest = hashlib.sha256("".join(lines).encode()).hexdigest()
+    assert digest == "2158f61d6e1eaf120488ea56d46d73a659edbe35a0245cb95af28c8dbafded02"

@@ -530,3 +530,25 @@ def test_cli_writes_movielens_100k_from_fixture(tmp_path):
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert list(manifest["channels"]) == ["drama", "action"]  # "family" has no user with >= 3
     assert manifest["source"]["scenario"] == "movielens-100k"
+
+
+def test_cli_writes_movielens_1m_as_one_channel_with_domains_none(tmp_path):
+    # Prepare
+    runner, app = _cli()
+    root = tmp_path / "data" / "movielens-1m"
+    root.mkdir(parents=True)
+    for name in ("ml-1m.inter", "ml-1m.item"):  # fictional movies in RecBole's format
+        (root / name).write_bytes((FIXTURES / "ml1m" / name).read_bytes())
+    args = ["world", "--scenario", "movielens-1m", "--data-root", str(tmp_path / "data")]
+
+    # Execute
+    result = runner.invoke(app, [*args, "--domains", "none", "--out", str(tmp_path / "o")])
+    refused = runner.invoke(app, ["world", "--domains", "none", "--out", str(tmp_path / "s")])
+
+    # Assert: one channel, the 5 rated movies; --domains is for MovieLens only
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert list(manifest["channels"]) == ["movies"]
+    assert manifest["source"]["domains"].startswith("none")
+    assert refused.exit_code == 2 and "--domains" in refused.output
+    assert not (tmp_path / "s").exists()
