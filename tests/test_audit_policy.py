@@ -558,3 +558,58 @@ def test_a_keyed_anchor_is_checked_with_the_key_the_policy_names(tmp_path: Path)
     assert v["status"] == "fail" and "not signed with the node's ledger-key" in v["line"]
     assert without_key["status"] == "intact" and without_key["keyed"]
     assert not without_key["key_checked"]
+
+
+# ------------------------------------------------------------------ a real run
+
+
+@pytest.mark.simulation
+@pytest.mark.slow
+def test_a_real_run_reports_its_nodes_policy_refusals_and_ledgers(tmp_path: Path) -> None:
+    # Prepare: Flower's Simulation Engine, 3 channels x 2 rounds; the nodes' policy allows
+    # one evaluation per run, so round 2's evaluations are refused
+    from fedrec.shared.config import from_run_config
+    from fedrec.simulations.flower import run_simulation
+    from tests.tiny import save_tiny_bert, write_small_world
+
+    policy = NodePolicy(max_delta=1e-4, max_evaluations_per_run=1)
+    run = tmp_path / "run"
+    cfg = from_run_config(
+        {
+            "model.item-prior": "none",
+            "num-server-rounds": 2,
+            "data-dir": str(write_small_world(tmp_path / "world")),
+            "run-dir": str(run),
+            "cache-dir": str(tmp_path / "cache"),
+            "encoder-dir": str(save_tiny_bert(tmp_path / "bert")),
+            "train.local-steps": 2,
+            "train.negatives": 20,
+            "dp.accountant": "rdp",
+            "dp.target-delta": 1e-4,
+            "eval.max-users": 50,
+            "model.dim": 16,
+            "round-timeout": 300.0,
+        }
+    )
+    run_simulation(run, cfg.to_run_config(), 3, node_policy=policy)
+
+    # Execute
+    report = audit(run)
+
+    # Assert: the policy every node reported is the file's; each refused its second evaluation
+    assert verdict(report, "node-policy")["status"] == "pass", flags(report)
+    assert verdict(report, "node-ledgers")["status"] == "pass"
+    for ch in cfg.channels:
+        node = report["nodes"]["nodes"][ch]
+        assert node["policy"] == policy.digest() and node["policy_basis"] == "reported"
+        assert node["noise_sources"] == [SECURE] and node["evaluations"] == 1
+    refused = [r for r in report["nodes"]["refusals"] if "evaluation cap" in r["reason"]]
+    assert {(r["node"], r["source"]) for r in refused} == {
+        (ch, src) for ch in cfg.channels for src in ("egress.jsonl", f"nodes/{ch}/{LEDGER}")
+    }
+    assert "capped at 1 per run and 200" in "\n".join(statement(report)["holds"])
+
+    # Execute / Assert: one node's ledger cut by a line is not trusted
+    path = run / "nodes" / cfg.channels[0] / LEDGER
+    _rewrite(path, _lines(path)[:-1])
+    assert verdict(audit(run), "node-ledgers")["status"] == "fail"
