@@ -118,7 +118,9 @@ def in_process(items: int, n: int) -> None:
     encode = []
     for i in range(50):
         t = time.perf_counter()
-        platform.queries.encoder.encode([f"{WORDS[i]} {WORDS[-i - 1]} for {WORDS[(7 * i) % len(WORDS)]}"])
+        platform.queries.encoder.encode(
+            [f"{WORDS[i]} {WORDS[-i - 1]} for {WORDS[(7 * i) % len(WORDS)]}"]
+        )
         encode.append(1000 * (time.perf_counter() - t))
     print(f"  one new query through the encoder: {pct(encode[5:])}")
 
