@@ -284,13 +284,21 @@ def _fmt(x: float | None) -> str:
 
 
 def _events_equal(a: Sequence[Event], b: Sequence[Sequence[float]]) -> bool:
-    if len(a) != len(b):
-        return False
-    for (s1, q1, t1), ev in zip(a, b, strict=True):
-        s2, q2, t2 = float(ev[0]), float(ev[1]), int(ev[2])
-        if t1 != t2 or not math.isclose(s1, s2, rel_tol=1e-9) or not math.isclose(q1, q2):
-            return False
-    return True
+    """The same steps at the same (σ, q), in any order: composition does not depend on it
+    (a round lost and trained again puts its steps out of the rounds' order)."""
+
+    def totals(events: Iterable[Sequence[float]]) -> list[tuple[float, float, int]]:
+        out: dict[tuple[float, float], int] = {}
+        for ev in events:
+            key = (float(ev[0]), float(ev[1]))
+            out[key] = out.get(key, 0) + int(ev[2])
+        return sorted((s, q, n) for (s, q), n in out.items() if n > 0)
+
+    ta, tb = totals(a), totals(b)
+    return len(ta) == len(tb) and all(
+        t1 == t2 and math.isclose(s1, s2, rel_tol=1e-9) and math.isclose(q1, q2)
+        for (s1, q1, t1), (s2, q2, t2) in zip(ta, tb, strict=True)
+    )
 
 
 # --- one channel's ledger: the checks, one per function -------------------------------------
@@ -498,8 +506,28 @@ class _LedgerWalk:
                 {"round": rnd, "status": status, "reason": str(e.get(REASON, ""))}
             )
             self._problem(at, unspent_steps_problem(status, e.get(wire.STEPS)))
+        if status in SPENT:
+            self._add_lost(e, rnd, at)
         self._problem(at, total_steps_problem(e.get(wire.TOTAL_STEPS), self.total_steps))
         self._add_epsilon(e, rnd, status, at)
+
+    def _add_lost(self, e: Mapping[str, Any], rnd: int, at: str) -> None:
+        """Steps the node's ``total-steps`` holds beyond the rounds on record: trained in a
+        round the server never aggregated (lost to a crash, then trained again). They are
+        spent: counted at the smallest σ and largest q this channel used so far (fail closed)."""
+        logged = e.get(wire.TOTAL_STEPS)
+        if not isinstance(logged, int) or logged <= self.total_steps or not self.settings:
+            return
+        lost = logged - self.total_steps
+        sigma = min(s for s, _ in self.settings.values())
+        q = max(q for _, q in self.settings.values())
+        self.events.append((sigma, q, lost))
+        self.total_steps += lost
+        self.notes.append(
+            f"{at}: round {rnd}: the node reports {lost} more steps than the rounds on record "
+            f"(a round it trained that the server never aggregated); counted as spent at "
+            f"σ={sigma:.4g}, q={q:.4g}"
+        )
 
     def _problem(self, at: str, problem: str | None) -> None:
         if problem is not None:

@@ -347,6 +347,23 @@ def test_total_steps_must_be_the_sum_so_far() -> None:
     )
 
 
+def test_steps_of_a_lost_round_are_counted_as_spent() -> None:
+    # Prepare: round 2 was trained, lost (never aggregated) and trained again: the node's
+    # total-steps on the second round 2 line says 60, the ledger's rounds add up to 40. RDP ε
+    # after 60 steps at σ = 1, q = 0.05 (Opacus 1.6 RDPAccountant): 3.3681, the node's own.
+    lines = _ledger([2.4813, 3.3681], ["trained", "trained"])
+    lines[1]["total-steps"] = 60
+
+    # Execute
+    out = _audit(lines)
+
+    # Assert: no problem; the lost 20 steps are in the history and ε, with a note
+    assert out["problems"] == [], out["problems"]
+    assert out["history"] == [[1.0, 0.05, 60]]
+    assert out["epsilon"] == pytest.approx(3.3681, abs=1e-4)
+    assert any("20 more steps than the rounds on record" in n for n in out["notes"])
+
+
 @pytest.mark.parametrize(
     ("status", "logged", "recomputed", "expected"),
     [
