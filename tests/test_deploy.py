@@ -129,9 +129,8 @@ def _run_config(world: dict[str, Any], run_dir: Path, **extra: Any) -> dict[str,
 def _node_history(d: LocalDeployment, channel: str) -> list[tuple[float, float, int]]:
     """The accountant history the platform's own ledger (on its disk) holds now."""
     entries = hashlog.read(d.state_dir(channel) / "privacy-ledger.jsonl")
-    if not entries:
-        return []
-    return [(float(sigma), float(q), int(n)) for sigma, q, n in entries[-1]["history"]]
+    kept = [e["history"] for e in entries if "history" in e]  # evaluations carry none
+    return [(float(sigma), float(q), int(n)) for sigma, q, n in kept[-1]] if kept else []
 
 
 def _steps(history: list[tuple[float, float, int]]) -> int:
