@@ -40,6 +40,7 @@ class Fit:
     sample_rate: float
     steps: int
     seconds: float  # training only
+    sampled: dict[str, float] | None = None  # LOO + N sampled negatives (``fit(sampled=N)``)
 
 
 @contextlib.contextmanager
@@ -60,6 +61,7 @@ def fit(
     channel: str = "channel",
     max_eval_users: int | None = None,
     model: RecModel | None = None,
+    sampled: int = 0,
 ) -> tuple[RecModel, Fit]:
     """Train ``model`` (a fresh one-tower :class:`RecModel` by default) on ``split.train`` and
     evaluate it on ``split`` (full ranking).
@@ -67,7 +69,8 @@ def fit(
     With ``dp``, DP-SGD through a :class:`~fedrec.client.dp.DPSession` whose run is
     ``spec.steps`` steps: σ is planned so that they spend at most ``dp.target_epsilon``.
     Without it, plain training. A model whose spec has an item prior gets the channel's
-    popularity (released through the same session under DP, exact without).
+    popularity (released through the same session under DP, exact without). With
+    ``sampled`` = N > 0, the same users are also ranked against N sampled unseen items.
 
     Raises:
         ValueError: δ is not below 1/users, or no user can be trained on.
@@ -106,15 +109,21 @@ def fit(
         items = with_prior(items, prior_logits(counts))
     result = train_local(model, items, split.train, spec, dp=session)
     seconds = time.perf_counter() - start
-    with torch.inference_mode():
-        metrics, evaluated = evaluate(
+
+    def ranked(negatives: int) -> tuple[dict[str, float], int]:
+        return evaluate(
             model_scorer(model, items),
             len(items),
             split,
             max_history=spec.max_history,
             max_users=max_eval_users,
+            sampled=negatives,
             seed=spec.seed,
         )
+
+    with torch.inference_mode():
+        metrics, evaluated = ranked(0)
+        against = ranked(sampled)[0] if sampled else None
     return model, Fit(
         metrics=metrics,
         evaluated_users=evaluated,
@@ -125,6 +134,7 @@ def fit(
         sample_rate=privacy.sample_rate_for(users, spec.batch_size),
         steps=result.steps,
         seconds=seconds,
+        sampled=against,
     )
 
 
