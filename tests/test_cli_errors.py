@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fedrec.cli.main import INTERNAL_ERROR, run
-from tests.tiny import save_tiny_bert, write_small_world
+from tests.tiny import write_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,27 +50,8 @@ class Env:
 def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A 120-person synthetic world, a tiny random BERT (32-dim vectors) and a run directory
     whose round-2 checkpoint fits them (as ``fedrec simulate`` leaves it, without training)."""
-    from fedrec.server.rundir import RunDir
-    from fedrec.shared.config import FedrecConfig, ModelConfig
-    from fedrec.shared.model import build_model, param_shapes
-
-    root = tmp_path_factory.mktemp("cli-errors")
-    world = write_small_world(root / "world", people=120)
-    bert = save_tiny_bert(root / "bert")
-    cfg = FedrecConfig(
-        channels=("ecommerce", "social", "finance"),
-        data_dir=str(world),
-        encoder_dir=str(bert),
-        cache_dir=str(root / "cache"),
-        model=ModelConfig(dim=16),
-    )
-    model = build_model(cfg, 32)
-    run_dir = RunDir(root / "run")
-    run_dir.start(cfg.to_run_config(), list(cfg.channels), param_shapes(model))
-    for r in (1, 2):
-        run_dir.checkpoint(r, {k: v.numpy() for k, v in model.state_dict().items()})
-    run_dir.results({"rounds_completed": 2, "channels": {}})
-    return world, bert, run_dir.path
+    tiny = write_tiny_run(tmp_path_factory.mktemp("cli-errors"))
+    return tiny.world, tiny.bert, tiny.run
 
 
 @pytest.fixture

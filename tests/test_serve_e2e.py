@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_serving import make_run, write_changed_checkpoint
+from tests.test_serving import write_changed_checkpoint
+from tests.tiny import write_tiny_run
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +45,7 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) 
 
 def test_a_served_platform_answers_reloads_and_refuses(tmp_path: Path) -> None:
     # Prepare: a run dir and the real command in its own process
-    tiny = make_run(tmp_path)
+    tiny = write_tiny_run(tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "serve.log").open("wb")

@@ -4,45 +4,12 @@ with a tiny random BERT and a run directory whose checkpoints fit them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.tiny import fedrec_cli, save_tiny_bert, write_small_world
-
-
-@dataclass(frozen=True)
-class TinyRun:
-    world: Path
-    bert: Path
-    cache: Path
-    run: Path
-
-
-def make_run(root: Path, people: int = 120) -> TinyRun:
-    """A small world, a tiny BERT and a run dir with round-1 and round-2 checkpoints."""
-    from fedrec.server.rundir import RunDir
-    from fedrec.shared.config import FedrecConfig, ModelConfig
-    from fedrec.shared.model import build_model, param_shapes
-
-    world = write_small_world(root / "world", people=people)
-    bert = save_tiny_bert(root / "bert")
-    cfg = FedrecConfig(
-        channels=("ecommerce", "social", "finance"),
-        data_dir=str(world),
-        encoder_dir=str(bert),
-        cache_dir=str(root / "cache"),
-        model=ModelConfig(dim=16),
-    )
-    model = build_model(cfg, 32)
-    run = RunDir(root / "run")
-    run.start(cfg.to_run_config(), list(cfg.channels), param_shapes(model))
-    for r in (1, 2):
-        run.checkpoint(r, {k: v.numpy() for k, v in model.state_dict().items()})
-    run.results({"rounds_completed": 2, "channels": {}})
-    return TinyRun(world, bert, root / "cache", run.path)
+from tests.tiny import TinyRun, fedrec_cli, write_tiny_run
 
 
 def write_changed_checkpoint(run_dir: Path, round_: int, seed: int = 7) -> None:
@@ -62,7 +29,7 @@ def write_changed_checkpoint(run_dir: Path, round_: int, seed: int = 7) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    return make_run(tmp_path_factory.mktemp("serving"))
+    return write_tiny_run(tmp_path_factory.mktemp("serving"))
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +211,7 @@ def test_a_newer_checkpoint_is_swapped_in_and_a_broken_one_is_not(tmp_path: Path
     from fedrec.serving.platform import Platform
     from fedrec.serving.service import Reloader
 
-    tiny = make_run(tmp_path, people=60)
+    tiny = write_tiny_run(tmp_path, people=60)
     first = Platform.load(tiny.run, "finance")
     reloader = Reloader(first, lambda p: Platform.load(p.run_dir, p.channel))
     user = str(first.histories.users[0])

@@ -58,6 +58,39 @@ def write_small_world(folder: Path, people: int = 400, seed: int = 0) -> Path:
 
 
 @dataclass(frozen=True)
+class TinyRun:
+    world: Path
+    bert: Path
+    cache: Path
+    run: Path
+
+
+def write_tiny_run(root: Path, people: int = 120) -> TinyRun:
+    """A small world, a tiny random BERT (32-dim vectors) and a run directory whose round-1
+    and round-2 checkpoints fit them (as ``fedrec simulate`` leaves it, without training)."""
+    from fedrec.server.rundir import RunDir
+    from fedrec.shared.config import FedrecConfig, ModelConfig
+    from fedrec.shared.model import build_model, param_shapes
+
+    world = write_small_world(root / "world", people=people)
+    bert = save_tiny_bert(root / "bert")
+    cfg = FedrecConfig(
+        channels=("ecommerce", "social", "finance"),
+        data_dir=str(world),
+        encoder_dir=str(bert),
+        cache_dir=str(root / "cache"),
+        model=ModelConfig(dim=16),
+    )
+    model = build_model(cfg, 32)
+    run = RunDir(root / "run")
+    run.start(cfg.to_run_config(), list(cfg.channels), param_shapes(model))
+    for r in (1, 2):
+        run.checkpoint(r, {k: v.numpy() for k, v in model.state_dict().items()})
+    run.results({"rounds_completed": 2, "channels": {}})
+    return TinyRun(world, bert, root / "cache", run.path)
+
+
+@dataclass(frozen=True)
 class CliResult:
     exit_code: int
     output: str  # stdout and stderr together
