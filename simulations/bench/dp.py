@@ -5,9 +5,9 @@ model, optimizer and loader, and is timed in short windows that alternate betwee
 round after round (the order rotates every round), so load from other processes hits all
 variants alike. Reported: median users/s per variant, and the median over rounds of the
 per-round time ratio DP / no DP. The training step is the one ``client.training.train_local``
-runs (``train_step``): ``UserExamples`` batches (Poisson-sampled under DP), the default model
-(per-platform tower included), ``LinearizedLoss``, Adam, σ = 1, C = 1, full-catalogue softmax
-with scores in ``--scores-dtype``.
+runs (``train_step``): the tower's examples (``--tower``; Poisson-sampled under DP), the
+default model (per-platform tower included), ``LinearizedLoss``, Adam, σ = 1, C = 1,
+full-catalogue softmax with scores in ``--scores-dtype``.
 
 ``--profile`` adds where one step's time goes (data pipeline, forward+backward, optimizer).
 
@@ -65,16 +65,17 @@ class Variant:
         batch_size: int,
         low_precision: bool,
         seed: int = 0,
+        tower: str = "mean",
     ) -> None:
         import torch
 
-        from fedrec.client.training import LinearizedLoss, TrainSpec, UserExamples, _collate
+        from fedrec.client.training import LinearizedLoss, TrainSpec, _collate, examples_for
         from fedrec.shared.model import ModelSpec, RecModel
 
         torch.manual_seed(seed)
         self.name, self.items, self.low_precision = name, items, low_precision
-        model = RecModel(ModelSpec(own_tower=True))
-        examples = UserExamples(seqs, items, TrainSpec(batch_size=batch_size, seed=seed))
+        model = RecModel(ModelSpec(own_tower=True, tower=tower))
+        examples = examples_for(model, seqs, items, TrainSpec(batch_size=batch_size, seed=seed))
         loader = torch.utils.data.DataLoader(
             examples,
             batch_size=batch_size,
@@ -130,12 +131,14 @@ def run_ratio(
     rounds: int,
     window_users: int,
     low_precision: bool,
+    tower: str = "mean",
 ) -> list[tuple[str, float, float]]:
     """(variant, median users/s, median per-round time ratio vs no DP) per variant."""
-    variants = [Variant("no DP", None, items, seqs, batch_size, low_precision)]
+    args = (items, seqs, batch_size, low_precision)
+    variants = [Variant("no DP", None, *args, tower=tower)]
     for mode in modes:
         try:
-            variants.append(Variant(f"DP {mode}", mode, items, seqs, batch_size, low_precision))
+            variants.append(Variant(f"DP {mode}", mode, *args, tower=tower))
             variants[-1].window(1)  # warm-up; also proves the mode works on this model
         except Exception as exc:  # noqa: BLE001 - a mode that fails is reported, not fatal
             typer.echo(f"  B={batch_size} {mode}: failed ({type(exc).__name__}: {exc})")
@@ -157,12 +160,19 @@ def run_ratio(
 
 
 def profile(
-    items: torch.Tensor, seqs: Sequences, batch_size: int, repeats: int, low_precision: bool
+    items: torch.Tensor,
+    seqs: Sequences,
+    batch_size: int,
+    repeats: int,
+    low_precision: bool,
+    tower: str = "mean",
 ) -> None:
     """Where one ghost-mode DP step spends its time, against the same step without DP."""
-    from fedrec.client.training import TrainSpec, UserExamples, output_grads
+    from fedrec.client.training import TrainSpec, examples_for, output_grads
+    from fedrec.shared.model import ModelSpec, RecModel
 
-    examples = UserExamples(seqs, items, TrainSpec(batch_size=batch_size))
+    model = RecModel(ModelSpec(own_tower=True, tower=tower))
+    examples = examples_for(model, seqs, items, TrainSpec(batch_size=batch_size))
     rng = np.random.default_rng(1)
     idx = iter(
         [rng.choice(len(examples), size=batch_size, replace=False).tolist() for _ in range(repeats)]
@@ -174,10 +184,10 @@ def profile(
     def steps(v: Variant) -> tuple[float, float, float]:
         v.window(1)
         scores, model, opt = [], [], []
-        for x, cands in batches:
+        for *inputs, cands in batches:
             v.optimizer.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            users = v.net(x)
+            users = v.net(*inputs)
             t1 = time.perf_counter()
             _, grads = output_grads(users, items, cands, low_precision)
             t2 = time.perf_counter()
@@ -189,10 +199,11 @@ def profile(
             opt.append(time.perf_counter() - t3)
         return tuple(statistics.median(t) * 1e3 for t in (scores, model, opt))  # type: ignore[return-value]
 
-    dp = steps(Variant("DP ghost", "ghost", items, seqs, batch_size, low_precision))
-    plain = steps(Variant("no DP", None, items, seqs, batch_size, low_precision))
+    args = (items, seqs, batch_size, low_precision)
+    dp = steps(Variant("DP ghost", "ghost", *args, tower=tower))
+    plain = steps(Variant("no DP", None, *args, tower=tower))
     typer.echo(
-        f"  B={batch_size} per step (median of {repeats}): UserExamples.__getitems__ "
+        f"  B={batch_size} per step (median of {repeats}): examples' __getitems__ "
         f"{get_ms:.2f} ms; catalogue scores forward+backward {dp[0]:.1f} ms (DP) / "
         f"{plain[0]:.1f} ms (no DP); model forward+backward {dp[1]:.1f} / {plain[1]:.1f} ms; "
         f"optimizer step {dp[2]:.1f} / {plain[2]:.1f} ms"
@@ -214,6 +225,7 @@ def main(
     profile_steps: Annotated[
         int, typer.Option("--profile", help="Also profile this many steps (0: skip).")
     ] = 0,
+    tower: Annotated[str, typer.Option(help="model.tower: mean or attention.")] = "mean",
 ) -> None:
     """Print users/s and the DP / no-DP time ratio per grad_sample_mode and batch size."""
     import torch
@@ -224,7 +236,7 @@ def main(
 
     dtype = resolve_scores_dtype(scores_dtype)
     vectors, seqs = synthetic_sequences(users, items)
-    model = RecModel(ModelSpec(own_tower=True))
+    model = RecModel(ModelSpec(own_tower=True, tower=tower))
     n_params = sum(p.numel() for p in model.parameters())
     typer.echo(f"model {model.spec} ({n_params:,} parameters)")
     typer.echo(
@@ -237,15 +249,14 @@ def main(
     with quiet_opacus():
         for b in (int(x) for x in batch_sizes.split(",")):
             low = dtype == "bfloat16"
-            results = run_ratio(
-                vectors, seqs, b, [m for m in modes.split(",") if m], rounds, window_users, low
-            )
+            chosen = [m for m in modes.split(",") if m]
+            results = run_ratio(vectors, seqs, b, chosen, rounds, window_users, low, tower)
             typer.echo(f"\n| B={b} | median users/s | median time ratio vs no DP |")
             typer.echo("|---|---|---|")
             for name, speed, ratio in results:
                 typer.echo(f"| {name} | {speed:,.0f} | {ratio:.2f}x |")
             if profile_steps:
-                profile(vectors, seqs, b, profile_steps, low)
+                profile(vectors, seqs, b, profile_steps, low, tower)
 
 
 if __name__ == "__main__":
