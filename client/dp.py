@@ -409,7 +409,9 @@ class DPSession:
 
     # ------------------------------------------------------------------ the ledger
 
-    def record(self, *, round_: int, steps: int, status: str, reason: str = "") -> None:
+    def record(
+        self, *, round_: int, steps: int, status: str, reason: str = "", kind: str = ""
+    ) -> None:
         """One hash-chained, fsynced line per training call (or release, or refusal) on the
         node's disk."""
         if self.ledger is None:
@@ -434,6 +436,8 @@ class DPSession:
             entry["policy"] = self.policy.digest()
         if reason:
             entry["reason"] = reason[:2000]
+        if kind:
+            entry["kind"] = kind
         self.ledger.append(entry)
 
 

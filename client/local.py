@@ -70,7 +70,7 @@ def _setup(context: Context) -> tuple[FedrecConfig, nodes.Node]:
 
 
 def _guard(
-    cfg: FedrecConfig, node: nodes.Node, context: Context, server_round: int
+    cfg: FedrecConfig, node: nodes.Node, context: Context, server_round: int, kind: str
 ) -> tuple[NodePolicy, NodeLedger]:
     """The node's own policy and its checked ledger; refuses (recorded in the ledger when it
     can be trusted) a run that asks for anything the policy does not allow."""
@@ -83,14 +83,23 @@ def _guard(
         raise Refused(f"{BUDGET_REFUSED}: {exc}") from None
     refused = refusals(cfg, policy)
     if refused:
-        _refuse(ledger, _run(cfg, context), server_round, "node policy: " + "; ".join(refused))
+        reason = "node policy: " + "; ".join(refused)
+        _refuse(ledger, _run(cfg, context), server_round, reason, kind)
     return policy, ledger
 
 
-def _refuse(ledger: NodeLedger, run: str, server_round: int, reason: str) -> NoReturn:
-    """Record the refusal on the node, then raise it for the error reply."""
+def _refuse(ledger: NodeLedger, run: str, server_round: int, reason: str, kind: str) -> NoReturn:
+    """Record the refusal of a ``kind`` (train, evaluate) request on the node, then raise it
+    for the error reply."""
     ledger.append(
-        {"run": run, "round": server_round, "status": REFUSED, "steps": 0, "reason": reason}
+        {
+            "run": run,
+            "round": server_round,
+            "kind": kind,
+            "status": REFUSED,
+            "steps": 0,
+            "reason": reason,
+        }
     )
     raise Refused(f"{BUDGET_REFUSED}: {reason}")
 
@@ -165,7 +174,7 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
     cfg, node = _setup(context)
     t0 = time.perf_counter()
     server_round = int(_config(content, wire.SERVER_ROUND))
-    policy, ledger = _guard(cfg, node, context, server_round)
+    policy, ledger = _guard(cfg, node, context, server_round, "train")
     run = _run(cfg, context)
     label = node.channel if node.shard == 0 else f"{node.channel}-{node.shard}"
     kept = _config(content, f"{wire.LEDGER_HEAD}.{label}")
@@ -176,6 +185,7 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
             server_round,
             f"this node's last train reply reported ledger head {kept[:12]}…, which its "
             f"ledger {ledger.path} no longer holds: the ledger was truncated or replaced since",
+            "train",
         )
     items = _items(content, node)
     seqs, n_items = nodes.load_sequences(node)
@@ -221,7 +231,9 @@ def handle_train(content: RecordDict, context: Context) -> RecordDict:
         try:
             result = train(dp=session, grad_hook=_audit_hook(cfg, node, model, session, spec))
         except privacy.BudgetExceeded as exc:
-            session.record(round_=server_round, steps=0, status=REFUSED, reason=str(exc))
+            session.record(
+                round_=server_round, steps=0, status=REFUSED, reason=str(exc), kind="train"
+            )
             raise Refused(f"{BUDGET_REFUSED}: {exc}") from exc
         session.record(round_=server_round, steps=result.steps, status=TRAINED)
         context.state[nodes.STATE_KEY] = ConfigRecord({"json": session.to_json()})
@@ -319,7 +331,9 @@ def _prior(
         try:
             counts = session.release_prior(counts, round_=server_round)
         except privacy.BudgetExceeded as exc:
-            session.record(round_=server_round, steps=0, status=REFUSED, reason=str(exc))
+            session.record(
+                round_=server_round, steps=0, status=REFUSED, reason=str(exc), kind="release"
+            )
             raise Refused(f"{BUDGET_REFUSED}: {exc}") from exc
         context.state[nodes.STATE_KEY] = ConfigRecord({"json": session.to_json()})
     prior = prior_logits(counts)
@@ -335,6 +349,7 @@ def _dp_session(
     policy: NodePolicy,
     ledger: NodeLedger,
     server_round: int,
+    kind: str = "train",
 ) -> DPSession:
     """This node's DP session under its policy: the accountant restored from this run's
     state and the node's ledger; a refusal is recorded in the ledger."""
@@ -358,7 +373,7 @@ def _dp_session(
             expected_steps=max(server_round - 1, 0) * cfg.train.local_steps,
         )
     except privacy.PrivacyConfigError as exc:
-        _refuse(ledger, run, server_round, str(exc))
+        _refuse(ledger, run, server_round, str(exc), kind)
 
 
 def _audit_hook(
@@ -387,7 +402,7 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
     cfg, node = _setup(context)
     t0 = time.perf_counter()
     server_round = int(_config(content, wire.SERVER_ROUND, 0))
-    policy, ledger = _guard(cfg, node, context, server_round)
+    policy, ledger = _guard(cfg, node, context, server_round, "evaluate")
     run = _run(cfg, context)
     in_run, lifetime = ledger.evaluations(run)
     if in_run >= policy.max_evaluations_per_run or lifetime >= policy.max_evaluations:
@@ -398,6 +413,7 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
             f"evaluation cap: this run has had {in_run} evaluation(s) (policy "
             f"max-evaluations-per-run {policy.max_evaluations_per_run}), this node "
             f"{lifetime} (max-evaluations {policy.max_evaluations})",
+            "evaluate",
         )
     items = _items(content, node)
     seqs, _ = nodes.load_sequences(node)
@@ -409,7 +425,9 @@ def handle_evaluate(content: RecordDict, context: Context) -> RecordDict:
         prior = nodes.load_prior(node, _tag(cfg, context))
         if prior is None:  # evaluated before it trained: release the prior now
             session = (
-                _dp_session(cfg, node, split.train, context, policy, ledger, server_round)
+                _dp_session(
+                    cfg, node, split.train, context, policy, ledger, server_round, "evaluate"
+                )
                 if cfg.dp.enabled
                 else None
             )

@@ -198,7 +198,7 @@ def test_a_request_outside_the_policy_is_refused_recorded_and_nothing_trained(
     # Assert: an error reply, a refused line with the reason, nothing trained or kept
     reason = refused(reply, *needles)
     lines = node.ledger()
-    assert [e["status"] for e in lines] == ["refused"]
+    assert [(e["status"], e["kind"]) for e in lines] == [("refused", "train")]
     assert lines[0]["reason"] in reason
     assert not list(node.state.glob("optimizer-run*.pt"))
 
@@ -209,7 +209,7 @@ def test_the_same_requests_are_refused_for_evaluation(make_node: Callable[..., N
     reply = node.send("evaluate", run_config(**{"dp.enabled": False}))
 
     refused(reply, "requires DP")
-    assert [e["status"] for e in node.ledger()] == ["refused"]
+    assert [(e["status"], e["kind"]) for e in node.ledger()] == [("refused", "evaluate")]
 
 
 def test_a_fingerprint_that_is_not_a_digest_is_refused(make_node: Callable[..., Node]) -> None:

@@ -668,7 +668,7 @@ def test_the_client_refuses_to_train_on_a_tampered_ledger(tmp_path: Path) -> Non
 
     # Execute / Assert: a refusal the server records (not a crash), saying why.
     with pytest.raises(local.Refused, match=f"{local.BUDGET_REFUSED}.*failed verification"):
-        local._guard(cfg, node, context, server_round=3)
+        local._guard(cfg, node, context, 3, "train")
 
 
 # ------------------------------------------------------------------------------ noise and plans
