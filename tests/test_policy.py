@@ -569,7 +569,7 @@ def test_a_server_killed_after_round_2_resumes_to_round_4_within_the_lifetime(
     import sys
     import time
 
-    from tests.tiny import save_tiny_bert, write_small_world
+    from tests.tiny import save_tiny_bert, stop_when, write_small_world
 
     world = write_small_world(tmp_path / "world", people=100)
     bert = save_tiny_bert(tmp_path / "bert")
@@ -605,20 +605,7 @@ def test_a_server_killed_after_round_2_resumes_to_round_4_within_the_lifetime(
 
     # Execute 1: SIGKILL the whole job once a node has trained round 3 (the server may not
     # have aggregated it: a lost round)
-    first = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while 3 not in _trained_rounds(run_dir):
-            assert first.poll() is None, "simulate ended before round 3"
-            assert time.monotonic() < deadline, "no round 3 within 300 s"
-            time.sleep(0.05)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+    stop_when(cmd, env, lambda: 3 in _trained_rounds(run_dir), signal.SIGKILL, "round 3")
     time.sleep(2)  # the reaper stops the Flower processes
 
     # Execute 2: resume

@@ -13,12 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.tiny import save_tiny_bert, write_small_world
+from tests.tiny import save_tiny_bert, stop_when, write_small_world
 
 FEDREC = str(Path(sys.executable).with_name("fedrec"))
 pytestmark = pytest.mark.e2e
@@ -56,28 +55,14 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_passes_the_audit(tmp_path
     env = {**os.environ, "FEDREC_CACHE_DIR": str(tmp_path / "cache")}
 
     # Execute 1: Ctrl-C once the first round's checkpoint is on disk
-    first = subprocess.Popen(
-        _simulate(world, bert, out),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
+    checkpoint = run_dir / "checkpoints" / "round-0001.safetensors"
+    code = stop_when(
+        _simulate(world, bert, out), env, checkpoint.exists, signal.SIGINT, "first checkpoint"
     )
-    try:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "checkpoints" / "round-0001.safetensors").exists():
-            assert first.poll() is None, "simulate ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.2)
-        os.killpg(first.pid, signal.SIGINT)
-        first.wait(timeout=120)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
     stopped_ledger = (run_dir / "privacy-ledger.jsonl").read_text().splitlines()
 
     # Assert 1: stopped, marked incomplete, a second plain run into it is refused
-    assert first.returncode != 0
+    assert code != 0
     assert (run_dir / "INCOMPLETE").exists() and not (run_dir / "results.json").exists()
     refused = subprocess.run(_simulate(world, bert, out), capture_output=True, text=True, env=env)
     assert refused.returncode == 2 and "--resume" in refused.stdout + refused.stderr

@@ -1,8 +1,10 @@
 """Small, fast stand-ins for real components, shared by tests: a tiny randomly initialised
-BERT saved to disk (loaded through the normal offline path) and a small synthetic world."""
+BERT saved to disk (loaded through the normal offline path), a small synthetic world, and a
+command stopped by a signal at a chosen moment (``stop_when``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,3 +119,33 @@ def fedrec_cli(args: list[str]) -> CliResult:
         else:
             os.environ["COLUMNS"] = old
     return CliResult(code, out.getvalue())
+
+
+def stop_when(
+    cmd: list[str],
+    env: dict[str, str],
+    ready: Callable[[], bool],
+    sig: int,
+    what: str,
+    timeout: float = 300,
+) -> int:
+    """Start ``cmd`` in its own session, send ``sig`` to its whole process group once
+    ``ready()`` holds (``what`` names that moment in a failure), and return its exit code."""
+    import os
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, f"the command ended before {what}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)  # SIGKILL
