@@ -28,19 +28,16 @@ grad-sample modes, ghost clipping included, support it.
 
 The sequence tower (``spec.tower = "attention"``, SASRec-like: Kang and McAuley, ICDM 2018)
 reads the ordered history x_1..x_T (item vectors, most recent last) and adds an order-aware
-residual to the same profile at every position t:
-  * embed    e_t = W_in x_t                                                (B, T, D)
-  * base     b_t = W_h f_t + W_c f_t,  f_t = [mean(e_1..e_t), mean(e_{t-2}..e_t)]
-  * sequence z_t = e_t + P onehot(T-t)    (P: a position vector per distance from the end)
+residual to the mean tower's profile at every position t:
+  * base     b_t = W_h f_t + W_c f_t,  f_t = [mean(x_1..x_t), mean(x_{t-2}..x_t)]   (B, T, D)
+  * sequence z_t = W_in x_t + P onehot(T-t) (P: a position vector per distance from the end)
              z   = z + A(LN z),  z = z + F(LN z)   (per block; A is causal self-attention,
                    position t attends to 1..t, F a GELU feed-forward)
   * profile  p_t = b_t + W_s LN(z_t)                       W_s starts at 0
-W_in starts as the mean tower's projection and W_h as half and half, so the untrained
-attention tower equals the untrained mean tower. The summaries are taken after W_in (width
-2D, not 2E): every position costs D-wide work only. Training predicts x_{t+1} from p_t at
-positions of a user's window drawn at once, all from one causal pass. The profile served is
-p_T.
-Each layer is an ``nn.Linear`` called once per forward (ghost clipping refuses a layer
+so the untrained attention tower is the untrained mean tower (W_in starts as its projection).
+Training predicts x_{t+1} from p_t at positions of a user's window drawn at once, from one
+causal pass; b_t is computed at those positions only (running sums). The profile served is
+p_T. Each layer is an ``nn.Linear`` called once per forward (ghost clipping refuses a layer
 called twice); layer norms have no parameters, and positions are a linear map of a one-hot
 slot, so the tower has no raw parameters either.
 
@@ -120,21 +117,32 @@ def summarize_history(
     return torch.cat([mean, recent], dim=-1)  # (B, 2E)
 
 
-def causal_summaries(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """:func:`summarize_history` of every prefix of a left-padded window: (B, T, 2E).
+def causal_summaries(
+    x: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`summarize_history` of the prefixes of a left-padded window that end at ``slots``.
 
-    Position t holds [mean of the items in slots <= t, mean of the last RECENT of them];
-    padding slots hold zeros. Position T-1 equals ``summarize_history(x, mask)``.
+    Args:
+        x: (B, T, E) item vectors, most recent last; mask: (B, T) bool.
+        slots: (B, P) positions; default every position (P = T).
+    Returns:
+        (B, P, 2E): [mean of the items in slots <= t, mean of the last RECENT of them] for
+        each t in ``slots``; zeros where t is padding. t = T-1 gives ``summarize_history``.
     """
+    if slots is None:
+        slots = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
     m = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
-    xm = x * m
-    total, count = xm.cumsum(1), m.cumsum(1)  # (B, T, E), (B, T, 1)
-    shift = min(RECENT, x.shape[1])
-    before = nn.functional.pad(total, (0, 0, shift, 0))[:, : x.shape[1]]  # sum up to t-RECENT
-    before_n = nn.functional.pad(count, (0, 0, shift, 0))[:, : x.shape[1]]
-    mean = total / count.clamp(min=1.0)
-    recent = (total - before) / (count - before_n).clamp(min=1.0)
-    return torch.cat([mean, recent], dim=-1) * m  # (B, T, 2E)
+    total, count = (x * m).cumsum(1), m.cumsum(1)  # running sums (B, T, E), (B, T, 1)
+
+    def at(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # a[b, t], 0 where t < 0
+        got = a.gather(1, t.clamp(min=0).unsqueeze(-1).expand(-1, -1, a.shape[-1]))
+        return got * (t >= 0).unsqueeze(-1).to(a.dtype)
+
+    now_sum, now_n = at(total, slots), at(count, slots)  # (B, P, E), (B, P, 1)
+    old_sum, old_n = at(total, slots - RECENT), at(count, slots - RECENT)
+    mean = now_sum / now_n.clamp(min=1.0)
+    recent = (now_sum - old_sum) / (now_n - old_n).clamp(min=1.0)
+    return torch.cat([mean, recent], dim=-1) * at(m, slots)  # (B, P, 2E)
 
 
 def summarize_prefixes(
@@ -257,8 +265,7 @@ class RecModel(nn.Module):
             raise ConfigError([f"model.tower must be one of {list(TOWERS)}. Found {spec.tower!r}."])
         self.spec = spec
         e, d = spec.in_dim, spec.dim
-        # the summaries' width: of item vectors (mean tower) or of embedded items (attention)
-        w = 2 * (e if spec.tower == "mean" else d)
+        w = 2 * e  # the summaries' width
         self.seq = SequenceTower(spec) if spec.tower == "attention" else None
         self.profile_lin = nn.Linear(w, d, bias=False)
         self.profile_mlp = (
@@ -278,11 +285,9 @@ class RecModel(nn.Module):
         s = (e / d) ** 0.5
         if self.spec.item_prior:  # the prior column: read by nothing but beta = 1
             q = torch.cat([q, torch.zeros(1, d)])
-        if self.seq is None:
-            self.profile_lin.weight.copy_(torch.cat([0.5 * s * q.T, 0.5 * s * q.T], dim=1))
-        else:  # W_in carries the projection; the summaries of W_in x mix half and half
+        self.profile_lin.weight.copy_(torch.cat([0.5 * s * q.T, 0.5 * s * q.T], dim=1))
+        if self.seq is not None:  # W_in starts as the same projection
             self.seq.embed.weight.copy_(s * q.T)
-            self.profile_lin.weight.copy_(0.5 * torch.cat([torch.eye(d), torch.eye(d)], dim=1))
         self.to_items.weight.copy_(s * q / self.spec.head_scale)
         self.to_items.bias.zero_()
         if self.spec.item_prior:
@@ -314,23 +319,23 @@ class RecModel(nn.Module):
 
         ``hist`` is left-padded, most recent last. A query enters the base summary only.
         """
-        if self.seq is None:
-            return self.code(summarize_history(hist, mask, query))
-        if query is None:
-            e, q = self.seq.embed(hist), None
-        else:  # one call of W_in for both
-            both = self.seq.embed(torch.cat([hist, query.unsqueeze(1)], dim=1))
-            e, q = both[:, :-1], both[:, -1]
-        residual: torch.Tensor = self.seq(e, mask)[:, -1]
-        return self.code(summarize_history(e, mask, q)) + residual
+        p = self.code(summarize_history(hist, mask, query))
+        if self.seq is not None:
+            p = p + self.seq(self.seq.embed(hist), mask)[:, -1]
+        return p
 
-    def sequence_code(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Profiles p_t after every prefix of left-padded windows: (B, T, E), (B, T) -> (B, T, D)."""
-        if self.seq is None:
-            return self.code(causal_summaries(x, mask))
-        e = self.seq.embed(x)  # (B, T, D)
-        residual: torch.Tensor = self.seq(e, mask)
-        return self.code(causal_summaries(e, mask)) + residual
+    def sequence_code(
+        self, x: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Profiles p_t after prefixes of left-padded windows (B, T, E), (B, T): at every
+        position (B, T, D), or at ``slots`` (B, P) only (B, P, D)."""
+        if slots is None:
+            slots = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        p = self.code(causal_summaries(x, mask, slots))  # (B, P, D)
+        if self.seq is not None:
+            residual = self.seq(self.seq.embed(x), mask)  # (B, T, D)
+            p = p + residual.gather(1, slots.unsqueeze(-1).expand(-1, -1, residual.shape[-1]))
+        return p
 
     def code(self, x: torch.Tensor) -> torch.Tensor:
         """History summaries (..., 2E) -> profiles (..., D)."""
@@ -383,10 +388,7 @@ class RecModel(nn.Module):
         """
         if mask is None:
             return self.to_user_vector(self.code(x))
-        p = self.sequence_code(x, mask)  # (B, T, D)
-        if slots is not None:
-            p = p.gather(1, slots.unsqueeze(-1).expand(-1, -1, p.shape[-1]))  # (B, P, D)
-        return self.to_user_vector(p)
+        return self.to_user_vector(self.sequence_code(x, mask, slots))
 
 
 SHARED_HEAD = "shared"  # the head's key when every platform shares one (model.heads = "shared")

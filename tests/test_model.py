@@ -365,7 +365,7 @@ def _window(batch: int = 4, length: int = 8, pad: int = 3, seed: int = 0):
 
 @pytest.mark.parametrize("item_prior", [False, True])
 def test_untrained_attention_tower_equals_the_untrained_mean_tower(item_prior: bool) -> None:
-    # Prepare: the same seed; W_s starts at zero, W_in x summarised = the mean tower's summary
+    # Prepare: the same seed; W_s starts at zero
     mean = RecModel(ModelSpec(seed=3, item_prior=item_prior))
     attention = RecModel(ModelSpec(seed=3, item_prior=item_prior, tower="attention"))
     x, mask = _window()
@@ -474,7 +474,7 @@ def test_cross_platform_attention_tower_is_shared_by_every_platform() -> None:
     assert a.seq is b.seq is model.seq
     shared = [n for n in param_shapes(model) if head_owner(n) is None]
     assert {n.split(".")[0] for n in shared} == {"profile_lin", "seq"}
-    assert param_shapes(model)["heads.a.profile_own.weight"] == (spec.dim, 2 * spec.dim)
+    assert param_shapes(model)["heads.a.profile_own.weight"] == (spec.dim, 2 * spec.item_dim)
 
 
 def test_attention_heads_must_divide_the_model_dim() -> None:
@@ -484,3 +484,18 @@ def test_attention_heads_must_divide_the_model_dim() -> None:
         from_run_config({"model.tower": "attention", "model.attention-heads": 5})
     with pytest.raises(ConfigError, match="model.tower"):
         from_run_config({"model.tower": "gru"})
+
+
+def test_causal_summaries_are_the_summaries_of_every_prefix() -> None:
+    from fedrec.shared.model import causal_summaries
+
+    x, mask = _window(pad=3)
+    slots = torch.tensor([[2, 3, 7], [0, 1, 5], [4, 6, 7], [0, 2, 3]])
+
+    got = causal_summaries(x, mask, slots)  # (B, 3, 2E)
+
+    for b in range(4):
+        for p, t in enumerate(slots[b].tolist()):
+            want = summarize_history(x[b : b + 1, : t + 1], mask[b : b + 1, : t + 1])[0]
+            want = want * mask[b, t]  # a padding slot summarises nothing
+            torch.testing.assert_close(got[b, p], want)
