@@ -311,7 +311,8 @@ def check(cfg: FedrecConfig) -> list[str]:
         p.append(f"model.tower must be one of {list(TOWERS)}. Found {cfg.model.tower!r}.")
     positive("model.blocks", cfg.model.blocks)
     positive("model.attention-heads", cfg.model.attention_heads)
-    if cfg.model.attention_heads > 0 and cfg.model.dim % cfg.model.attention_heads:
+    attention = cfg.model.tower == "attention"
+    if attention and cfg.model.attention_heads > 0 and cfg.model.dim % cfg.model.attention_heads:
         p.append(
             f"model.dim ({cfg.model.dim}) must be a multiple of model.attention-heads. "
             f"Found {cfg.model.attention_heads}."
