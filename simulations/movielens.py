@@ -386,6 +386,19 @@ def assign_domains(
     return np.array(out, dtype=object).astype(str)
 
 
+def _catalogue(channel: str, movies: Movies, members: np.ndarray) -> Catalogue:
+    """The movies at rows ``members``, in that order, as a channel's catalogue."""
+    texts = [movies.text(int(i)) for i in members]
+    return Catalogue(
+        channel=channel,
+        item_ids=movies.item_ids[members],
+        titles=np.array([t for t, _ in texts], dtype=str),
+        descriptions=np.array([d for _, d in texts], dtype=str),
+        categories=np.full(len(members), "", dtype=str),
+        attributes=np.full(len(members), "", dtype=str),
+    )
+
+
 def cross_domain(
     ratings: Ratings,
     movies: Movies,
@@ -431,15 +444,7 @@ def cross_domain(
         members = np.flatnonzero(movie_domain == name)
         local = np.full(len(movies), -1, dtype=np.int64)
         local[members] = np.arange(len(members))
-        texts = [movies.text(int(i)) for i in members]
-        catalogues[name] = Catalogue(
-            channel=name,
-            item_ids=movies.item_ids[members],
-            titles=np.array([t for t, _ in texts], dtype=str),
-            descriptions=np.array([d for _, d in texts], dtype=str),
-            categories=np.full(len(members), "", dtype=str),
-            attributes=np.full(len(members), "", dtype=str),
-        )
+        catalogues[name] = _catalogue(name, movies, members)
 
         sel = np.flatnonzero(rating_domain == name)
         counts = np.bincount(user_codes_all[sel], minlength=int(user_codes_all.max(initial=0)) + 1)
@@ -485,15 +490,7 @@ def pooled(
     if np.any(movies.item_ids[order][pos] != rated):
         raise ValueError("a rating refers to an item that is not in the movie table")
     members = np.sort(order[pos])  # rated movies, in movie-file order
-    texts = [movies.text(int(i)) for i in members]
-    catalogue = Catalogue(
-        channel=channel,
-        item_ids=movies.item_ids[members],
-        titles=np.array([t for t, _ in texts], dtype=str),
-        descriptions=np.array([d for _, d in texts], dtype=str),
-        categories=np.full(len(members), "", dtype=str),
-        attributes=np.full(len(members), "", dtype=str),
-    )
+    catalogue = _catalogue(channel, movies, members)
     by_id = np.argsort(catalogue.item_ids)
     local = by_id[np.searchsorted(catalogue.item_ids[by_id], ratings.item_ids)]
     user_codes = np.unique(ratings.user_ids, return_inverse=True)[1]

@@ -702,13 +702,8 @@ def test_train_local_attention_tower_learns_and_trains_under_dp() -> None:
 
     train_local(model, items, split.train, spec)
     after, _ = evaluate(model_scorer(model, items), len(items), split, max_history=10)
-    dp = DPSession(
-        DPConfig(target_epsilon=1e9, noise_multiplier=1.0),
-        users=64,
-        batch_size=32,
-        planned_steps=3,
-        channel="shop",
-    )
+    unbounded = DPConfig(target_epsilon=1e9, noise_multiplier=1.0)
+    dp = DPSession(unbounded, users=64, batch_size=32, planned_steps=3, channel="shop")
     private = RecModel(ModelSpec(tower="attention", max_history=10))
     result = train_local(private, items, split.train, TrainSpec(steps=3, max_history=10), dp=dp)
 
