@@ -209,10 +209,11 @@ class WindowExamples(UserExamples):
     consecutive items of the user's training history, redrawn on every access; up to
     ``spec.positions`` of its positions, drawn uniformly, each predict the item that followed.
 
-    An example is ``(x, mask, slots, cands)``: ``x`` (T, E) the window's inputs, left-padded
-    with zero vectors (most recent last), ``mask`` (T,) where ``x`` holds an item, ``slots``
-    (P,) the predicting positions, and ``cands[p, 0]`` the item that followed slot
-    ``slots[p]``, then ``spec.negatives`` uniform public negatives; ``cands == -1`` pads. The
+    An example is ``(x, mask, slots, summaries, cands)``: ``x`` (T, E) the window's inputs,
+    left-padded with zero vectors (most recent last), ``mask`` (T,) where ``x`` holds an item,
+    ``slots`` (P,) the predicting positions, ``summaries`` (P, 2E) the mean tower's summaries
+    of the same prefixes over the whole history, and ``cands[p, 0]`` the item that followed
+    slot ``slots[p]``, then ``spec.negatives`` uniform public negatives; ``cands == -1`` pads. The
     window ends at a uniform point of the history (at its end when the history fits in one
     window), so every stretch of it is trained on. One causal pass gives every position;
     the user's loss is one mean over its predictions, clipped as one example.
@@ -234,11 +235,14 @@ class WindowExamples(UserExamples):
         cut = self.draw_prefixes(size)  # (B, P) prefix lengths in the window, 0 = unused
         live = cut > 0
         slots = np.where(live, first[:, None] + cut - 1, 0)
+        # the base's summaries of the same prefixes, over the whole history before them
+        whole = np.where(live, (end - size)[:, None] + cut, 0)
+        summaries = summarize_prefixes(self.items, self.seqs, rows, whole, self.spec.max_history)
         nxt = np.take_along_axis(self.seqs.item_index[at + 1], slots, axis=1)
         negs = self.rng.integers(0, len(self.items), size=(*cut.shape, self.spec.negatives))
         cands = np.concatenate([nxt[..., None], negs], axis=-1)
         cands[~live] = -1
-        return x, mask, torch.from_numpy(slots), torch.from_numpy(cands)
+        return x, mask, torch.from_numpy(slots), summaries, torch.from_numpy(cands)
 
 
 def examples_for(
@@ -366,7 +370,7 @@ def train_step(
     """One optimiser step on ``batch`` through :class:`LinearizedLoss` (``criterion``, as
     Opacus wraps it under ghost clipping); returns each user's loss."""
     optimizer.zero_grad(set_to_none=True)
-    *inputs, cands = batch  # (x, cands), or (x, mask, slots, cands) for windows
+    *inputs, cands = batch  # (x, cands), or (x, mask, slots, summaries, cands) for windows
     users = net(*inputs)
     per_user, grads = output_grads(users, items, cands, low_precision)
     criterion(users, grads).backward()

@@ -36,8 +36,8 @@ residual to the mean tower's profile at every position t:
   * profile  p_t = b_t + W_s LN(z_t)                       W_s starts at 0
 so the untrained attention tower is the untrained mean tower (W_in starts as its projection).
 Training predicts x_{t+1} from p_t at positions of a user's window drawn at once, from one
-causal pass; b_t is computed at those positions only (running sums). The profile served is
-p_T. Each layer is an ``nn.Linear`` called once per forward (ghost clipping refuses a layer
+causal pass; b_t is computed at those positions only, over the whole history before t (its
+last max-history items, as the profile served, p_T, reads them). Each layer is an ``nn.Linear`` called once per forward (ghost clipping refuses a layer
 called twice); layer norms have no parameters, and positions are a linear map of a one-hot
 slot, so the tower has no raw parameters either.
 
@@ -325,13 +325,21 @@ class RecModel(nn.Module):
         return p
 
     def sequence_code(
-        self, x: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        summaries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Profiles p_t after prefixes of left-padded windows (B, T, E), (B, T): at every
-        position (B, T, D), or at ``slots`` (B, P) only (B, P, D)."""
+        position (B, T, D), or at ``slots`` (B, P) only (B, P, D). ``summaries`` (B, P, 2E)
+        are the base's summaries of those prefixes over the whole history (its last
+        max-history items, as served); without them, of the window alone."""
         if slots is None:
             slots = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        p = self.code(causal_summaries(x, mask, slots))  # (B, P, D)
+        if summaries is None:
+            summaries = causal_summaries(x, mask, slots)
+        p = self.code(summaries)  # (B, P, D)
         if self.seq is not None:
             residual = self.seq(self.seq.embed(x), mask)  # (B, T, D)
             p = p + residual.gather(1, slots.unsqueeze(-1).expand(-1, -1, residual.shape[-1]))
@@ -373,14 +381,18 @@ class RecModel(nn.Module):
         return out
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, slots: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+        summaries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Training inputs -> user vectors in item space.
 
         Without ``mask`` (mean tower): history summaries (..., 2E) -> (..., E), one per prefix.
         With it: a left-padded window of item vectors (B, T, E) and its mask (B, T) -> the user
         vector after each prefix, (B, T, E), or only after the slots ``slots`` (B, P) ->
-        (B, P, E) (:meth:`sequence_code`).
+        (B, P, E), with their ``summaries`` if given (:meth:`sequence_code`).
 
         A candidate's score is its dot product with the user vector. Scores are computed
         outside the model against the constant, public item matrix, so each user's loss
@@ -388,7 +400,7 @@ class RecModel(nn.Module):
         """
         if mask is None:
             return self.to_user_vector(self.code(x))
-        return self.to_user_vector(self.sequence_code(x, mask, slots))
+        return self.to_user_vector(self.sequence_code(x, mask, slots, summaries))
 
 
 SHARED_HEAD = "shared"  # the head's key when every platform shares one (model.heads = "shared")

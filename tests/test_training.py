@@ -662,7 +662,7 @@ def test_windows_predict_the_next_item_of_the_users_own_training_history() -> No
     # Execute: many redraws
     ends, targets = set(), set()
     for _ in range(60):
-        x, mask, slots, cands = examples.__getitems__(list(range(len(examples))))
+        x, mask, slots, summaries, cands = examples.__getitems__(list(range(len(examples))))
         assert x.shape[0] == mask.shape[0] == 3 and slots.shape == (3, 3)
         assert cands.shape == (3, 3, 3)
         for k, row in enumerate(examples.rows):
@@ -681,6 +681,10 @@ def test_windows_predict_the_next_item_of_the_users_own_training_history() -> No
                 before = held[: slot - (x.shape[1] - len(held)) + 1]
                 # the target is the item that followed the prefix ending at that slot
                 assert int(cands[k, p, 0]) == seq[start + len(before)]
+                # the base summary covers the whole history before it, not the window only
+                prefix = seq[: start + len(before)]
+                mean = items[prefix[-spec.max_history :]].mean(0)
+                torch.testing.assert_close(summaries[k, p, :DIM], mean, rtol=0, atol=1e-6)
                 targets.add(int(cands[k, p, 0]))
 
     # Assert: u3 ([14]) is no example; the long user's (8 training items) 4 inputs end at
