@@ -773,6 +773,12 @@ def _check_node_ledger(
     server = {c["round"]: c for c in curve}
     server_eps = {c["round"]: c["epsilon_ledger"] for c in curve if c["status"] in SPENT}
     last_history: list[Any] | None = None
+    # a round trained, lost and trained again has two lines; the server saw only the last
+    last_of_round = {
+        e.get(ROUND): idx
+        for idx, e in enumerate(node_entries, start=1)
+        if e.get(STATUS) == "trained"
+    }
     for idx, e in enumerate(node_entries, start=1):
         at = f"{where}: entry {e.get('_line', idx)}"
         rnd = e.get(ROUND)
@@ -795,6 +801,7 @@ def _check_node_ledger(
                 )
         if (
             not released
+            and last_of_round.get(rnd, idx) == idx
             and rnd in server_eps
             and node_eps is not None
             and server_eps[rnd] is not None
