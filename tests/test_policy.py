@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client import app as client_app
-from fedrec.client.ledger import LEDGER, NodeLedger, reset
+from fedrec.client.ledger import LEDGER, LedgerError, NodeLedger, reset
 from fedrec.client.noise import SOURCE_SECURE
 from fedrec.shared import hashlog, wire
 from fedrec.shared.config import FedrecConfig, from_run_config
@@ -471,7 +471,7 @@ def test_fedrec_node_policy_prints_a_file_that_loads_back(tmp_path: Path) -> Non
 
 
 def test_a_reset_needs_a_reason(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="--reason"):
+    with pytest.raises(LedgerError, match="--reason"):
         reset(tmp_path, CHANNEL, "  ")
 
 
@@ -569,7 +569,7 @@ def test_a_server_killed_after_round_2_resumes_to_round_4_within_the_lifetime(
     import sys
     import time
 
-    from tests.tiny import save_tiny_bert, stop_when, write_small_world
+    from tests.tiny import save_tiny_bert, stop_when, tiny_simulate, write_small_world
 
     world = write_small_world(tmp_path / "world", people=100)
     bert = save_tiny_bert(tmp_path / "bert")
@@ -578,29 +578,18 @@ def test_a_server_killed_after_round_2_resumes_to_round_4_within_the_lifetime(
     out = tmp_path / "out"
     run_dir = out / "federated-dp"
     fedrec = str(Path(sys.executable).with_name("fedrec"))
-    cmd = [
-        fedrec,
-        "simulate",
-        "--data",
-        str(world),
-        "--out",
-        str(out),
-        "--rounds",
-        "4",
+    cmd = tiny_simulate(
+        world,
+        bert,
+        out,
+        4,
         "--epsilon",
         "8",
-        "--no-baselines",
         "--node-policy",
         str(policy),
         "--set",
-        f"encoder-dir={bert}",
-        "--set",
-        "model.dim=16",
-        "--set",
-        "train.local-steps=2",
-        "--set",
         "dp.accountant=rdp",
-    ]
+    )
     env = {**os.environ, "FEDREC_CACHE_DIR": str(tmp_path / "cache")}
 
     # Execute 1: SIGKILL the whole job once a node has trained round 3 (the server may not

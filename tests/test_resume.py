@@ -17,33 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import save_tiny_bert, stop_when, write_small_world
+from tests.tiny import save_tiny_bert, stop_when, tiny_simulate, write_small_world
 
 FEDREC = str(Path(sys.executable).with_name("fedrec"))
 pytestmark = pytest.mark.e2e
 
 
 def _simulate(world: Path, bert: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        FEDREC,
-        "simulate",
-        "--data",
-        str(world),
-        "--out",
-        str(out),
-        "--rounds",
-        "3",
-        "--no-baselines",
-        "--strategy",
-        "fedadam",  # a strategy with server state to continue
-        "--set",
-        f"encoder-dir={bert}",
-        "--set",
-        "model.dim=16",
-        "--set",
-        "train.local-steps=2",
-        *extra,
-    ]
+    # fedadam: a strategy with server state to continue
+    return tiny_simulate(world, bert, out, 3, "--strategy", "fedadam", *extra)
 
 
 def test_a_stopped_run_resumes_from_its_checkpoint_and_passes_the_audit(tmp_path: Path) -> None:

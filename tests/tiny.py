@@ -149,3 +149,28 @@ def stop_when(
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)  # SIGKILL
+
+
+def tiny_simulate(world: Path, bert: Path, out: Path, rounds: int, *extra: str) -> list[str]:
+    """The ``fedrec simulate`` command line of a small, fast run on ``world`` with ``bert``."""
+    import sys
+
+    fedrec = str(Path(sys.executable).with_name("fedrec"))
+    return [
+        fedrec,
+        "simulate",
+        "--data",
+        str(world),
+        "--out",
+        str(out),
+        "--rounds",
+        str(rounds),
+        "--no-baselines",
+        "--set",
+        f"encoder-dir={bert}",
+        "--set",
+        "model.dim=16",
+        "--set",
+        "train.local-steps=2",
+        *extra,
+    ]
