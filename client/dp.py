@@ -40,7 +40,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fedrec.client import noise
-from fedrec.client.ledger import RELEASED, NodeLedger, subtract
+from fedrec.client.ledger import RELEASED, NodeLedger, events, subtract
 from fedrec.shared import privacy
 from fedrec.shared.config import DPConfig, check_delta
 from fedrec.shared.policy import NodePolicy, sampling_refusals
@@ -282,7 +282,7 @@ class DPSession:
         if saved is not None:
             state = dict(saved)
             candidates.append(
-                (self._checked(state, "this run's saved state"), _events(state.get("releases")))
+                (self._checked(state, "this run's saved state"), events(state.get("releases")))
             )
         best, releases = max(candidates, key=lambda c: sum(int(n) for _, _, n in c[0]))
         self.accountant.load_state_dict(
@@ -455,10 +455,3 @@ class _Batches:
         size = -(-self.n // self.batches)
         for b in range(self.batches):
             yield list(range(b * size, min((b + 1) * size, self.n)))
-
-
-def _events(raw: object) -> list[Event]:
-    """Events kept as JSON lists (a state's or a ledger line's ``releases``)."""
-    if not isinstance(raw, list):
-        return []
-    return [(float(s), float(q), int(n)) for s, q, n in raw]
