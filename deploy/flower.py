@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,14 @@ from fedrec.shared.fsio import atomic_write_text
 SERVER_APP = "fedrec.server.app:app"
 CLIENT_APP = "fedrec.client.app:app"
 LOOPBACK = "127.0.0.1"
+# Marks every process of one launch (one fedrec process's start of Flower): a killed launch's
+# reaper stops what carries its own launch's marker, never a later launch of the same run.
+LAUNCH_ENV = "FEDREC_LAUNCH"
+
+
+def new_launch() -> str:
+    """A fresh value for :data:`LAUNCH_ENV`."""
+    return uuid.uuid4().hex
 
 
 def app_project(folder: Path) -> Path:
@@ -220,6 +229,15 @@ def signals_held(*, drop: bool = False) -> Iterator[None]:
 def _restore(old: dict[signal.Signals, Any]) -> None:
     for s, h in old.items():
         signal.signal(s, h if h is not None else signal.SIG_DFL)  # None: set outside Python
+
+
+def wait_gone(key: str, value: str, timeout: float = 60.0) -> list[int]:
+    """Wait up to ``timeout`` s until no process carries ``key=value`` (what an earlier,
+    killed launch of the same run left while its reaper stops it); returns the PIDs left."""
+    deadline = time.monotonic() + timeout
+    while (left := processes_with_env(key, value)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
 
 
 def stop_processes(flwr_home: Path, grace: float = 5.0) -> int:

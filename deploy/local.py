@@ -45,15 +45,18 @@ from fedrec.deploy.commands import (
     write_flower_config,
 )
 from fedrec.deploy.flower import (
+    LAUNCH_ENV,
     LOOPBACK,
     app_project,
     flower_bin,
     free_ports,
+    new_launch,
     process_env,
     processes_with_env,
     signals_held,
     signals_interrupt,
     terminate,
+    wait_gone,
     write_overrides,
 )
 from fedrec.deploy.reaper import Reaper
@@ -142,6 +145,7 @@ class LocalDeployment:
         self.node_ports: dict[str, int] = {}
         self.node_ids: dict[str, int] = {}
         self.reaper: Reaper | None = None
+        self.launch = new_launch()  # this object's processes; a killed one's reaper spares us
         self._starts = itertools.count()
         self._swept: set[str] = set()
         self._sweep_lock = threading.Lock()
@@ -173,6 +177,7 @@ class LocalDeployment:
         env = process_env(self.home(who))
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
         env[DEPLOYMENT_ENV] = str(self.root)
+        env[LAUNCH_ENV] = self.launch
         if self.superexec_poll:
             env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = self.superexec_poll
         return env
@@ -184,10 +189,19 @@ class LocalDeployment:
     # -- processes -----------------------------------------------------------------------
 
     def watch(self) -> None:
-        """Start the reaper (once, before the first process): it stops every process with
-        this deployment's marker if this process dies before :meth:`close`."""
+        """Start the reaper (once, before the first process): it stops every process this
+        object started (and their children) if this process dies before :meth:`close`."""
         if self.reaper is None:
-            self.reaper = Reaper.start(DEPLOYMENT_ENV, str(self.root))
+            # a killed earlier deployment of this root may have left processes its reaper
+            # is still stopping
+            left = wait_gone(DEPLOYMENT_ENV, str(self.root))
+            if left:
+                raise DeployError(
+                    f"processes of another deployment in {self.root} are still running "
+                    f"(PIDs {', '.join(map(str, left))}): wait for it to end or stop those "
+                    "processes, then deploy again."
+                )
+            self.reaper = Reaper.start(LAUNCH_ENV, self.launch)
 
     def spawn(self, name: str, cmd: list[str], who: str, cwd: Path | None = None) -> Proc:
         """Start ``cmd`` as process ``name`` with ``who``'s environment, logging to

@@ -6,7 +6,8 @@ working directory (Ray puts the SuperLink's working directory on its workers' ``
 where a stray ``fedrec`` module or folder would shadow the installed package), with runtime
 dependency installation off (everything is installed already); afterwards it stops every
 process that carries that ``FLWR_HOME``, in a teardown no signal cuts short, and a reaper
-(:mod:`fedrec.deploy.reaper`) stops them if this process dies before it could.
+(:mod:`fedrec.deploy.reaper`) stops this launch's processes if this process dies before it
+could. A launch waits for what a killed earlier launch of the same run left.
 
 Must not: leave a Flower process running after it returns or raises.
 """
@@ -22,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.deploy.flower import (
+    LAUNCH_ENV,
     app_project,
     flower_env,
+    new_launch,
     signals_held,
     signals_interrupt,
     stop_processes,
+    wait_gone,
     write_overrides,
 )
 from fedrec.deploy.reaper import Reaper
@@ -57,7 +61,8 @@ def run_simulation(
     overrides = write_overrides(run_dir / "run-config.toml", run_config)
     policy_file = run_dir / NODE_POLICY
     write_policy(policy_file, node_policy or NodePolicy())
-    env = {**flower_env(flwr_home), POLICY_ENV: str(policy_file)}
+    launch = new_launch()
+    env = {**flower_env(flwr_home), POLICY_ENV: str(policy_file), LAUNCH_ENV: launch}
     flwr = Path(sys.executable).with_name("flwr")
     # One Ray actor per node (up to twice the cores): a round's nodes then run at once instead
     # of the third queueing behind the two actors Ray gives 2 cores by default, and a phase's
@@ -76,8 +81,17 @@ def run_simulation(
     log_path = run_dir / "flower.log"
     tail: list[str] = []
     # SIGTERM/SIGHUP as Ctrl-C, so `finally` stops Flower; the reaper if we die before that.
+    # A killed launch of this run may have left processes that its reaper is still stopping
+    left = wait_gone("FLWR_HOME", str(flwr_home))
+    if left:
+        raise SimulationFailed(
+            f"processes of another launch of this run are still running (PIDs "
+            f"{', '.join(map(str, left))}, FLWR_HOME={flwr_home}): another 'fedrec simulate' "
+            "on this run directory, or leftovers its reaper could not stop. Wait for it to "
+            "end or stop those processes, then run again."
+        )
     with signals_interrupt():
-        reaper = Reaper.start("FLWR_HOME", str(flwr_home))
+        reaper = Reaper.start(LAUNCH_ENV, launch)
         try:
             with log_path.open("a", encoding="utf-8") as log_fh:  # a resumed run appends
                 proc = subprocess.Popen(
