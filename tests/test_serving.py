@@ -98,6 +98,29 @@ def test_bm25_stems_and_ignores_words_outside_the_catalogue() -> None:
     assert not nothing.any()
 
 
+def test_recentring_pulls_a_topic_displaced_by_edge_anchors_back_into_its_cluster() -> None:
+    from fedrec.serving.search import recentred_topic
+
+    # Prepare: unit vectors in a plane, cluster A at 0..40 degrees and cluster B at 60..100
+    # (one item a degree); anchors at A's edge (35..39) and one stray from B (60)
+    degrees = np.concatenate([np.arange(0, 41), np.arange(60, 101)]).astype(float)
+    space = np.stack([np.cos(np.radians(degrees)), np.sin(np.radians(degrees))], axis=1)
+    in_a = degrees <= 40
+    anchors = np.array([35, 36, 37, 38, 39, 41])  # rows; row 41 is 60 degrees
+
+    def nearest(v: np.ndarray, n: int) -> np.ndarray:
+        return np.argsort(-(space @ v), kind="stable")[:n]
+
+    # Execute
+    plain = recentred_topic(nearest, space, anchors, depth=40, recentre=0)
+    recentred = recentred_topic(nearest, space, anchors, depth=40, recentre=2)
+
+    # Assert: the anchors' centroid (40.8 degrees) takes in B's near edge (60..70: 11 of 40);
+    # re-centred twice on the nearer half, the topic is A alone
+    assert in_a[plain].mean() < 0.8
+    assert in_a[recentred].all() and len(recentred) == 40
+
+
 # -- the HTTP app -------------------------------------------------------------------------------
 
 
