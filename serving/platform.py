@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from fedrec.serving.recommend import (
     personal_file,
     released_prior,
 )
+from fedrec.serving.search import LRU, query_key
 
 log = logging.getLogger(__name__)
 
@@ -105,23 +105,18 @@ class QueryEncoder:
 
     def __init__(self, encoder: Any, cache_size: int = 4096) -> None:
         self.encoder = encoder
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: LRU[np.ndarray] = LRU(cache_size)
         self._lock = threading.Lock()
 
     def __call__(self, text: str) -> np.ndarray:
-        key = " ".join(text.lower().split())
+        key = query_key(text)
+        return self._cache.get(key, lambda: self._encode(key))
+
+    def _encode(self, key: str) -> np.ndarray:
         with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
             vec = np.asarray(self.encoder.encode([key])[0], dtype=np.float32)
-            vec.flags.writeable = False
-            self._cache[key] = vec
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-            return vec
+        vec.flags.writeable = False
+        return vec
 
     def warm(self) -> None:
         """Load the encoder's weights now rather than on the first search."""

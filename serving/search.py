@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -79,15 +80,45 @@ def ranked(
 ) -> np.ndarray:
     """Rows of the ``depth`` best ``scores``, best first, ``exclude`` left out (and, with
     ``positive``, rows scoring 0 or less: BM25 gives 0 to items sharing no query word)."""
-    s = np.array(scores, dtype=np.float32)
-    s[exclude] = -np.inf
-    if positive:
-        s[s <= 0] = -np.inf
-    n = min(depth, int(np.isfinite(s).sum()))
+    s = np.asarray(scores, dtype=np.float32)
+    rows = np.flatnonzero(s > 0) if positive else np.arange(len(s))  # BM25: a few rows
+    if len(exclude):
+        rows = rows[~np.isin(rows, exclude)]
+    n = min(depth, len(rows))
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    top = np.argpartition(-s, n - 1)[:n]
-    return top[np.argsort(-s[top], kind="stable")].astype(np.int64)
+    top = rows[np.argpartition(-s[rows], n - 1)[:n]]
+    return top[np.lexsort((top, -s[top]))].astype(np.int64)  # ties: lower row first
+
+
+def query_key(text: str) -> str:
+    """A query as its caches key it: lower case, runs of white space as one space."""
+    return " ".join(text.lower().split())
+
+
+V = TypeVar("V")
+
+
+class LRU(Generic[V]):
+    """A thread-safe map of the ``size`` most recently used keys; :meth:`get` computes a
+    missing value outside the lock (two threads missing one key at once both compute it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._map: OrderedDict[str, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, make: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._map:
+                self._map.move_to_end(key)
+                return self._map[key]
+        value = make()
+        with self._lock:
+            self._map[key] = value
+            if len(self._map) > self.size:
+                self._map.popitem(last=False)
+        return value
 
 
 def rrf(rankings: Sequence[np.ndarray]) -> np.ndarray:
@@ -127,6 +158,7 @@ class HybridSearch:
         anchors: how many of the fused lexical and text matches define the topic.
         depth: how many items the topic holds (and each lexical / text list).
         recentre: how many times the topic is re-centred on its nearer half.
+        cache_size: how many queries' rankings are kept (they depend on the query alone).
     """
 
     def __init__(
@@ -136,26 +168,31 @@ class HybridSearch:
         anchors: int = 10,
         depth: int = 100,
         recentre: int = 2,
+        cache_size: int = 4096,
     ) -> None:
         from fedrec.serving.index import ItemIndex
 
         self.recommender, self.lexical = recommender, lexical
         self.anchors, self.depth, self.recentre = anchors, depth, recentre
+        self._rankings: LRU[dict[str, np.ndarray]] = LRU(cache_size)
         text = np.asarray(recommender.items[:, : recommender.text_dim].numpy(), np.float32)
         self.text_index = ItemIndex(text, recommender.index_kind)
         space = recommender.codes[:, :-1]  # (N, D): W_o^T c, the model's item space
         self.space = space / np.maximum(np.linalg.norm(space, axis=1, keepdims=True), 1e-12)
         self.space_index = ItemIndex(self.space, recommender.index_kind)
 
-    def rankings(
-        self, query: str, query_vec: np.ndarray, history: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Each stage's ranking (item rows, best first; seen items kept in ``lexical``,
-        ``semantic`` and ``topic``, which only place the query) and the user vector."""
+    def rankings(self, query: str, query_vec: np.ndarray) -> dict[str, np.ndarray]:
+        """The query's rankings (item rows, best first, seen items kept: they only place the
+        query): ``lexical``, ``semantic``, ``text`` (those two fused), ``anchors`` and
+        ``topic``. Cached by :func:`query_key`: they depend on the query alone."""
+        return self._rankings.get(query_key(query), lambda: self._rank(query, query_vec))
+
+    def _rank(self, query: str, query_vec: np.ndarray) -> dict[str, np.ndarray]:
         none = np.zeros(0, dtype=np.int64)
         lexical = ranked(self.lexical.scores(query), self.depth, none, positive=True)
         semantic = self.text_index.search(query_vec[None], self.depth)[0][0]
-        anchors = rrf([lexical, semantic])[: self.anchors]
+        text = rrf([lexical, semantic])
+        anchors = text[: self.anchors]
         topic = recentred_topic(
             lambda v, n: self.space_index.search(v[None], n)[0][0],
             self.space,
@@ -163,20 +200,23 @@ class HybridSearch:
             self.depth,
             self.recentre,
         )
-        return {"lexical": lexical, "semantic": semantic, "anchors": anchors, "topic": topic}
+        found = {"lexical": lexical, "semantic": semantic, "text": text, "anchors": anchors}
+        for rows in (*found.values(), topic):
+            rows.flags.writeable = False  # shared by every request for the query
+        return {**found, "topic": topic}
 
     def search(
         self, query: str, query_vec: np.ndarray, history: np.ndarray, k: int
     ) -> list[tuple[int, float]]:
         """Top-``k`` (item row, model score) for a query and a history (may be empty)."""
         seen = np.unique(history)
-        found = self.rankings(query, query_vec, history)
+        found = self.rankings(query, query_vec)
         topic = found["topic"][~np.isin(found["topic"], seen)]
         vec = self.recommender.user_vectors([history], query_vec[None])[0]
         scores = self.recommender.scores(vec, topic)
         topic = topic[np.argsort(-scores, kind="stable")]
         if len(seen) == 0:
-            text = rrf([found["lexical"], found["semantic"]])
+            text = found["text"]
             topic = np.concatenate([text, topic[~np.isin(topic, text)]])
         topic = topic[:k]
         out = [

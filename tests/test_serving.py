@@ -98,6 +98,54 @@ def test_bm25_stems_and_ignores_words_outside_the_catalogue() -> None:
     assert not nothing.any()
 
 
+def test_ranked_keeps_the_best_scores_without_excluded_or_non_positive_rows() -> None:
+    from fedrec.serving.search import ranked
+
+    scores = np.array([0.0, 3.0, -1.0, 5.0, 3.0, 0.5], dtype=np.float32)
+
+    best = ranked(scores, 3, np.array([3]), positive=True)
+    every = ranked(scores, 10, np.zeros(0, np.int64))
+
+    # by hand: row 3 excluded, rows 0 and 2 not positive; ties keep row order
+    assert best.tolist() == [1, 4, 5]
+    assert every.tolist() == [3, 1, 4, 5, 0, 2]
+
+
+def test_the_lru_keeps_the_most_recently_used_keys() -> None:
+    from fedrec.serving.search import LRU
+
+    cache: LRU[int] = LRU(2)
+    made: list[str] = []
+
+    def make(key: str) -> int:
+        made.append(key)
+        return len(made)
+
+    cache.get("a", lambda: make("a"))
+    cache.get("b", lambda: make("b"))
+    assert cache.get("a", lambda: make("a")) == 1  # a hit: "a" is now the most recent
+    cache.get("c", lambda: make("c"))  # evicts "b"
+    cache.get("b", lambda: make("b"))
+
+    assert made == ["a", "b", "c", "b"]
+
+
+def test_a_cached_query_ranks_as_it_did_when_computed(platform) -> None:  # type: ignore[no-untyped-def]
+    engine = platform.search_engine
+    history = platform.history(str(platform.histories.users[0]))
+    query = "Running SHOES for rain"
+    vec = platform.queries(query)
+    first = engine.search(query, vec, history, 10)
+
+    again = engine.search("  running shoes FOR rain ", vec, history, 10)
+    computed = engine._rank(query, vec)
+
+    assert again == first
+    assert engine.rankings(query.lower(), vec) is engine.rankings(query, vec)  # one entry
+    for name, rows in computed.items():
+        np.testing.assert_array_equal(engine.rankings(query, vec)[name], rows)
+
+
 def test_recentring_pulls_a_topic_displaced_by_edge_anchors_back_into_its_cluster() -> None:
     from fedrec.serving.search import recentred_topic
 
@@ -215,6 +263,21 @@ def test_health_and_metrics(client) -> None:  # type: ignore[no-untyped-def]
     assert 'fedrec_request_seconds_bucket{endpoint="/recommend",le="0.005"}' in text
     assert "fedrec_model_round 2.0" in text
     assert 'fedrec_model_info{channel="ecommerce",checkpoint="round-0002.safetensors"} 1.0' in text
+
+
+def test_an_unexpected_error_is_a_json_500_and_is_counted(client, platform, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def broken(*args: object) -> None:
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(platform, "recommend", broken)
+    user = str(platform.histories.users[0])
+
+    got = client.get("/recommend", params={"user": user})
+    metrics = client.get("/metrics").text
+
+    assert got.status_code == 500
+    assert got.json()["error"]["message"].startswith("internal error (RuntimeError)")
+    assert 'fedrec_requests_total{endpoint="/recommend",status="500"} 1.0' in metrics
 
 
 def test_request_logs_hold_no_user_ids_or_queries(client, caplog) -> None:  # type: ignore[no-untyped-def]
