@@ -163,18 +163,37 @@ def create_app(reloader: Reloader, reload_every: float | None = None) -> Any:
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": {"status": status, "message": message}}, status)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Any) -> Any:
-        t = time.perf_counter()
-        response = await call_next(request)
-        took = time.perf_counter() - t
-        path = request.url.path
-        endpoint = path if path in endpoints else "other"
-        requests.labels(endpoint, str(response.status_code)).inc()
-        latency.labels(endpoint).observe(took)
-        # never the query string: it holds user ids and queries
-        log.info("%s %s %d %.1fms", request.method, path, response.status_code, 1000 * took)
-        return response
+    class Measure:
+        """Counts, times and logs every request (a plain ASGI middleware: Starlette's
+        ``BaseHTTPMiddleware`` costs a task and a stream per request)."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.inner(scope, receive, send)
+                return
+            t, status = time.perf_counter(), 500  # 500 unless a response starts
+
+            async def sending(message: Any) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await self.inner(scope, receive, sending)
+            finally:
+                took = time.perf_counter() - t
+                path = scope["path"]
+                endpoint = path if path in endpoints else "other"
+                requests.labels(endpoint, str(status)).inc()
+                latency.labels(endpoint).observe(took)
+                # never the query string: it holds user ids and queries
+                log.info("%s %s %d %.1fms", scope["method"], path, status, 1000 * took)
+
+    app.add_middleware(Measure)
 
     @app.exception_handler(UnknownUser)
     async def unknown_user(_: Request, exc: UnknownUser) -> JSONResponse:
