@@ -5,10 +5,12 @@ search query are the cases: rank the interacted item given the query and the his
 it, seen items left out. Compared: query-only text similarity, BM25 alone, today's blend
 (the model with the query blended into the history: ``fedrec recommend --query``) and the
 hybrid search of ``fedrec serve``. HR@10 and NDCG@10 on all cases and on the two halves (even
-and odd case numbers; the hybrid's two settings were chosen on the even half). Then the
-issue's finance query, with no user.
+and odd case numbers; the hybrid's settings were chosen on the even half); with
+``--recentre N ...`` also the hybrid with N re-centrings of its topic. Then the issue's
+finance query, with no user.
 
     .venv/bin/python -m fedrec.simulations.bench.search RUN_DIR [--channel ecommerce]
+        [--recentre 0 1 3]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from fedrec.serving.platform import Platform
 from fedrec.serving.recommend import RecommendError
-from fedrec.serving.search import ranked
+from fedrec.serving.search import HybridSearch, ranked
 from fedrec.shared.datasets import load_interactions
 
 RETIREMENT = "low fee index fund for retirement"
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--channel", default="ecommerce")
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--recentre", type=int, nargs="*", default=[], help="also these variants")
     args = ap.parse_args()
     k = args.k
 
@@ -63,7 +66,11 @@ def main() -> None:
     )
 
     engine, rec = platform.search_engine, platform.recommender
-    methods = ("text similarity", "BM25", "today's blend", "hybrid")
+    variants = {
+        f"hybrid, {n} re-centrings": HybridSearch(rec, engine.lexical, recentre=n)
+        for n in args.recentre
+    }
+    methods = ("text similarity", "BM25", "today's blend", "hybrid", *variants)
     ranks: dict[str, list[int | None]] = {m: [] for m in methods}
     t1 = time.perf_counter()
     for (history, target, query), qvec in zip(cases, vectors, strict=True):
@@ -78,8 +85,11 @@ def main() -> None:
         ranks["today's blend"].append(rank_of(blend, target))
         hybrid = np.array([r for r, _ in engine.search(query, qvec, history, k)])
         ranks["hybrid"].append(rank_of(hybrid, target))
+        for name, variant in variants.items():
+            rows = np.array([r for r, _ in variant.search(query, qvec, history, k)])
+            ranks[name].append(rank_of(rows, target))
     per_case = (time.perf_counter() - t1) / max(len(cases), 1) * 1000
-    print(f"{per_case:.2f} ms per case for all four methods (queries encoded beforehand)\n")
+    print(f"{per_case:.2f} ms per case for all methods (queries encoded beforehand)\n")
 
     even = np.arange(len(cases)) % 2 == 0
     print(f"| method | HR@{k} | NDCG@{k} | HR@{k} even half | HR@{k} odd half |")
