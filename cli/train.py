@@ -54,6 +54,13 @@ def register(app: typer.Typer) -> None:
         max_eval_users: Annotated[
             int, typer.Option(min=1, help="Evaluate on at most this many users.")
         ] = 2000,
+        item_table: Annotated[
+            bool,
+            typer.Option(
+                "--item-table",
+                help="Add a per-item residual table (items x 64, learned) to the item vectors.",
+            ),
+        ] = False,
     ) -> None:
         """Train one channel's model locally (DP-SGD by default) and compare it with the
         popularity and text-similarity baselines on its held-out last items."""
@@ -89,6 +96,7 @@ def register(app: typer.Typer) -> None:
 
         from fedrec.client.training import TrainSpec, evaluate
         from fedrec.shared.config import DPConfig
+        from fedrec.shared.model import ModelSpec, RecModel
         from fedrec.simulations.baselines import popularity_scorer, text_similarity_scorer
 
         spec = TrainSpec(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
@@ -113,6 +121,13 @@ def register(app: typer.Typer) -> None:
                     ),
                     channel=channel,
                     max_eval_users=max_eval_users,
+                    model=RecModel(
+                        ModelSpec(
+                            item_dim=int(item_vectors.shape[1]),
+                            seed=seed,
+                            item_table=n if item_table else 0,
+                        )
+                    ),
                 )
         except ValueError as exc:  # e.g. δ at or above 1/users
             raise InputError(str(exc)) from exc

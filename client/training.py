@@ -33,7 +33,7 @@ from fedrec.client.dp import DPSession
 from fedrec.shared.config import FedrecConfig
 from fedrec.shared.data import Sequences
 from fedrec.shared.metrics import metrics_from_ranks, rank_of_target, sample_negatives, sampled_rank
-from fedrec.shared.model import RecModel, summarize_prefixes
+from fedrec.shared.model import RecModel, item_scores, summarize_prefixes
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
@@ -293,8 +293,8 @@ def candidate_logits(users: torch.Tensor, items: torch.Tensor, cands: torch.Tens
     For catalogues up to :data:`FULL_SCORE_MAX` items, scoring the whole catalogue and picking
     the candidates is cheaper than gathering (..., C, E) candidate vectors.
     """
-    if len(items) <= FULL_SCORE_MAX:
-        return (users @ items.T).gather(-1, cands)
+    if len(items) <= FULL_SCORE_MAX or users.shape[-1] > items.shape[1]:
+        return item_scores(users, items).gather(-1, cands)
     return (items[cands] @ users.unsqueeze(-1)).squeeze(-1)
 
 
@@ -315,8 +315,8 @@ def candidate_scores(
     if cands.shape[-1] == 1:  # no sampled negatives: softmax over the whole public catalogue
         labels = torch.where(used, cands[..., 0], -1)
         if low_precision:
-            return (users[used].bfloat16() @ items.bfloat16().T).float(), labels  # (M, N)
-        return users[used] @ items.T, labels  # (M, N), (B, P)
+            return item_scores(users[used].bfloat16(), items.bfloat16()).float(), labels
+        return item_scores(users[used], items), labels  # (M, N), (B, P)
     logits = candidate_logits(users, items, cands.clamp(min=0))  # (B, P, 1+K)
     collide = cands[..., 1:] == cands[..., :1]  # a negative that is the target is no negative
     logits = torch.cat([logits[..., :1], logits[..., 1:].masked_fill(collide, -1e4)], dim=-1)

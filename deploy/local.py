@@ -485,7 +485,12 @@ def deploy_local(
 
     from rich.console import Console
 
-    from fedrec.shared.config import ConfigError, from_run_config, parse_value
+    from fedrec.shared.config import (
+        FEDERATED_ITEM_TABLE,
+        ConfigError,
+        from_run_config,
+        parse_value,
+    )
     from fedrec.shared.hashlog import resolve_key_env
     from fedrec.shared.policy import NodePolicy, load_policy, write_policy
     from fedrec.simulations.simulate import (
@@ -519,6 +524,8 @@ def deploy_local(
     overrides["data-dir"] = str(out / "data" / "coordinator")
     try:
         cfg = from_run_config(overrides)
+        if cfg.model.item_table:
+            raise ConfigError([FEDERATED_ITEM_TABLE])
     except ConfigError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from exc

@@ -25,6 +25,13 @@ SCORE_DTYPES = ("auto", "float32", "bfloat16")
 HEADS = ("channel-tower", "channel", "shared")
 ITEM_PRIORS = ("popularity", "none")
 TOWERS = ("mean", "attention")
+# why a federation refuses model.item-table = true
+FEDERATED_ITEM_TABLE = (
+    "model.item-table = true is for a platform's own model; the federation does not carry "
+    "per-item tables. Fix: drop --set model.item-table=true, or train one platform alone "
+    "(fedrec train --item-table, python -m fedrec.simulations.bench.ml1m --set "
+    "model.item-table=true)."
+)
 
 
 class ConfigError(FedrecError, ValueError):
@@ -67,6 +74,10 @@ class ModelConfig:
     tower: str = "mean"
     blocks: int = 1  # attention blocks (model.tower = "attention")
     attention_heads: int = 2  # must divide model.dim
+    # a per-item residual table R (items x model.dim, zero at the start) added to each item's
+    # projected text vector: a platform's own model only (fedrec train, the local-only and
+    # pooled baselines); a federation refuses it (a head per catalogue size is not built)
+    item_table: bool = False
 
 
 @dataclass(frozen=True)

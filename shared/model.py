@@ -4,8 +4,9 @@ Owns: the one architecture that every channel trains and the server aggregates
 (:class:`CrossPlatformModel`: a shared tower W_h; per platform ``W_o``, ``b`` and its own
 tower W_c; each platform trains its :class:`RecModel` view), and the history summaries it
 reads. Item vectors come from the central text encoder and are inputs, never parameters: there
-is no per-user or per-item embedding table, so nothing in the weights is indexed by a user or
-an item.
+is no per-user table, and the federated model has no per-item table, so nothing in its weights
+is indexed by a user or an item. A platform's own model may add one (``spec.item_table``,
+below).
 
 Design (DP utility decides it: under DP-SGD an MLP scorer over ``[p, c, p*c]`` stayed near
 chance in a probe, while a dot-product scorer whose untrained scores already correlate with the
@@ -25,6 +26,14 @@ already ranks by text similarity to the history; DP-SGD only has to learn correc
 (recency, interest transitions, popularity carried by text). The MLP's last layer and ``b``
 start at zero. Every layer is ``nn.Linear`` (no raw parameters, no weight tying): all Opacus
 grad-sample modes, ghost clipping included, support it.
+
+The per-item residual table (``spec.item_table`` = N rows, ``model.item-table``; a platform's
+own model only): item i's projection becomes ``W_o^T c_i + R_i`` (R: N x D, zero at the
+start), so items the text cannot tell apart can still be ranked apart, as an ID embedding
+does in SASRec or BPR. R is an ``nn.Linear(D, N)`` applied to the profile on the user side,
+and the user vector carries its N scores after its E columns, ``[u, tau * R (s p)]``
+(:func:`item_scores` adds them): each user's gradient of R stays per-user (clipping and
+ghost norms as for any linear layer), and items added after training have no row (R = 0).
 
 The sequence tower (``spec.tower = "attention"``, SASRec-like: Kang and McAuley, ICDM 2018)
 reads the ordered history x_1..x_T (item vectors, most recent last) and adds an order-aware
@@ -54,7 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedrec.shared.config import TOWERS, ConfigError, FedrecConfig
+from fedrec.shared.config import FEDERATED_ITEM_TABLE, TOWERS, ConfigError, FedrecConfig
 from fedrec.shared.data import Sequences
 
 RECENT = 3  # the "recent" summary averages the last RECENT history items
@@ -74,6 +83,7 @@ class ModelSpec:
     blocks: int = 1  # attention blocks (tower = "attention")
     attention_heads: int = 2
     max_history: int = 50  # positions the sequence tower knows (its window)
+    item_table: int = 0  # rows of the per-item residual table R (the catalogue's items; 0: none)
 
     @property
     def in_dim(self) -> int:
@@ -187,6 +197,20 @@ def summarize_prefixes(
     return torch.cat([window_mean(max_history), window_mean(min(RECENT, max_history))], dim=-1)
 
 
+def item_scores(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """(..., E [+ R]) user vectors x (N, E) item vectors -> (..., N): ``u @ items.T``, plus,
+    where the user vector carries a residual table's scores after its E columns, those (the
+    first R items; items beyond the table have no residual)."""
+    e = items.shape[1]
+    scores = users[..., :e] @ items.T
+    if users.shape[-1] == e:
+        return scores
+    residual = users[..., e:]
+    n = min(residual.shape[-1], scores.shape[-1])
+    pad = [0, scores.shape[-1] - n]
+    return scores + nn.functional.pad(residual[..., :n], pad)
+
+
 class CausalBlock(nn.Module):
     """Pre-norm causal self-attention and a GELU feed-forward, each with a residual."""
 
@@ -275,6 +299,7 @@ class RecModel(nn.Module):
         )
         self.profile_own = nn.Linear(w, d, bias=False) if spec.own_tower else None
         self.to_items = nn.Linear(d, e)  # W_o and the item prior b
+        self.item_table = nn.Linear(d, spec.item_table, bias=False) if spec.item_table else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -294,6 +319,8 @@ class RecModel(nn.Module):
             self.to_items.bias[-1] = 1.0
         if self.profile_own is not None:
             self.profile_own.weight.zero_()
+        if self.item_table is not None:
+            self.item_table.weight.zero_()
         if self.seq is not None:
             self.seq.position.weight.normal_(0.0, 0.02, generator=g)
             for layer in [m for m in self.seq.modules() if isinstance(m, nn.Linear)]:
@@ -368,16 +395,24 @@ class RecModel(nn.Module):
         reads a matrix E/(D+1) times smaller per request.
         """
         w, b = self.to_items.weight, self.to_items.bias  # (E, D), (E,)
-        return torch.cat([self.spec.head_scale * (items @ w), (items @ b).unsqueeze(-1)], dim=1)
+        proj = items @ w  # (N, D)
+        if self.item_table is not None:
+            n = min(len(proj), self.item_table.out_features)  # items added later: no row
+            proj = torch.cat([proj[:n] + self.item_table.weight[:n], proj[n:]])
+        return torch.cat([self.spec.head_scale * proj, (items @ b).unsqueeze(-1)], dim=1)
 
     @staticmethod
     def score_items(profile: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Full ranking: (B, E) user vectors x (N, E) item vectors -> (B, N) scores."""
-        return profile @ items.T
+        """Full ranking: (B, E [+ R]) user vectors x (N, E) item vectors -> (B, N) scores."""
+        return item_scores(profile, items)
 
     def to_user_vector(self, p: torch.Tensor) -> torch.Tensor:
-        """Profiles (..., D) -> user vectors in item space (..., E): u = tau * (W_o p + b)."""
-        out: torch.Tensor = TAU * self.to_items(self.spec.head_scale * p)
+        """Profiles (..., D) -> user vectors in item space (..., E): u = tau * (W_o p + b),
+        followed with a residual table by its R rows' scores tau * R p (..., N)."""
+        x = self.spec.head_scale * p
+        out: torch.Tensor = TAU * self.to_items(x)
+        if self.item_table is not None:
+            out = torch.cat([out, TAU * self.item_table(x)], dim=-1)
         return out
 
     def forward(
@@ -493,8 +528,11 @@ def head_owner(name: str) -> str | None:
     return parts[1] if parts[0] == "heads" and parts[1] != SHARED_HEAD else None
 
 
-def model_spec(cfg: FedrecConfig, item_dim: int) -> ModelSpec:
-    """The architecture the run config names (own towers for ``model.heads = channel-tower``)."""
+def model_spec(cfg: FedrecConfig, item_dim: int, n_items: int = 0) -> ModelSpec:
+    """The architecture the run config names (own towers for ``model.heads = channel-tower``;
+    with ``model.item-table``, a residual table of ``n_items`` rows)."""
+    if cfg.model.item_table and n_items <= 0:
+        raise ValueError("model.item-table needs the catalogue's number of items")
     return ModelSpec(
         item_dim=item_dim,
         dim=cfg.model.dim,
@@ -507,20 +545,24 @@ def model_spec(cfg: FedrecConfig, item_dim: int) -> ModelSpec:
         blocks=cfg.model.blocks,
         attention_heads=cfg.model.attention_heads,
         max_history=cfg.model.max_history,
+        item_table=n_items if cfg.model.item_table else 0,
     )
 
 
 def build_model(cfg: FedrecConfig, item_dim: int) -> CrossPlatformModel:
     """The run's model: every party builds it from the same config, so shapes match."""
+    if cfg.model.item_table:
+        raise ConfigError([FEDERATED_ITEM_TABLE])
     return CrossPlatformModel(
         model_spec(cfg, item_dim), cfg.channels, per_channel=cfg.model.heads != "shared"
     )
 
 
-def build_channel_model(cfg: FedrecConfig, item_dim: int) -> RecModel:
+def build_channel_model(cfg: FedrecConfig, item_dim: int, n_items: int = 0) -> RecModel:
     """One platform's model on its own (local-only and pooled baselines): the same
-    architecture as one platform's view of :func:`build_model`, own tower included."""
-    return RecModel(model_spec(cfg, item_dim))
+    architecture as one platform's view of :func:`build_model`, own tower included, and
+    with ``model.item-table`` a residual table over its ``n_items`` items."""
+    return RecModel(model_spec(cfg, item_dim, n_items))
 
 
 def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -315,7 +315,12 @@ def preflight(run_config: dict[str, Any], data_dir: Path) -> Any:
     """Check the run config *and* what it implies for the data, reporting every problem at
     once: config errors, channels the dataset does not have, δ ≥ 1/users on a channel."""
     from fedrec.client.training import leave_last_out, trainable_users
-    from fedrec.shared.config import ConfigError, check_delta, from_run_config
+    from fedrec.shared.config import (
+        FEDERATED_ITEM_TABLE,
+        ConfigError,
+        check_delta,
+        from_run_config,
+    )
     from fedrec.shared.data import to_sequences
     from fedrec.shared.datasets import load_channel, load_manifest
 
@@ -325,6 +330,8 @@ def preflight(run_config: dict[str, Any], data_dir: Path) -> Any:
         cfg = from_run_config(run_config)
     except ConfigError as exc:
         problems.extend(exc.problems)
+    if cfg is not None and cfg.model.item_table:
+        problems.append(FEDERATED_ITEM_TABLE)
     known = list(load_manifest(data_dir).channels)
     channels = [c.strip() for c in str(run_config.get("channels", "")).split(",") if c.strip()]
     unknown = [c for c in channels if c not in known]

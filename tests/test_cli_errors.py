@@ -371,6 +371,13 @@ CASES = [
         ("model.dim must be in [1, item vector size 32]",),
         no_out,
     ),
+    Case(
+        "opt-item-table-federated",
+        sim("--set", "model.item-table=true"),
+        2,
+        ("the federation does not carry per-item tables",),
+        no_out,
+    ),
     # output locations: checked before any work, never reused silently
     Case(
         "out-is-a-file",

@@ -12,6 +12,7 @@ from fedrec.shared.model import (
     TAU,
     ModelSpec,
     RecModel,
+    item_scores,
     param_shapes,
     summarize_history,
 )
@@ -325,6 +326,51 @@ def test_head_scale_starts_as_the_same_function_and_grows_w_o_gradient_share() -
     codes = scaled.item_codes(items)
     p = scaled.code(x)
     torch.testing.assert_close(TAU * (p @ codes[:, :8].T + codes[:, 8]), scores["scaled"])
+
+
+def test_item_scores_add_the_residual_scores_to_the_first_rows() -> None:
+    # by hand: E = 2, 3 items, a residual for the first 2 (a third item came later)
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    users = torch.tensor([[2.0, 3.0, 10.0, 20.0]])  # u = (2, 3), residual scores (10, 20)
+
+    assert item_scores(users, items).tolist() == [[12.0, 23.0, 5.0]]
+    assert item_scores(users[:, :2], items).tolist() == [[2.0, 3.0, 5.0]]
+
+
+def test_item_table_starts_as_the_plain_model_and_serving_codes_carry_its_rows() -> None:
+    # Prepare: the same seed with and without a table of 50 rows; 60 items (10 added later)
+    g = torch.Generator().manual_seed(0)
+    items = torch.nn.functional.normalize(torch.randn(60, 32, generator=g), dim=1)
+    x = torch.randn(6, 64, generator=g)
+    plain = RecModel(ModelSpec(item_dim=32, dim=8, seed=1, head_scale=2.0))
+    table = RecModel(ModelSpec(item_dim=32, dim=8, seed=1, head_scale=2.0, item_table=50))
+    start = item_scores(table(x), items)
+    with torch.no_grad():
+        table.item_table.weight.normal_(generator=g)
+
+    # Execute
+    trained = item_scores(table(x), items)
+    codes = table.item_codes(items)
+
+    # Assert: zero at the start; afterwards the rows move the first 50 items only, and the
+    # serving codes rank exactly as training scores
+    torch.testing.assert_close(start, item_scores(plain(x), items))
+    assert (trained[:, :50] != start[:, :50]).all()
+    torch.testing.assert_close(trained[:, 50:], start[:, 50:])
+    p = table.code(x)
+    served = TAU * (p @ codes[:, :8].T + codes[:, 8])
+    torch.testing.assert_close(served, trained, rtol=1e-4, atol=1e-4)  # float32, scores ~100
+
+
+def test_the_federation_refuses_an_item_table() -> None:
+    from fedrec.shared.config import ConfigError, from_run_config
+    from fedrec.shared.model import build_channel_model, build_model
+
+    cfg = from_run_config({"model.item-table": True})
+
+    with pytest.raises(ConfigError, match="federation does not carry per-item tables"):
+        build_model(cfg, 384)
+    assert build_channel_model(cfg, 384, 40).item_table.weight.shape == (40, cfg.model.dim)
 
 
 def test_mix_shared_moves_the_shared_tower_toward_the_nodes_own_and_leaves_heads() -> None:

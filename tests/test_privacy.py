@@ -37,7 +37,7 @@ from fedrec.shared.config import (
     from_run_config,
 )
 from fedrec.shared.data import Sequences
-from fedrec.shared.model import RecModel
+from fedrec.shared.model import ModelSpec, RecModel
 from fedrec.shared.privacy import (
     BudgetExceeded,
     PrivacyConfigError,
@@ -198,11 +198,15 @@ def test_per_user_gradients_are_clipped_to_max_grad_norm() -> None:
     torch.testing.assert_close(summed, opacus_clipped.sum(0), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks", "ew", "functorch"])
-def test_dp_gradient_is_the_mean_of_clipped_per_user_gradients(mode: str) -> None:
-    # Prepare: no noise; C between the smallest and largest per-user norms.
+@pytest.mark.parametrize(
+    ("mode", "table"),
+    [("ghost", False), ("hooks", False), ("ew", False), ("functorch", False), ("ghost", True)],
+)
+def test_dp_gradient_is_the_mean_of_clipped_per_user_gradients(mode: str, table: bool) -> None:
+    # Prepare: no noise; C between the smallest and largest per-user norms (with ``table``, a
+    # per-item residual table, whose rows start at zero but whose gradients do not).
     items, batch = one_batch()
-    model = RecModel()
+    model = RecModel(ModelSpec(item_table=len(items) if table else 0))
     brute = per_user_grads(copy.deepcopy(model), items, batch)
     norms = brute.norm(dim=1)
     c = float(norms.median())
@@ -222,16 +226,17 @@ def test_dp_gradient_is_the_mean_of_clipped_per_user_gradients(mode: str) -> Non
     torch.testing.assert_close(grad, clip(brute, c).mean(0), rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("low_precision", [False, True])
+@pytest.mark.parametrize(("low_precision", "table"), [(False, False), (True, False), (False, True)])
 def test_ghost_clipping_through_the_linearized_loss_clips_each_user_exactly(
-    low_precision: bool,
+    low_precision: bool, table: bool
 ) -> None:
     # Prepare: the training path (LinearizedLoss, full-catalogue softmax, optionally bfloat16
-    # scores); C below every per-user norm, so each user's clipped gradient has norm exactly C.
+    # scores or a per-item residual table); C below every per-user norm, so each user's
+    # clipped gradient has norm exactly C.
     items, seqs = topic_world()
     spec = TrainSpec(negatives=0, positions=4, max_history=10)
     batch = UserExamples(seqs, items, spec).__getitems__(list(range(8)))
-    model = RecModel()
+    model = RecModel(ModelSpec(item_table=len(items) if table else 0))
     x, cands = batch
     brute_model = copy.deepcopy(model)
     _, grads = output_grads(brute_model(x), items, cands, low_precision)

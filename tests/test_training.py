@@ -536,6 +536,30 @@ def test_fedrec_train_with_dp_prints_baselines_model_and_privacy(tiny_dataset: P
     assert "40 users" in out and "0.04" in out  # evaluated users; q = 1/25
 
 
+def test_fedrec_train_item_table_trains_a_row_per_item(tiny_dataset: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import fedrec.client.standalone as standalone
+
+    trained = []
+    fit = standalone.fit
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        model, result = fit(*args, **kwargs)
+        trained.append(model)
+        return model, result
+
+    monkeypatch.setattr(standalone, "fit", spy)
+
+    result = fedrec_train(
+        ["--data", str(tiny_dataset), "--channel", "shop", "--no-dp", "--steps", "3"]
+        + ["--batch-size", "8", "--max-eval-users", "20", "--item-table"]
+    )
+
+    assert result.exit_code == 0, result.output
+    (model,) = trained
+    table = model.item_table.weight
+    assert table.shape == (48, model.spec.dim) and table.abs().sum() > 0  # 48 shop items, trained
+
+
 def test_fedrec_train_without_dp_says_so(tiny_dataset: Path) -> None:
     result = fedrec_train(
         [

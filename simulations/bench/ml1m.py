@@ -97,7 +97,7 @@ def run_one(job: dict) -> dict:
         out["seconds"] = 0.0
     else:
         cfg = from_run_config({"model.tower": job["tower"], "seed": job["seed"], **job["set"]})
-        model = build_channel_model(cfg, int(items.shape[1]))
+        model = build_channel_model(cfg, int(items.shape[1]), len(items))
         spec = TrainSpec.from_config(cfg, steps=job["steps"], seed=job["seed"])
         eps = job["epsilon"]
         dp = None if eps is None else DPConfig(target_epsilon=eps, target_delta=1e-5)
