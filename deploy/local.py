@@ -10,7 +10,9 @@ docs/deployment.md shows them; nothing is home-made on the wire. Every process s
 carries ``FEDREC_DEPLOYMENT=<run dir>`` in its environment, so teardown finds and stops all of
 them (their ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` children included),
 also after a crash or Ctrl-C; no signal cuts that teardown short, and a reaper
-(:mod:`fedrec.deploy.reaper`) stops them if this process dies before its teardown ran.
+(:mod:`fedrec.deploy.reaper`) stops them (by their ``FEDREC_LAUNCH``) if this process dies
+before its teardown ran. A new deployment of the same root first waits for what a killed one
+left.
 
 Must not: hold training logic the apps need, import ``server/`` or ``client/``, listen anywhere
 but 127.0.0.1, or inject faults (crashing or restarting a process is the tests' business:

@@ -4,8 +4,9 @@ Owns: the watchdog (``python -m fedrec.deploy.reaper --parent PID --env KEY=VALU
 :class:`Reaper`, the parent's handle on it. The parent starts it before it starts Flower and
 tells it ``done`` after its own teardown; the watchdog then exits and stops nothing. If instead
 the parent goes away first (SIGKILL, a teardown cut short, a crash), the watchdog stops every
-process whose environment carries ``KEY=VALUE`` (the run's ``FLWR_HOME``, a deployment's
-``FEDREC_DEPLOYMENT``), repeats until none is left, and exits.
+process whose environment carries ``KEY=VALUE`` (its launch's ``FEDREC_LAUNCH``, never the
+run's own marker: a resume of the same run started meanwhile is another launch), repeats
+until none is left, and exits.
 
 It learns that the parent is gone from its stdin (a pipe only the parent holds: end of file
 when the parent dies, however it dies) and from ``os.getppid()`` (it changes when the parent
