@@ -58,7 +58,10 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--item-table",
-                help="Add a per-item residual table (items x 64, learned) to the item vectors.",
+                help=(
+                    "Learn per-item tables: a row per item in the history and one added to its "
+                    "text vector."
+                ),
             ),
         ] = False,
     ) -> None:

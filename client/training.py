@@ -160,8 +160,9 @@ class UserExamples(torch.utils.data.Dataset):
     """One example per user: up to ``spec.positions`` next-item predictions from that user's
     own history, redrawn on every access.
 
-    An example is ``(x, cands)``: ``x`` (P, 2E) summarises P distinct prefixes of the user's
-    training history, and ``cands[p, 0]`` is the item that followed prefix p, then
+    An example is ``(inputs, cands)``: ``inputs["x"]`` (P, 2E) summarises P distinct prefixes
+    of the user's training history (with ``ids``, ``inputs["ids"]`` (P, L) holds their last
+    ``max_history`` item indices, for item tables), and ``cands[p, 0]`` is the item that followed prefix p, then
     ``spec.negatives`` uniform public negatives (with 0 negatives the loss is a softmax over the
     whole catalogue). Users with fewer prefixes pad with ``cands == -1``. The user's loss is the
     mean over its predictions (:class:`PerUserCrossEntropy`), so its gradient, the one DP-SGD
@@ -171,28 +172,33 @@ class UserExamples(torch.utils.data.Dataset):
     Works under Opacus's DPDataLoader (Poisson sampling) through ``__getitems__``.
     """
 
-    def __init__(self, seqs: Sequences, items: torch.Tensor, spec: TrainSpec) -> None:
+    def __init__(
+        self, seqs: Sequences, items: torch.Tensor, spec: TrainSpec, ids: bool = False
+    ) -> None:
         self.lengths = seqs.lengths()
         self.rows = np.flatnonzero(self.lengths >= 2)  # as trainable_users: prefix + next item
-        self.seqs, self.items, self.spec = seqs, items, spec
+        self.seqs, self.items, self.spec, self.ids = seqs, items, spec, ids
         self.rng = np.random.default_rng(spec.seed)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        return tuple(t[0] for t in self.__getitems__([i]))
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        inputs, cands = self.__getitems__([i])
+        return {k: v[0] for k, v in inputs.items()}, cands[0]
 
-    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+    def __getitems__(self, idx: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         rows = self.rows[np.asarray(idx, dtype=np.int64)]
         cut = self.draw_prefixes(self.lengths[rows])  # (B, P), 0 = unused
-        x = summarize_prefixes(self.items, self.seqs, rows, cut, self.spec.max_history)
+        inputs = {"x": summarize_prefixes(self.items, self.seqs, rows, cut, self.spec.max_history)}
+        if self.ids:
+            inputs["ids"] = history_ids(self.seqs, rows, cut, self.spec.max_history)
         used = cut > 0
         nxt = self.seqs.item_index[self.seqs.offsets[rows][:, None] + np.where(used, cut, 0)]
         negs = self.rng.integers(0, len(self.items), size=(*cut.shape, self.spec.negatives))
         cands = np.concatenate([nxt[..., None], negs], axis=-1)
         cands[~used] = -1
-        return x, torch.from_numpy(cands)
+        return inputs, torch.from_numpy(cands)
 
     def draw_prefixes(self, lengths: np.ndarray) -> np.ndarray:
         """Up to P distinct prefix lengths in [1, length - 1] per user, uniformly; 0 pads."""
@@ -209,17 +215,18 @@ class WindowExamples(UserExamples):
     consecutive items of the user's training history, redrawn on every access; up to
     ``spec.positions`` of its positions, drawn uniformly, each predict the item that followed.
 
-    An example is ``(x, mask, slots, summaries, cands)``: ``x`` (T, E) the window's inputs,
+    An example is ``(inputs, cands)``: ``inputs`` holds ``x`` (T, E) the window's inputs,
     left-padded with zero vectors (most recent last), ``mask`` (T,) where ``x`` holds an item,
     ``slots`` (P,) the predicting positions, ``summaries`` (P, 2E) the mean tower's summaries
-    of the same prefixes over the whole history, and ``cands[p, 0]`` the item that followed
+    of the same prefixes over the whole history (and with ``ids``, ``ids`` (P, L) their item
+    indices), and ``cands[p, 0]`` the item that followed
     slot ``slots[p]``, then ``spec.negatives`` uniform public negatives; ``cands == -1`` pads. The
     window ends at a uniform point of the history (at its end when the history fits in one
     window), so every stretch of it is trained on. One causal pass gives every position;
     the user's loss is one mean over its predictions, clipped as one example.
     """
 
-    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+    def __getitems__(self, idx: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         rows = self.rows[np.asarray(idx, dtype=np.int64)]
         n = self.lengths[rows]
         size = np.minimum(n, self.spec.max_history + 1)  # items in the window
@@ -238,23 +245,41 @@ class WindowExamples(UserExamples):
         # the base's summaries of the same prefixes, over the whole history before them
         whole = np.where(live, (end - size)[:, None] + cut, 0)
         summaries = summarize_prefixes(self.items, self.seqs, rows, whole, self.spec.max_history)
+        inputs = {"x": x, "mask": mask, "slots": torch.from_numpy(slots), "summaries": summaries}
+        if self.ids:
+            inputs["ids"] = history_ids(self.seqs, rows, whole, self.spec.max_history)
         nxt = np.take_along_axis(self.seqs.item_index[at + 1], slots, axis=1)
         negs = self.rng.integers(0, len(self.items), size=(*cut.shape, self.spec.negatives))
         cands = np.concatenate([nxt[..., None], negs], axis=-1)
         cands[~live] = -1
-        return x, mask, torch.from_numpy(slots), summaries, torch.from_numpy(cands)
+        return inputs, torch.from_numpy(cands)
+
+
+def history_ids(
+    seqs: Sequences, rows: np.ndarray, cut: np.ndarray, max_history: int
+) -> torch.Tensor:
+    """The item indices of the prefixes :func:`summarize_prefixes` summarises: row ``j``,
+    column ``p`` holds the last ``max_history`` items of ``seqs[rows[j]][:cut[j, p]]``,
+    left-padded with -1, most recent last -> (B, P, max_history) int64."""
+    cut = np.asarray(cut, dtype=np.int64)
+    k = np.arange(max_history)
+    first = max_history - np.minimum(cut, max_history)  # slot of each window's first item
+    used = k >= first[..., None]  # (B, P, L)
+    at = seqs.offsets[rows][:, None, None] + cut[..., None] - max_history + k
+    got = seqs.item_index[np.where(used, at, 0)] if len(seqs.item_index) else np.zeros(at.shape)
+    return torch.from_numpy(np.where(used, got, -1).astype(np.int64))
 
 
 def examples_for(
     model: RecModel, seqs: Sequences, items: torch.Tensor, spec: TrainSpec
 ) -> UserExamples:
     """The examples a model's tower trains on: windows for the sequence tower, prefixes
-    otherwise."""
+    otherwise; with item indices where the model has item tables."""
     kind = WindowExamples if model.spec.tower == "attention" else UserExamples
-    return kind(seqs, items, spec)
+    return kind(seqs, items, spec, ids=model.spec.item_table > 0)
 
 
-def _collate(batch: Any) -> tuple[torch.Tensor, ...]:
+def _collate(batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Identity: :meth:`UserExamples.__getitems__` already returns the batch's tensors."""
     return tuple(batch)
 
@@ -364,14 +389,14 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     criterion: Callable[..., torch.Tensor],
     items: torch.Tensor,
-    batch: tuple[torch.Tensor, ...],
+    batch: tuple[dict[str, torch.Tensor], torch.Tensor],
     low_precision: bool = False,
 ) -> torch.Tensor:
     """One optimiser step on ``batch`` through :class:`LinearizedLoss` (``criterion``, as
     Opacus wraps it under ghost clipping); returns each user's loss."""
     optimizer.zero_grad(set_to_none=True)
-    *inputs, cands = batch  # (x, cands), or (x, mask, slots, summaries, cands) for windows
-    users = net(*inputs)
+    inputs, cands = batch  # the model's keyword inputs, the candidates
+    users = net(**inputs)
     per_user, grads = output_grads(users, items, cands, low_precision)
     criterion(users, grads).backward()
     optimizer.step()
@@ -595,7 +620,8 @@ def model_scorer(model: RecModel, items: torch.Tensor) -> ScoreFn:
 
     @torch.inference_mode()
     def score(hist: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        p = model.profile(items[torch.from_numpy(hist)], torch.from_numpy(mask))
+        h = torch.from_numpy(hist)
+        p = model.profile(items[h], torch.from_numpy(mask), ids=h)
         return model.score_items(p, items).numpy()
 
     return score

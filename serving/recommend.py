@@ -143,7 +143,7 @@ class Recommender:
             q = torch.zeros((len(windows), self.items.shape[1]))
             q[:, : queries.shape[1]] = torch.from_numpy(np.array(queries, dtype=np.float32))
         with torch.inference_mode():
-            p = self.model.user_code(self.items[hist], mask, q)  # (B, D)
+            p = self.model.user_code(self.items[hist], mask, q, ids=hist)  # (B, D)
             v = TAU * torch.cat([p, torch.ones((len(p), 1))], dim=1)  # (B, D+1)
         return np.ascontiguousarray(v.numpy(), dtype=np.float32)
 

@@ -74,9 +74,10 @@ class ModelConfig:
     tower: str = "mean"
     blocks: int = 1  # attention blocks (model.tower = "attention")
     attention_heads: int = 2  # must divide model.dim
-    # a per-item residual table R (items x model.dim, zero at the start) added to each item's
-    # projected text vector: a platform's own model only (fedrec train, the local-only and
-    # pooled baselines); a federation refuses it (a head per catalogue size is not built)
+    # per-item tables (items x model.dim each, zero at the start): a learned row per item in
+    # the history (averaged into the profile) and one added to each item's projected text
+    # vector; a platform's own model only (fedrec train, the local-only and pooled
+    # baselines); a federation refuses them (a head per catalogue size is not built)
     item_table: bool = False
 
 

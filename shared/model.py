@@ -5,8 +5,8 @@ Owns: the one architecture that every channel trains and the server aggregates
 tower W_c; each platform trains its :class:`RecModel` view), and the history summaries it
 reads. Item vectors come from the central text encoder and are inputs, never parameters: there
 is no per-user table, and the federated model has no per-item table, so nothing in its weights
-is indexed by a user or an item. A platform's own model may add one (``spec.item_table``,
-below).
+is indexed by a user or an item. A platform's own model may add per-item tables
+(``spec.item_table``, below).
 
 Design (DP utility decides it: under DP-SGD an MLP scorer over ``[p, c, p*c]`` stayed near
 chance in a probe, while a dot-product scorer whose untrained scores already correlate with the
@@ -27,13 +27,17 @@ already ranks by text similarity to the history; DP-SGD only has to learn correc
 start at zero. Every layer is ``nn.Linear`` (no raw parameters, no weight tying): all Opacus
 grad-sample modes, ghost clipping included, support it.
 
-The per-item residual table (``spec.item_table`` = N rows, ``model.item-table``; a platform's
-own model only): item i's projection becomes ``W_o^T c_i + R_i`` (R: N x D, zero at the
-start), so items the text cannot tell apart can still be ranked apart, as an ID embedding
-does in SASRec or BPR. R is an ``nn.Linear(D, N)`` applied to the profile on the user side,
-and the user vector carries its N scores after its E columns, ``[u, tau * R (s p)]``
-(:func:`item_scores` adds them): each user's gradient of R stays per-user (clipping and
-ghost norms as for any linear layer), and items added after training have no row (R = 0).
+The per-item tables (``spec.item_table`` = N rows, ``model.item-table``; a platform's own model
+only) let items the text cannot tell apart be told apart, as ID embeddings do in SASRec or
+BPR, on both sides of the score:
+  * history  p += mean_{j in window} H_j + mean_{j in last RECENT} H'_j   (H, H': N x D)
+  * output   item i's projection becomes W_o^T c_i + R_i                  (R: N x D)
+All three start at zero, so the model starts as the one without them. H and H' are
+``nn.Embedding`` layers read with the history's item ids (row N: no item); R is an
+``nn.Linear(D, N)`` applied to the profile on the user side, and the user vector carries its
+N scores after its E columns, ``[u, tau * R (s p)]`` (:func:`item_scores` adds them). Each
+user's gradient of every table stays per-user (Opacus clips and ghost-norms embeddings and
+linear layers alike), and items added after training have no rows (they rank by text alone).
 
 The sequence tower (``spec.tower = "attention"``, SASRec-like: Kang and McAuley, ICDM 2018)
 reads the ordered history x_1..x_T (item vectors, most recent last) and adds an order-aware
@@ -83,7 +87,7 @@ class ModelSpec:
     blocks: int = 1  # attention blocks (tower = "attention")
     attention_heads: int = 2
     max_history: int = 50  # positions the sequence tower knows (its window)
-    item_table: int = 0  # rows of the per-item residual table R (the catalogue's items; 0: none)
+    item_table: int = 0  # rows of the per-item tables H, H', R (the catalogue's items; 0: none)
 
     @property
     def in_dim(self) -> int:
@@ -199,7 +203,7 @@ def summarize_prefixes(
 
 def item_scores(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """(..., E [+ R]) user vectors x (N, E) item vectors -> (..., N): ``u @ items.T``, plus,
-    where the user vector carries a residual table's scores after its E columns, those (the
+    where the user vector carries the output table R's scores after its E columns, those (the
     first R items; items beyond the table have no residual)."""
     e = items.shape[1]
     scores = users[..., :e] @ items.T
@@ -299,7 +303,10 @@ class RecModel(nn.Module):
         )
         self.profile_own = nn.Linear(w, d, bias=False) if spec.own_tower else None
         self.to_items = nn.Linear(d, e)  # W_o and the item prior b
-        self.item_table = nn.Linear(d, spec.item_table, bias=False) if spec.item_table else None
+        n = spec.item_table
+        self.item_table = nn.Linear(d, n, bias=False) if n else None  # R
+        self.history_table = nn.Embedding(n + 1, d) if n else None  # H; row n: no item
+        self.recent_table = nn.Embedding(n + 1, d) if n else None  # H'
         self.reset_parameters()
 
     @torch.no_grad()
@@ -319,8 +326,9 @@ class RecModel(nn.Module):
             self.to_items.bias[-1] = 1.0
         if self.profile_own is not None:
             self.profile_own.weight.zero_()
-        if self.item_table is not None:
-            self.item_table.weight.zero_()
+        for table in (self.item_table, self.history_table, self.recent_table):
+            if table is not None:
+                table.weight.zero_()
         if self.seq is not None:
             self.seq.position.weight.normal_(0.0, 0.02, generator=g)
             for layer in [m for m in self.seq.modules() if isinstance(m, nn.Linear)]:
@@ -340,13 +348,20 @@ class RecModel(nn.Module):
         layers[-1].weight.zero_()
 
     def user_code(
-        self, hist: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
+        self,
+        hist: torch.Tensor,
+        mask: torch.Tensor,
+        query: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The user's D-dimensional profile p: (B, L, E), (B, L) [, (B, E)] -> (B, D).
 
         ``hist`` is left-padded, most recent last. A query enters the base summary only.
+        ``ids`` (B, L): the history's item indices, which a model with item tables reads.
         """
-        p = self.code(summarize_history(hist, mask, query))
+        if ids is not None:
+            ids = torch.where(mask, ids, -1)
+        p = self.code(summarize_history(hist, mask, query), ids)
         if self.seq is not None:
             p = p + self.seq(self.seq.embed(hist), mask)[:, -1]
         return p
@@ -357,35 +372,64 @@ class RecModel(nn.Module):
         mask: torch.Tensor,
         slots: torch.Tensor | None = None,
         summaries: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Profiles p_t after prefixes of left-padded windows (B, T, E), (B, T): at every
         position (B, T, D), or at ``slots`` (B, P) only (B, P, D). ``summaries`` (B, P, 2E)
         are the base's summaries of those prefixes over the whole history (its last
-        max-history items, as served); without them, of the window alone."""
+        max-history items, as served), and ``ids`` (B, P, L) those prefixes' item indices
+        for item tables; without summaries, of the window alone."""
         if slots is None:
             slots = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         if summaries is None:
             summaries = causal_summaries(x, mask, slots)
-        p = self.code(summaries)  # (B, P, D)
+        p = self.code(summaries, ids)  # (B, P, D)
         if self.seq is not None:
             residual = self.seq(self.seq.embed(x), mask)  # (B, T, D)
             p = p + residual.gather(1, slots.unsqueeze(-1).expand(-1, -1, residual.shape[-1]))
         return p
 
-    def code(self, x: torch.Tensor) -> torch.Tensor:
-        """History summaries (..., 2E) -> profiles (..., D)."""
+    def code(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """History summaries (..., 2E) [and, for item tables, the same histories' item
+        indices (..., L)] -> profiles (..., D)."""
         p: torch.Tensor = self.profile_lin(x)
         if self.profile_own is not None:
             p = p + self.profile_own(x)
         if self.profile_mlp is not None:
             p = p + self.profile_mlp(x)
+        if self.history_table is not None and self.recent_table is not None:
+            if ids is None:
+                raise ValueError("a model with item tables needs the histories' item indices")
+            p = p + self.table_code(ids)
         return p
 
+    def table_code(self, ids: torch.Tensor) -> torch.Tensor:
+        """History windows' item indices (..., L), left-padded, most recent last (-1, or an
+        index past the table's rows: no row) -> mean of their H rows + mean of the last
+        RECENT ones' H' rows (..., D)."""
+        assert self.history_table is not None and self.recent_table is not None
+        n = self.spec.item_table
+        has = (ids >= 0) & (ids < n)
+        ids = torch.where(has, ids, n)  # row n: no item
+
+        def mean(table: nn.Embedding, rows: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+            w = used.to(table.weight.dtype)
+            w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
+            return (table(rows) * w.unsqueeze(-1)).sum(-2)
+
+        return mean(self.history_table, ids, has) + mean(
+            self.recent_table, ids[..., -RECENT:], has[..., -RECENT:]
+        )
+
     def profile(
-        self, hist: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
+        self,
+        hist: torch.Tensor,
+        mask: torch.Tensor,
+        query: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """User vector in item space: (B, L, E), (B, L) [, (B, E)] -> (B, E)."""
-        return self.to_user_vector(self.user_code(hist, mask, query))
+        """User vector in item space: (B, L, E), (B, L) [, (B, E), (B, L)] -> (B, E [+ N])."""
+        return self.to_user_vector(self.user_code(hist, mask, query, ids))
 
     @torch.no_grad()
     def item_codes(self, items: torch.Tensor) -> torch.Tensor:
@@ -408,7 +452,7 @@ class RecModel(nn.Module):
 
     def to_user_vector(self, p: torch.Tensor) -> torch.Tensor:
         """Profiles (..., D) -> user vectors in item space (..., E): u = tau * (W_o p + b),
-        followed with a residual table by its R rows' scores tau * R p (..., N)."""
+        followed with item tables by R's scores tau * R p (..., N)."""
         x = self.spec.head_scale * p
         out: torch.Tensor = TAU * self.to_items(x)
         if self.item_table is not None:
@@ -421,10 +465,12 @@ class RecModel(nn.Module):
         mask: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
         summaries: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Training inputs -> user vectors in item space.
 
         Without ``mask`` (mean tower): history summaries (..., 2E) -> (..., E), one per prefix.
+        ``ids`` (..., L): each prefix's last max-history item indices, for item tables.
         With it: a left-padded window of item vectors (B, T, E) and its mask (B, T) -> the user
         vector after each prefix, (B, T, E), or only after the slots ``slots`` (B, P) ->
         (B, P, E), with their ``summaries`` if given (:meth:`sequence_code`).
@@ -434,8 +480,8 @@ class RecModel(nn.Module):
         depends on that user's data and public items only.
         """
         if mask is None:
-            return self.to_user_vector(self.code(x))
-        return self.to_user_vector(self.sequence_code(x, mask, slots, summaries))
+            return self.to_user_vector(self.code(x, ids))
+        return self.to_user_vector(self.sequence_code(x, mask, slots, summaries, ids))
 
 
 SHARED_HEAD = "shared"  # the head's key when every platform shares one (model.heads = "shared")
@@ -530,7 +576,7 @@ def head_owner(name: str) -> str | None:
 
 def model_spec(cfg: FedrecConfig, item_dim: int, n_items: int = 0) -> ModelSpec:
     """The architecture the run config names (own towers for ``model.heads = channel-tower``;
-    with ``model.item-table``, a residual table of ``n_items`` rows)."""
+    with ``model.item-table``, item tables of ``n_items`` rows)."""
     if cfg.model.item_table and n_items <= 0:
         raise ValueError("model.item-table needs the catalogue's number of items")
     return ModelSpec(
@@ -561,7 +607,7 @@ def build_model(cfg: FedrecConfig, item_dim: int) -> CrossPlatformModel:
 def build_channel_model(cfg: FedrecConfig, item_dim: int, n_items: int = 0) -> RecModel:
     """One platform's model on its own (local-only and pooled baselines): the same
     architecture as one platform's view of :func:`build_model`, own tower included, and
-    with ``model.item-table`` a residual table over its ``n_items`` items."""
+    with ``model.item-table`` item tables over its ``n_items`` items."""
     return RecModel(model_spec(cfg, item_dim, n_items))
 
 

@@ -207,11 +207,11 @@ def test_query_alone_is_the_recent_summary_of_an_empty_history() -> None:
 
 
 @pytest.mark.parametrize("max_history", [1, 2, 3, 4, 50])
-def test_summarize_prefixes_equals_summarize_history_of_the_padded_prefixes(
+def test_summarize_prefixes_and_history_ids_equal_the_padded_prefixes(
     max_history: int,
 ) -> None:
     # Prepare: rows of lengths 1..9 and every prefix length 0..len (0 = unused slot).
-    from fedrec.client.training import pad_histories
+    from fedrec.client.training import history_ids, pad_histories
     from fedrec.shared.data import Sequences
     from fedrec.shared.model import summarize_prefixes
 
@@ -227,15 +227,18 @@ def test_summarize_prefixes_equals_summarize_history_of_the_padded_prefixes(
 
     # Execute
     fast = summarize_prefixes(items, seqs, rows, cut, max_history)
+    ids = history_ids(seqs, rows, cut, max_history)
 
-    # Assert: slot by slot, the padded-history summary of the same prefix; zeros when unused.
-    assert fast.shape == (5, 6, 2 * DIM)
+    # Assert: slot by slot, the padded-history summary of the same prefix and its item
+    # indices (-1: padding); zeros and no items when unused.
+    assert fast.shape == (5, 6, 2 * DIM) and ids.shape == (5, 6, max_history)
     for j, r in enumerate(rows):
         for p, c in enumerate(cut[j]):
             if c == 0:
-                assert torch.count_nonzero(fast[j, p]) == 0
+                assert torch.count_nonzero(fast[j, p]) == 0 and (ids[j, p] == -1).all()
                 continue
             hist, mask = pad_histories(seqs, np.array([r]), np.array([c]), max_history)
+            assert ids[j, p].tolist() == np.where(mask, hist, -1)[0].tolist()
             slow = summarize_history(items[torch.from_numpy(hist)], torch.from_numpy(mask))[0]
             torch.testing.assert_close(fast[j, p], slow, rtol=0, atol=1e-6)
 
@@ -337,29 +340,57 @@ def test_item_scores_add_the_residual_scores_to_the_first_rows() -> None:
     assert item_scores(users[:, :2], items).tolist() == [[2.0, 3.0, 5.0]]
 
 
-def test_item_table_starts_as_the_plain_model_and_serving_codes_carry_its_rows() -> None:
-    # Prepare: the same seed with and without a table of 50 rows; 60 items (10 added later)
+def test_item_tables_start_as_the_plain_model_and_serving_reads_them_as_training_does() -> None:
+    # Prepare: the same seed with and without tables of 50 rows; 60 items (10 added later);
+    # 6 left-padded histories of up to 5 items, some of them items added later
     g = torch.Generator().manual_seed(0)
     items = torch.nn.functional.normalize(torch.randn(60, 32, generator=g), dim=1)
-    x = torch.randn(6, 64, generator=g)
+    hist = torch.randint(0, 60, (6, 5), generator=g)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[0, :3] = mask[1, :1] = False
+    x = summarize_history(items[hist], mask)  # the training input of the same histories
+    ids = torch.where(mask, hist, -1)
     plain = RecModel(ModelSpec(item_dim=32, dim=8, seed=1, head_scale=2.0))
     table = RecModel(ModelSpec(item_dim=32, dim=8, seed=1, head_scale=2.0, item_table=50))
-    start = item_scores(table(x), items)
+    start = item_scores(table(x, ids=ids), items)
     with torch.no_grad():
-        table.item_table.weight.normal_(generator=g)
+        for layer in (table.item_table, table.history_table, table.recent_table):
+            layer.weight.normal_(generator=g)
 
     # Execute
-    trained = item_scores(table(x), items)
+    trained = item_scores(table(x, ids=ids), items)
+    served = table.profile(items[hist], mask, ids=hist)
     codes = table.item_codes(items)
 
-    # Assert: zero at the start; afterwards the rows move the first 50 items only, and the
-    # serving codes rank exactly as training scores
+    # Assert: zero at the start; afterwards the output rows move the first 50 items only,
+    # the served profile equals training's, and the serving codes rank as training scores
     torch.testing.assert_close(start, item_scores(plain(x), items))
     assert (trained[:, :50] != start[:, :50]).all()
-    torch.testing.assert_close(trained[:, 50:], start[:, 50:])
-    p = table.code(x)
-    served = TAU * (p @ codes[:, :8].T + codes[:, 8])
-    torch.testing.assert_close(served, trained, rtol=1e-4, atol=1e-4)  # float32, scores ~100
+    torch.testing.assert_close(item_scores(served, items), trained)
+    p = table.user_code(items[hist], mask, ids=hist)
+    torch.testing.assert_close(
+        TAU * (p @ codes[:, :8].T + codes[:, 8]), trained, rtol=1e-4, atol=1e-4
+    )  # float32, scores ~100
+
+
+def test_history_tables_average_the_rows_of_the_window_and_of_its_last_items() -> None:
+    # by hand: 4 rows, D = 1; H row i = i + 1, H' row i = 10 * (i + 1); RECENT = 3
+    model = RecModel(ModelSpec(item_dim=4, dim=1, item_table=4))
+    with torch.no_grad():
+        model.history_table.weight.copy_(torch.tensor([[1.0], [2.0], [3.0], [4.0], [99.0]]))
+        model.recent_table.weight.copy_(torch.tensor([[10.0], [20.0], [30.0], [40.0], [99.0]]))
+    ids = torch.tensor(
+        [
+            [0, 1, 2, 3],  # mean(1, 2, 3, 4) + mean(20, 30, 40)
+            [-1, -1, 0, 3],  # padding: mean(1, 4) + mean(10, 40)
+            [1, 7, 2, 9],  # items 7 and 9 came later and have no row: mean(2, 3) + 30
+            [-1, -1, -1, -1],  # no history: 0
+        ]
+    )
+
+    got = model.table_code(ids)
+
+    assert got.squeeze(-1).tolist() == [2.5 + 30.0, 2.5 + 25.0, 2.5 + 30.0, 0.0]
 
 
 def test_the_federation_refuses_an_item_table() -> None:

@@ -107,12 +107,20 @@ def flat_params(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def one_batch(n_users: int = 8) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The item matrix and one fixed batch (x, cands) of ``n_users`` examples, 4 predictions
-    per user (fewer for short users)."""
+def one_batch(
+    n_users: int = 8, ids: bool = False, negatives: int = 20
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The item matrix and one fixed batch (x, cands), or (x, ids, cands) with ``ids``, of
+    ``n_users`` examples, 4 predictions per user (fewer for short users)."""
     items, seqs = topic_world()
-    examples = UserExamples(seqs, items, TrainSpec(negatives=20, positions=4, max_history=10))
-    return items, examples.__getitems__(list(range(n_users)))
+    spec = TrainSpec(negatives=negatives, positions=4, max_history=10)
+    inputs, cands = UserExamples(seqs, items, spec, ids=ids).__getitems__(list(range(n_users)))
+    return items, (*inputs.values(), cands)
+
+
+def call(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], rows: slice = slice(None)):  # noqa: ANN201
+    """``model`` on a batch's inputs (x [, ids]) at ``rows``."""
+    return model(**{k: t[rows] for k, t in zip(("x", "ids"), batch[:-1], strict=False)})
 
 
 def make_private(
@@ -153,7 +161,8 @@ def per_user_grads(model: RecModel, items: torch.Tensor, batch: tuple[torch.Tens
     out = []
     for i in range(len(batch[0])):
         model.zero_grad()
-        logits, labels = candidate_scores(model(batch[0][i : i + 1]), items, batch[1][i : i + 1])
+        rows = slice(i, i + 1)
+        logits, labels = candidate_scores(call(model, batch, rows), items, batch[-1][rows])
         PerUserCrossEntropy()(logits, labels).backward()
         out.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     model.zero_grad()
@@ -178,7 +187,7 @@ def test_per_user_gradients_are_clipped_to_max_grad_norm() -> None:
     )
 
     # Execute
-    logits, labels = candidate_scores(net(b[0]), items, b[1])
+    logits, labels = candidate_scores(call(net, b), items, b[-1])
     criterion(logits, labels).backward()
     opt.step()
     n = len(batch[0])
@@ -200,12 +209,20 @@ def test_per_user_gradients_are_clipped_to_max_grad_norm() -> None:
 
 @pytest.mark.parametrize(
     ("mode", "table"),
-    [("ghost", False), ("hooks", False), ("ew", False), ("functorch", False), ("ghost", True)],
+    [
+        ("ghost", False),
+        ("hooks", False),
+        ("ew", False),
+        ("functorch", False),
+        ("ghost", True),
+        ("hooks", True),
+    ],
 )
 def test_dp_gradient_is_the_mean_of_clipped_per_user_gradients(mode: str, table: bool) -> None:
     # Prepare: no noise; C between the smallest and largest per-user norms (with ``table``, a
-    # per-item residual table, whose rows start at zero but whose gradients do not).
-    items, batch = one_batch()
+    # model with item tables, history embeddings and output rows alike, which start at zero
+    # but whose gradients do not).
+    items, batch = one_batch(ids=table)
     model = RecModel(ModelSpec(item_table=len(items) if table else 0))
     brute = per_user_grads(copy.deepcopy(model), items, batch)
     norms = brute.norm(dim=1)
@@ -215,7 +232,7 @@ def test_dp_gradient_is_the_mean_of_clipped_per_user_gradients(mode: str, table:
     )
 
     # Execute
-    logits, labels = candidate_scores(net(b[0]), items, b[1])
+    logits, labels = candidate_scores(call(net, b), items, b[-1])
     criterion(logits, labels).backward()
     opt.pre_step()  # clip, accumulate, add (zero) noise, scale by the expected batch size
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -231,19 +248,17 @@ def test_ghost_clipping_through_the_linearized_loss_clips_each_user_exactly(
     low_precision: bool, table: bool
 ) -> None:
     # Prepare: the training path (LinearizedLoss, full-catalogue softmax, optionally bfloat16
-    # scores or a per-item residual table); C below every per-user norm, so each user's
+    # scores or item tables); C below every per-user norm, so each user's
     # clipped gradient has norm exactly C.
-    items, seqs = topic_world()
-    spec = TrainSpec(negatives=0, positions=4, max_history=10)
-    batch = UserExamples(seqs, items, spec).__getitems__(list(range(8)))
+    items, batch = one_batch(ids=table, negatives=0)
     model = RecModel(ModelSpec(item_table=len(items) if table else 0))
-    x, cands = batch
     brute_model = copy.deepcopy(model)
-    _, grads = output_grads(brute_model(x), items, cands, low_precision)
+    _, grads = output_grads(call(brute_model, batch), items, batch[-1], low_precision)
     brute = []
-    for i in range(len(x)):  # user i's gradient of <output_i, G_i>: J_i^T G_i
+    for i in range(len(batch[0])):  # user i's gradient of <output_i, G_i>: J_i^T G_i
         brute_model.zero_grad()
-        LinearizedLoss()(brute_model(x[i : i + 1]), grads[i : i + 1]).backward()
+        rows = slice(i, i + 1)
+        LinearizedLoss()(call(brute_model, batch, rows), grads[rows]).backward()
         brute.append(torch.cat([p.grad.flatten() for p in brute_model.parameters()]))
     brute = torch.stack(brute)
     c = 0.5 * float(brute.norm(dim=1).min())
@@ -252,8 +267,8 @@ def test_ghost_clipping_through_the_linearized_loss_clips_each_user_exactly(
     )
 
     # Execute
-    users = net(b[0])
-    _, g = output_grads(users, items, b[1], low_precision)
+    users = call(net, b)
+    _, g = output_grads(users, items, b[-1], low_precision)
     criterion(users, g).backward()
     opt.pre_step()
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -274,10 +289,10 @@ def test_dp_off_equals_plain_sgd(mode: str) -> None:
     sgd = torch.optim.SGD(plain.parameters(), lr=0.1)
 
     # Execute
-    logits, labels = candidate_scores(plain(batch[0]), items, batch[1])
+    logits, labels = candidate_scores(call(plain, batch), items, batch[-1])
     PerUserCrossEntropy()(logits, labels).backward()
     sgd.step()
-    logits, labels = candidate_scores(net(b[0]), items, b[1])
+    logits, labels = candidate_scores(call(net, b), items, b[-1])
     criterion(logits, labels).backward()
     opt.step()
 

@@ -6,8 +6,8 @@ round after round (the order rotates every round), so load from other processes 
 variants alike. Reported: median users/s per variant, and the median over rounds of the
 per-round time ratio DP / no DP. The training step is the one ``client.training.train_local``
 runs (``train_step``): the tower's examples (``--tower``; Poisson-sampled under DP), the
-default model (per-platform tower included), ``LinearizedLoss``, Adam, σ = 1, C = 1,
-full-catalogue softmax with scores in ``--scores-dtype``.
+default model (per-platform tower included; ``--item-table``: with item tables),
+``LinearizedLoss``, Adam, σ = 1, C = 1, full-catalogue softmax with scores in ``--scores-dtype``.
 
 ``--profile`` adds where one step's time goes (data pipeline, forward+backward, optimizer).
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedrec.shared.data import Sequences
+    from fedrec.shared.model import ModelSpec
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 MODES = ("ghost", "hooks", "ew", "functorch")
@@ -65,7 +66,7 @@ class Variant:
         batch_size: int,
         low_precision: bool,
         seed: int = 0,
-        tower: str = "mean",
+        spec: ModelSpec | None = None,
     ) -> None:
         import torch
 
@@ -74,7 +75,7 @@ class Variant:
 
         torch.manual_seed(seed)
         self.name, self.items, self.low_precision = name, items, low_precision
-        model = RecModel(ModelSpec(own_tower=True, tower=tower))
+        model = RecModel(spec or ModelSpec(own_tower=True))
         examples = examples_for(model, seqs, items, TrainSpec(batch_size=batch_size, seed=seed))
         loader = torch.utils.data.DataLoader(
             examples,
@@ -114,7 +115,7 @@ class Variant:
         batch = next(self.batches)
         args = (self.net, self.optimizer, self.criterion, self.items, batch, self.low_precision)
         train_step(*args)
-        return len(batch[0])
+        return len(batch[1])  # the users drawn (cands: one row per user)
 
     def window(self, steps: int) -> float:
         """Users per second over ``steps`` steps."""
@@ -131,14 +132,14 @@ def run_ratio(
     rounds: int,
     window_users: int,
     low_precision: bool,
-    tower: str = "mean",
+    spec: ModelSpec | None = None,
 ) -> list[tuple[str, float, float]]:
     """(variant, median users/s, median per-round time ratio vs no DP) per variant."""
     args = (items, seqs, batch_size, low_precision)
-    variants = [Variant("no DP", None, *args, tower=tower)]
+    variants = [Variant("no DP", None, *args, spec=spec)]
     for mode in modes:
         try:
-            variants.append(Variant(f"DP {mode}", mode, *args, tower=tower))
+            variants.append(Variant(f"DP {mode}", mode, *args, spec=spec))
             variants[-1].window(1)  # warm-up; also proves the mode works on this model
         except Exception as exc:  # noqa: BLE001 - a mode that fails is reported, not fatal
             typer.echo(f"  B={batch_size} {mode}: failed ({type(exc).__name__}: {exc})")
@@ -165,13 +166,13 @@ def profile(
     batch_size: int,
     repeats: int,
     low_precision: bool,
-    tower: str = "mean",
+    spec: ModelSpec | None = None,
 ) -> None:
     """Where one ghost-mode DP step spends its time, against the same step without DP."""
     from fedrec.client.training import TrainSpec, examples_for, output_grads
     from fedrec.shared.model import ModelSpec, RecModel
 
-    model = RecModel(ModelSpec(own_tower=True, tower=tower))
+    model = RecModel(spec or ModelSpec(own_tower=True))
     examples = examples_for(model, seqs, items, TrainSpec(batch_size=batch_size))
     rng = np.random.default_rng(1)
     idx = iter(
@@ -184,10 +185,10 @@ def profile(
     def steps(v: Variant) -> tuple[float, float, float]:
         v.window(1)
         scores, model, opt = [], [], []
-        for *inputs, cands in batches:
+        for inputs, cands in batches:
             v.optimizer.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            users = v.net(*inputs)
+            users = v.net(**inputs)
             t1 = time.perf_counter()
             _, grads = output_grads(users, items, cands, low_precision)
             t2 = time.perf_counter()
@@ -200,8 +201,8 @@ def profile(
         return tuple(statistics.median(t) * 1e3 for t in (scores, model, opt))  # type: ignore[return-value]
 
     args = (items, seqs, batch_size, low_precision)
-    dp = steps(Variant("DP ghost", "ghost", *args, tower=tower))
-    plain = steps(Variant("no DP", None, *args, tower=tower))
+    dp = steps(Variant("DP ghost", "ghost", *args, spec=spec))
+    plain = steps(Variant("no DP", None, *args, spec=spec))
     typer.echo(
         f"  B={batch_size} per step (median of {repeats}): examples' __getitems__ "
         f"{get_ms:.2f} ms; catalogue scores forward+backward {dp[0]:.1f} ms (DP) / "
@@ -226,6 +227,9 @@ def main(
         int, typer.Option("--profile", help="Also profile this many steps (0: skip).")
     ] = 0,
     tower: Annotated[str, typer.Option(help="model.tower: mean or attention.")] = "mean",
+    item_table: Annotated[
+        bool, typer.Option("--item-table", help="With item tables (model.item-table).")
+    ] = False,
 ) -> None:
     """Print users/s and the DP / no-DP time ratio per grad_sample_mode and batch size."""
     import torch
@@ -236,7 +240,8 @@ def main(
 
     dtype = resolve_scores_dtype(scores_dtype)
     vectors, seqs = synthetic_sequences(users, items)
-    model = RecModel(ModelSpec(own_tower=True, tower=tower))
+    spec = ModelSpec(own_tower=True, tower=tower, item_table=items if item_table else 0)
+    model = RecModel(spec)
     n_params = sum(p.numel() for p in model.parameters())
     typer.echo(f"model {model.spec} ({n_params:,} parameters)")
     typer.echo(
@@ -250,13 +255,13 @@ def main(
         for b in (int(x) for x in batch_sizes.split(",")):
             low = dtype == "bfloat16"
             chosen = [m for m in modes.split(",") if m]
-            results = run_ratio(vectors, seqs, b, chosen, rounds, window_users, low, tower)
+            results = run_ratio(vectors, seqs, b, chosen, rounds, window_users, low, spec)
             typer.echo(f"\n| B={b} | median users/s | median time ratio vs no DP |")
             typer.echo("|---|---|---|")
             for name, speed, ratio in results:
                 typer.echo(f"| {name} | {speed:,.0f} | {ratio:.2f}x |")
             if profile_steps:
-                profile(vectors, seqs, b, profile_steps, low, tower)
+                profile(vectors, seqs, b, profile_steps, low, spec)
 
 
 if __name__ == "__main__":
