@@ -162,12 +162,12 @@ class UserExamples(torch.utils.data.Dataset):
 
     An example is ``(inputs, cands)``: ``inputs["x"]`` (P, 2E) summarises P distinct prefixes
     of the user's training history (with ``ids``, ``inputs["ids"]`` (P, L) holds their last
-    ``max_history`` item indices, for item tables), and ``cands[p, 0]`` is the item that followed prefix p, then
-    ``spec.negatives`` uniform public negatives (with 0 negatives the loss is a softmax over the
-    whole catalogue). Users with fewer prefixes pad with ``cands == -1``. The user's loss is the
-    mean over its predictions (:class:`PerUserCrossEntropy`), so its gradient, the one DP-SGD
-    clips, averages many predictions: a steadier direction per user than one prediction, at the
-    same privacy cost.
+    ``max_history`` item indices, for item tables), and ``cands[p, 0]`` is the item that
+    followed prefix p, then ``spec.negatives`` uniform public negatives (with 0 negatives the
+    loss is a softmax over the whole catalogue). Users with fewer prefixes pad with
+    ``cands == -1``. The user's loss is the mean over its predictions
+    (:class:`PerUserCrossEntropy`), so its gradient, the one DP-SGD clips, averages many
+    predictions: a steadier direction per user than one prediction, at the same privacy cost.
 
     Works under Opacus's DPDataLoader (Poisson sampling) through ``__getitems__``.
     """
@@ -219,11 +219,11 @@ class WindowExamples(UserExamples):
     left-padded with zero vectors (most recent last), ``mask`` (T,) where ``x`` holds an item,
     ``slots`` (P,) the predicting positions, ``summaries`` (P, 2E) the mean tower's summaries
     of the same prefixes over the whole history (and with ``ids``, ``ids`` (P, L) their item
-    indices), and ``cands[p, 0]`` the item that followed
-    slot ``slots[p]``, then ``spec.negatives`` uniform public negatives; ``cands == -1`` pads. The
-    window ends at a uniform point of the history (at its end when the history fits in one
-    window), so every stretch of it is trained on. One causal pass gives every position;
-    the user's loss is one mean over its predictions, clipped as one example.
+    indices), and ``cands[p, 0]`` the item that followed slot ``slots[p]``, then
+    ``spec.negatives`` uniform public negatives; ``cands == -1`` pads. The window ends at a
+    uniform point of the history (at its end when the history fits in one window), so every
+    stretch of it is trained on. One causal pass gives every position; the user's loss is one
+    mean over its predictions, clipped as one example.
     """
 
     def __getitems__(self, idx: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -415,7 +415,8 @@ class RecModel(nn.Module):
         def mean(table: nn.Embedding, rows: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
             w = used.to(table.weight.dtype)
             w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
-            return (table(rows) * w.unsqueeze(-1)).sum(-2)
+            out: torch.Tensor = (table(rows) * w.unsqueeze(-1)).sum(-2)
+            return out
 
         return mean(self.history_table, ids, has) + mean(
             self.recent_table, ids[..., -RECENT:], has[..., -RECENT:]

@@ -105,7 +105,7 @@ class Variant:
         self.loader = loader
         self.batches = self._forever()
 
-    def _forever(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _forever(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         while True:
             yield from self.loader
 
