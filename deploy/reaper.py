@@ -84,14 +84,26 @@ def wait_for_parent(parent: int, poll: float = POLL) -> bool:
             return True
 
 
-def sweep(key: str, value: str, grace: float = 5.0, deadline: float = 60.0) -> int:
+def sweep(
+    key: str, value: str, grace: float = 5.0, deadline: float = 60.0, settle: float = 2.0
+) -> int:
     """Stop every process carrying ``key=value``, again while new ones appear (a dying
-    SuperLink may still be starting children); returns how many were signalled."""
+    SuperLink or Ray node may still be starting children, and a process in the middle of
+    ``exec`` may not show its environment to one scan); done once scans have found none for
+    ``settle`` seconds, or at ``deadline``. Returns how many were signalled."""
     stopped = 0
-    end = time.monotonic() + deadline
-    while time.monotonic() < end and (pids := processes_with_env(key, value)):
-        terminate(pids, grace=grace, kill_wait=3.0)
-        stopped += len(pids)
+    now = time.monotonic()
+    end, quiet_since = now + deadline, now
+    while (now := time.monotonic()) < end:
+        pids = processes_with_env(key, value)
+        if pids:
+            terminate(pids, grace=grace, kill_wait=3.0)
+            stopped += len(pids)
+            quiet_since = time.monotonic()
+        elif now - quiet_since >= settle:
+            break
+        else:
+            time.sleep(0.2)
     return stopped
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from fedrec.deploy.flower import Interrupted, signals_held, signals_interrupt, terminate
-from fedrec.deploy.reaper import Reaper
+from fedrec.deploy.reaper import Reaper, sweep
 from tests.tiny import save_tiny_bert, write_small_world
 
 FEDREC = str(Path(sys.executable).with_name("fedrec"))
@@ -146,6 +146,24 @@ def test_reaper_stops_what_carries_its_marker_when_its_parent_dies(tmp_path: Pat
 
     # Assert: the child and the reaper are gone
     assert left == {}
+
+
+def test_a_sweep_stops_a_marked_process_that_appears_after_an_empty_scan(tmp_path: Path) -> None:
+    # Prepare: an unmarked shell that becomes a marked process 1 s from now (as a Ray child
+    # started late, or one in the middle of exec that one scan cannot read, is found later)
+    marker = str(tmp_path / "late")
+    late = subprocess.Popen(["sh", "-c", f"sleep 1; PROBE='{marker}' exec sleep 120"])
+
+    try:
+        # Execute: the first scans find nothing
+        stopped = sweep("PROBE", marker, grace=0.5, deadline=20, settle=3.0)
+        left = _marked("PROBE", marker)
+    finally:
+        late.kill()
+        late.wait()
+
+    # Assert: the sweep waited for the quiet period and stopped the late process
+    assert stopped == 1 and left == {}
 
 
 def test_a_released_reaper_exits_and_stops_nothing(tmp_path: Path) -> None:
