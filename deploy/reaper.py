@@ -6,7 +6,7 @@ tells it ``done`` after its own teardown; the watchdog then exits and stops noth
 the parent goes away first (SIGKILL, a teardown cut short, a crash), the watchdog stops every
 process whose environment carries ``KEY=VALUE`` (its launch's ``FEDREC_LAUNCH``, never the
 run's own marker: a resume of the same run started meanwhile is another launch), repeats
-until none is left, and exits.
+until none has shown up for a few seconds, and exits.
 
 It learns that the parent is gone from its stdin (a pipe only the parent holds: end of file
 when the parent dies, however it dies) and from ``os.getppid()`` (it changes when the parent
