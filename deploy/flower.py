@@ -138,19 +138,32 @@ def write_overrides(path: Path, run_config: dict[str, Any]) -> Path:
 
 
 def processes_with_env(key: str, value: str) -> list[int]:
-    """PIDs whose environment has ``key=value`` (Linux /proc)."""
+    """PIDs whose environment has ``key=value``, and every live descendant of theirs (Linux
+    /proc): a process may overwrite its own environment block, as Ray's agents do when they
+    set their title over it, but its parent's marker still names it. This process is never
+    listed."""
     needle = f"{key}={value}".encode()
-    pids = []
+    me = os.getpid()
+    marked, children = [], {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or (pid := int(entry.name)) == me:
             continue
         try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[:2]
             env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
+        except (OSError, ValueError):
             continue
+        if state != "Z":  # a zombie is gone already
+            children.setdefault(int(ppid), []).append(pid)
         if needle in env:
-            pids.append(int(entry.name))
-    return pids
+            marked.append(pid)
+    found, todo = set(marked), list(marked)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
 
 
 def terminate(pids: Sequence[int], grace: float = 8.0, kill_wait: float = 3.0) -> list[int]:

@@ -166,6 +166,31 @@ def test_a_sweep_stops_a_marked_process_that_appears_after_an_empty_scan(tmp_pat
     assert stopped == 1 and left == {}
 
 
+def test_processes_with_env_lists_the_children_of_marked_processes() -> None:
+    # Prepare: a marked process whose child starts with an empty environment (as a Ray agent
+    # looks once it has written its title over its environment block)
+    from fedrec.deploy.flower import processes_with_env
+
+    marker = f"children-{os.getpid()}"
+    code = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], env={})\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PROBE": marker})
+    try:
+        # Execute
+        found = _wait_until(lambda: len(processes_with_env("PROBE", marker)) == 2, 20)
+        listed = processes_with_env("PROBE", marker)
+    finally:
+        terminate(processes_with_env("PROBE", marker), grace=0.5)
+        parent.wait()
+
+    # Assert: the parent by its marker, the child as its descendant
+    assert found and parent.pid in listed and len(listed) == 2
+    assert processes_with_env("PROBE", marker) == []
+
+
 def test_a_released_reaper_exits_and_stops_nothing(tmp_path: Path) -> None:
     # Prepare: the parent released its reaper before it died
     marker = str(tmp_path / "released")
