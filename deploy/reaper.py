@@ -5,8 +5,8 @@ Owns: the watchdog (``python -m fedrec.deploy.reaper --parent PID --env KEY=VALU
 tells it ``done`` after its own teardown; the watchdog then exits and stops nothing. If instead
 the parent goes away first (SIGKILL, a teardown cut short, a crash), the watchdog stops every
 process whose environment carries ``KEY=VALUE`` (its launch's ``FEDREC_LAUNCH``, never the
-run's own marker: a resume of the same run started meanwhile is another launch), repeats
-until none has shown up for a few seconds, and exits.
+run's own marker: a resume of the same run started meanwhile is another launch) and their
+descendants, repeats until none has shown up for a few seconds, and exits.
 
 It learns that the parent is gone from its stdin (a pipe only the parent holds: end of file
 when the parent dies, however it dies) and from ``os.getppid()`` (it changes when the parent
