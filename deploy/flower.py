@@ -144,7 +144,8 @@ def processes_with_env(key: str, value: str) -> list[int]:
     listed."""
     needle = f"{key}={value}".encode()
     me = os.getpid()
-    marked, children = [], {}
+    marked: list[int] = []
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or (pid := int(entry.name)) == me:
             continue
