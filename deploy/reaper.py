@@ -87,10 +87,9 @@ def wait_for_parent(parent: int, poll: float = POLL) -> bool:
 def sweep(
     key: str, value: str, grace: float = 5.0, deadline: float = 60.0, settle: float = 2.0
 ) -> int:
-    """Stop every process carrying ``key=value``, again while new ones appear (a dying
-    SuperLink or Ray node may still be starting children, and a process in the middle of
-    ``exec`` may not show its environment to one scan); done once scans have found none for
-    ``settle`` seconds, or at ``deadline``. Returns how many were signalled."""
+    """Stop every process carrying ``key=value`` (and their descendants), again while new
+    ones appear (a dying SuperLink may still be starting children); done once scans have
+    found none for ``settle`` seconds, or at ``deadline``. Returns how many were signalled."""
     stopped = 0
     now = time.monotonic()
     end, quiet_since = now + deadline, now

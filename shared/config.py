@@ -76,8 +76,8 @@ class ModelConfig:
     attention_heads: int = 2  # must divide model.dim
     # per-item tables (items x model.dim each, zero at the start): a learned row per item in
     # the history (averaged into the profile) and one added to each item's projected text
-    # vector; a platform's own model only (fedrec train, the local-only and pooled
-    # baselines); a federation refuses them (a head per catalogue size is not built)
+    # vector; a platform's own model only (fedrec train --item-table, bench.ml1m); fedrec
+    # simulate and deploy local refuse them (a head per catalogue size is not built)
     item_table: bool = False
 
 

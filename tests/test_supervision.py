@@ -149,8 +149,8 @@ def test_reaper_stops_what_carries_its_marker_when_its_parent_dies(tmp_path: Pat
 
 
 def test_a_sweep_stops_a_marked_process_that_appears_after_an_empty_scan(tmp_path: Path) -> None:
-    # Prepare: an unmarked shell that becomes a marked process 1 s from now (as a Ray child
-    # started late, or one in the middle of exec that one scan cannot read, is found later)
+    # Prepare: an unmarked shell that becomes a marked process 1 s from now, after the
+    # sweep's first scans have found nothing
     marker = str(tmp_path / "late")
     late = subprocess.Popen(["sh", "-c", f"sleep 1; PROBE='{marker}' exec sleep 120"])
 

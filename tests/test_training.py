@@ -782,10 +782,16 @@ def test_item_tables_train_under_dp(tower: str) -> None:
     unbounded = DPConfig(target_epsilon=1e9, noise_multiplier=1.0)
     dp = DPSession(unbounded, users=64, batch_size=32, planned_steps=3, channel="shop")
     model = RecModel(ModelSpec(tower=tower, max_history=10, item_table=len(items)))
+    tables = (model.item_table, model.history_table, model.recent_table)
     spec = TrainSpec(steps=3, batch_size=32, max_history=10)
+    clipped = []  # per step: each table's sum of clipped per-user gradients, before noise
 
-    result = train_local(model, items, split.train, spec, dp=dp)
+    def hook(optimizer: torch.optim.Optimizer) -> None:
+        clipped.append([float(t.weight.summed_grad.abs().sum()) for t in tables])
 
+    result = train_local(model, items, split.train, spec, dp=dp, grad_hook=hook)
+
+    # Assert: the steps ran and were accounted, and the users' own (clipped) gradients, not
+    # only the noise, reached every table at every step
     assert result.steps == 3 and dp.total_steps() == 3 and np.isfinite(result.loss)
-    for table in (model.item_table, model.history_table, model.recent_table):
-        assert table.weight.abs().sum() > 0  # noised and trained from zero
+    assert len(clipped) == 3 and all(g > 0 for step in clipped for g in step), clipped
