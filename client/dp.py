@@ -375,6 +375,8 @@ class DPSession:
         import torch
         from opacus import PrivacyEngine
 
+        from fedrec.client import samplers  # noqa: F401  (registers fedrec's layers with Opacus)
+
         batches = round(1 / self.sample_rate)
         loader = torch.utils.data.DataLoader(
             loader.dataset,

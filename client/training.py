@@ -318,7 +318,7 @@ def candidate_logits(users: torch.Tensor, items: torch.Tensor, cands: torch.Tens
     For catalogues up to :data:`FULL_SCORE_MAX` items, scoring the whole catalogue and picking
     the candidates is cheaper than gathering (..., C, E) candidate vectors.
     """
-    if len(items) <= FULL_SCORE_MAX or users.shape[-1] > items.shape[1]:
+    if len(items) <= FULL_SCORE_MAX:
         return item_scores(users, items).gather(-1, cands)
     return (items[cands] @ users.unsqueeze(-1)).squeeze(-1)
 
@@ -349,22 +349,38 @@ def candidate_scores(
 
 
 def output_grads(
-    users: torch.Tensor, items: torch.Tensor, cands: torch.Tensor, low_precision: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each user's loss (B,) and its gradient with respect to that user's outputs (B, P, E).
+    users: torch.Tensor,
+    items: torch.Tensor,
+    cands: torch.Tensor,
+    low_precision: bool = False,
+    score_grads: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each user's loss (B,), its gradient with respect to that user's outputs (B, P, W) and,
+    with ``score_grads``, with respect to each prediction's scores over the catalogue
+    (B, P, N; zeros where a prediction is padding or an item not its candidate).
 
-    One forward and one backward through the catalogue scores, outside the model's graph:
-    see :class:`LinearizedLoss`.
+    One forward and one backward through the catalogue scores (``items``: the score matrix),
+    outside the model's graph: see :class:`LinearizedLoss`.
     """
     u = users.detach().requires_grad_()
     with torch.enable_grad():
-        per_user = PerUserCrossEntropy("none")(*candidate_scores(u, items, cands, low_precision))
-        (grad,) = torch.autograd.grad(per_user.sum(), u)
-    return per_user.detach(), grad
+        logits, labels = candidate_scores(u, items, cands, low_precision)
+        per_user = PerUserCrossEntropy("none")(logits, labels)
+        grad, by_score = torch.autograd.grad(per_user.sum(), (u, logits))
+    if not score_grads:
+        return per_user.detach(), grad, None
+    dense = by_score.new_zeros(*cands.shape[:-1], len(items))
+    if cands.shape[-1] == 1:  # packed rows of the used predictions
+        dense[cands[..., 0] >= 0] = by_score
+    else:
+        dense.scatter_add_(-1, cands.clamp(min=0), by_score)
+    return per_user.detach(), grad, dense
 
 
 class LinearizedLoss(nn.Module):
-    """Per-user ``<output_i, G_i>`` with ``G_i`` = d loss_i / d output_i held constant.
+    """Per-user ``<output_i, G_i>`` with ``G_i`` = d loss_i / d output_i held constant, plus,
+    for a model with an output table, that table's per-user term (``table``,
+    :meth:`RecModel.table_term`).
 
     Its gradient with respect to the model's parameters is exactly the per-user loss's, so
     training on it is training on the loss. What it saves: Opacus's ghost clipping runs two
@@ -377,11 +393,33 @@ class LinearizedLoss(nn.Module):
         super().__init__()
         self.reduction = reduction
 
-    def forward(self, outputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, outputs: torch.Tensor, grads: torch.Tensor, table: torch.Tensor | None = None
+    ) -> torch.Tensor:
         per_user = (outputs * grads).flatten(1).sum(1)
+        if table is not None:
+            per_user = per_user + table
         if self.reduction == "none":
             return per_user
         return per_user.sum() if self.reduction == "sum" else per_user.mean()
+
+
+def linearized_loss(
+    model: RecModel,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    cands: torch.Tensor,
+    low_precision: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Each user's loss (B,) and what :class:`LinearizedLoss` takes for ``model``'s outputs
+    ``users``: (outputs, their gradients[, the output table's term])."""
+    table = model.item_table is not None
+    per_user, grads, by_score = output_grads(
+        users, model.score_matrix(items), cands, low_precision, score_grads=table
+    )
+    if by_score is None:
+        return per_user, (users, grads)
+    return per_user, (users, grads, model.table_term(users, by_score))
 
 
 def train_step(
@@ -396,9 +434,11 @@ def train_step(
     Opacus wraps it under ghost clipping); returns each user's loss."""
     optimizer.zero_grad(set_to_none=True)
     inputs, cands = batch  # the model's keyword inputs, the candidates
-    users = net(**inputs)
-    per_user, grads = output_grads(users, items, cands, low_precision)
-    criterion(users, grads).backward()
+    model = getattr(net, "_module", net)  # the RecModel inside Opacus's wrapper
+    if not isinstance(model, RecModel):
+        raise TypeError(f"train_step trains a RecModel, not a {type(model).__name__}")
+    per_user, args = linearized_loss(model, net(**inputs), items, cands, low_precision)
+    criterion(*args).backward()
     optimizer.step()
     return per_user
 

@@ -24,8 +24,8 @@ and full ranking is one matrix product with the constant item matrix.
 ``W_h`` and ``W_o`` start from the same random orthonormal projection, so the untrained model
 already ranks by text similarity to the history; DP-SGD only has to learn corrections
 (recency, interest transitions, popularity carried by text). The MLP's last layer and ``b``
-start at zero. Every layer is ``nn.Linear`` (no raw parameters, no weight tying): all Opacus
-grad-sample modes, ghost clipping included, support it.
+start at zero. The tower and head are ``nn.Linear`` layers (no raw parameters, no weight
+tying): all Opacus grad-sample modes, ghost clipping included, support them.
 
 The per-item tables (``spec.item_table`` = N rows, ``model.item-table``; a platform's own model
 only) let items the text cannot tell apart be told apart, as ID embeddings do in SASRec or
@@ -33,11 +33,13 @@ BPR, on both sides of the score:
   * history  p += mean_{j in window} H_j + mean_{j in last RECENT} H'_j   (H, H': N x D)
   * output   item i's projection becomes W_o^T c_i + R_i                  (R: N x D)
 All three start at zero, so the model starts as the one without them. H and H' are
-``nn.Embedding`` layers read with the history's item ids (row N: no item); R is an
-``nn.Linear(D, N)`` applied to the profile on the user side, and the user vector carries its
-N scores after its E columns, ``[u, tau * R (s p)]`` (:func:`item_scores` adds them). Each
-user's gradient of every table stays per-user (Opacus clips and ghost-norms embeddings and
-linear layers alike), and items added after training have no rows (they rank by text alone).
+:class:`HistoryBag` layers read with the history's item ids. For R the user vector carries
+tau * s * p after its E columns and is scored against the item matrix with R's rows appended
+(:meth:`RecModel.score_matrix`), so full ranking stays one matrix product; training reads R's
+gradient through a per-user term of the loss (:class:`OutputTable`), never through a (users x
+catalogue) block of the model's graph. Both layers have samplers that give Opacus each
+user's gradient and its norm exactly (``fedrec.client.samplers``), and items added after
+training have no rows (they rank by text alone).
 
 The sequence tower (``spec.tower = "attention"``, SASRec-like: Kang and McAuley, ICDM 2018)
 reads the ordered history x_1..x_T (item vectors, most recent last) and adds an order-aware
@@ -202,17 +204,70 @@ def summarize_prefixes(
 
 
 def item_scores(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """(..., E [+ R]) user vectors x (N, E) item vectors -> (..., N): ``u @ items.T``, plus,
-    where the user vector carries the output table R's scores after its E columns, those (the
-    first R items; items beyond the table have no residual)."""
-    e = items.shape[1]
-    scores = users[..., :e] @ items.T
-    if users.shape[-1] == e:
-        return scores
-    residual = users[..., e:]
-    n = min(residual.shape[-1], scores.shape[-1])
-    pad = [0, scores.shape[-1] - n]
-    return scores + nn.functional.pad(residual[..., :n], pad)
+    """(..., W) user vectors x (N, W) score matrix -> (..., N) scores: ``u @ items.T``.
+
+    The score matrix is the item matrix, or with an output table the model's
+    :meth:`RecModel.score_matrix`."""
+    return users @ items.T
+
+
+class HistoryBag(nn.Module):
+    """A per-item table read as bags: item indices (..., L) -> the mean of their rows (..., D).
+
+    Indices outside [0, rows) (padding -1, items added after training) read no row; a bag
+    with no row reads zeros. One ``embedding_bag`` call, so a step never builds the
+    (..., L, D) rows it averages. ``weight`` has ``rows + 1`` rows, the last one for "no
+    item" (never read). Opacus clips it per user through samplers registered beside
+    fedrec's DP lifecycle (``fedrec.client.dp``): its positional input is the indices alone.
+    """
+
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.rows = rows
+        self.weight = nn.Parameter(torch.zeros(rows + 1, dim))
+
+    def entries(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., L) indices -> (the row each entry reads, ``rows`` for none; its weight in
+        its bag's mean, 0 for none), both (..., L)."""
+        has = (ids >= 0) & (ids < self.rows)
+        w = has.to(self.weight.dtype)
+        return torch.where(has, ids, self.rows), w / w.sum(-1, keepdim=True).clamp(min=1.0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows, _ = self.entries(ids)
+        flat = rows.reshape(-1, ids.shape[-1])
+        out = nn.functional.embedding_bag(flat, self.weight, mode="mean", padding_idx=self.rows)
+        return out.view(*ids.shape[:-1], self.weight.shape[1])
+
+
+class OutputTable(nn.Module):
+    """Per-item output rows R (rows x D): item i's score adds <a, R_i> for the user's D
+    columns a = tau * s * p after its E columns (:meth:`RecModel.score_matrix` appends R to
+    the item matrix).
+
+    Training reads R's gradient through :meth:`forward`, a per-user term linear in R, so no
+    (users x catalogue) block of the model's graph is built: with the loss's gradient with
+    respect to each prediction's scores G (B, P, N) and the users' D columns A (B, P, D),
+    both held constant, user b's term is sum_{p,i} G[b,p,i] <A[b,p], R_i> and its gradient
+    G_b^T A_b is user b's gradient of R (:class:`fedrec.client.training.LinearizedLoss` adds
+    it to the loss). Opacus clips it per user through samplers registered beside fedrec's DP
+    lifecycle (``fedrec.client.samplers``).
+    """
+
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.rows = rows
+        self.weight = nn.Parameter(torch.zeros(rows, dim))
+
+    def forward(self, a: torch.Tensor, score_grads: torch.Tensor) -> torch.Tensor:
+        """(B, ..., D) user columns, (B, ..., N >= rows) score gradients -> (B,) terms."""
+        g = score_grads[..., : self.rows].reshape(-1, self.rows)
+        return ((g @ self.weight).view(a.shape) * a).flatten(1).sum(1)
+
+    def padded(self, n: int) -> torch.Tensor:
+        """The rows of a catalogue of ``n`` items (n, D): zeros for items past the table."""
+        w = self.weight[:n]
+        return nn.functional.pad(w, [0, 0, 0, n - len(w)])
 
 
 class CausalBlock(nn.Module):
@@ -304,9 +359,9 @@ class RecModel(nn.Module):
         self.profile_own = nn.Linear(w, d, bias=False) if spec.own_tower else None
         self.to_items = nn.Linear(d, e)  # W_o and the item prior b
         n = spec.item_table
-        self.item_table = nn.Linear(d, n, bias=False) if n else None  # R
-        self.history_table = nn.Embedding(n + 1, d) if n else None  # H; row n: no item
-        self.recent_table = nn.Embedding(n + 1, d) if n else None  # H'
+        self.item_table = OutputTable(n, d) if n else None  # R
+        self.history_table = HistoryBag(n, d) if n else None  # H
+        self.recent_table = HistoryBag(n, d) if n else None  # H'
         self.reset_parameters()
 
     @torch.no_grad()
@@ -408,19 +463,8 @@ class RecModel(nn.Module):
         index past the table's rows: no row) -> mean of their H rows + mean of the last
         RECENT ones' H' rows (..., D)."""
         assert self.history_table is not None and self.recent_table is not None
-        n = self.spec.item_table
-        has = (ids >= 0) & (ids < n)
-        ids = torch.where(has, ids, n)  # row n: no item
-
-        def mean(table: nn.Embedding, rows: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-            w = used.to(table.weight.dtype)
-            w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
-            out: torch.Tensor = (table(rows) * w.unsqueeze(-1)).sum(-2)
-            return out
-
-        return mean(self.history_table, ids, has) + mean(
-            self.recent_table, ids[..., -RECENT:], has[..., -RECENT:]
-        )
+        out: torch.Tensor = self.history_table(ids) + self.recent_table(ids[..., -RECENT:])
+        return out
 
     def profile(
         self,
@@ -429,7 +473,7 @@ class RecModel(nn.Module):
         query: torch.Tensor | None = None,
         ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """User vector in item space: (B, L, E), (B, L) [, (B, E), (B, L)] -> (B, E [+ N])."""
+        """User vector in item space: (B, L, E), (B, L) [, (B, E), (B, L)] -> (B, E [+ D])."""
         return self.to_user_vector(self.user_code(hist, mask, query, ids))
 
     @torch.no_grad()
@@ -442,22 +486,36 @@ class RecModel(nn.Module):
         w, b = self.to_items.weight, self.to_items.bias  # (E, D), (E,)
         proj = items @ w  # (N, D)
         if self.item_table is not None:
-            n = min(len(proj), self.item_table.out_features)  # items added later: no row
-            proj = torch.cat([proj[:n] + self.item_table.weight[:n], proj[n:]])
+            proj = proj + self.item_table.padded(len(proj))
         return torch.cat([self.spec.head_scale * proj, (items @ b).unsqueeze(-1)], dim=1)
 
-    @staticmethod
-    def score_items(profile: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Full ranking: (B, E [+ R]) user vectors x (N, E) item vectors -> (B, N) scores."""
-        return item_scores(profile, items)
+    def score_items(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Full ranking: (B, W) user vectors x (N, E) item vectors -> (B, N) scores."""
+        return item_scores(users, self.score_matrix(items))
+
+    @torch.no_grad()
+    def score_matrix(self, items: torch.Tensor) -> torch.Tensor:
+        """What user vectors are scored against: the items (N, E), followed with an output
+        table by its rows (N, E + D; items past the table: zeros). A constant: training
+        reads R's gradient through :meth:`table_term`."""
+        if self.item_table is None:
+            return items
+        return torch.cat([items, self.item_table.padded(len(items))], dim=1)
+
+    def table_term(self, users: torch.Tensor, score_grads: torch.Tensor) -> torch.Tensor:
+        """The output table's per-user training term (B,) (:class:`OutputTable`) for user
+        vectors (B, P, E + D) and the loss's gradient with respect to their scores."""
+        assert self.item_table is not None
+        out: torch.Tensor = self.item_table(users[..., self.spec.in_dim :].detach(), score_grads)
+        return out
 
     def to_user_vector(self, p: torch.Tensor) -> torch.Tensor:
-        """Profiles (..., D) -> user vectors in item space (..., E): u = tau * (W_o p + b),
-        followed with item tables by R's scores tau * R p (..., N)."""
+        """Profiles (..., D) -> user vectors u = tau * (W_o p + b) (..., E), followed with an
+        output table by tau * s * p (..., D), the columns that read its rows."""
         x = self.spec.head_scale * p
         out: torch.Tensor = TAU * self.to_items(x)
         if self.item_table is not None:
-            out = torch.cat([out, TAU * self.item_table(x)], dim=-1)
+            out = torch.cat([out, TAU * x], dim=-1)
         return out
 
     def forward(

@@ -331,12 +331,20 @@ def test_head_scale_starts_as_the_same_function_and_grows_w_o_gradient_share() -
     torch.testing.assert_close(TAU * (p @ codes[:, :8].T + codes[:, 8]), scores["scaled"])
 
 
-def test_item_scores_add_the_residual_scores_to_the_first_rows() -> None:
-    # by hand: E = 2, 3 items, a residual for the first 2 (a third item came later)
+def test_the_score_matrix_appends_the_output_rows_and_zeros_for_later_items() -> None:
+    # by hand: E = 2, D = 1, 3 items, output rows for the first 2 (a third item came later)
+    model = RecModel(ModelSpec(item_dim=2, dim=1, item_table=2))
+    with torch.no_grad():
+        model.item_table.weight.copy_(torch.tensor([[10.0], [20.0]]))
     items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    users = torch.tensor([[2.0, 3.0, 10.0, 20.0]])  # u = (2, 3), residual scores (10, 20)
+    users = torch.tensor([[2.0, 3.0, 1.0]])  # u = (2, 3), then the column read by the rows
 
-    assert item_scores(users, items).tolist() == [[12.0, 23.0, 5.0]]
+    assert model.score_matrix(items).tolist() == [
+        [1.0, 0.0, 10.0],
+        [0.0, 1.0, 20.0],
+        [1.0, 1.0, 0.0],
+    ]
+    assert model.score_items(users, items).tolist() == [[12.0, 23.0, 5.0]]
     assert item_scores(users[:, :2], items).tolist() == [[2.0, 3.0, 5.0]]
 
 
@@ -352,13 +360,13 @@ def test_item_tables_start_as_the_plain_model_and_serving_reads_them_as_training
     ids = torch.where(mask, hist, -1)
     plain = RecModel(ModelSpec(item_dim=32, dim=8, seed=1, head_scale=2.0))
     table = RecModel(ModelSpec(item_dim=32, dim=8, seed=1, head_scale=2.0, item_table=50))
-    start = item_scores(table(x, ids=ids), items)
+    start = table.score_items(table(x, ids=ids), items)
     with torch.no_grad():
         for layer in (table.item_table, table.history_table, table.recent_table):
             layer.weight.normal_(generator=g)
 
     # Execute
-    trained = item_scores(table(x, ids=ids), items)
+    trained = table.score_items(table(x, ids=ids), items)
     served = table.profile(items[hist], mask, ids=hist)
     codes = table.item_codes(items)
 
@@ -366,7 +374,7 @@ def test_item_tables_start_as_the_plain_model_and_serving_reads_them_as_training
     # the served profile equals training's, and the serving codes rank as training scores
     torch.testing.assert_close(start, item_scores(plain(x), items))
     assert (trained[:, :50] != start[:, :50]).all()
-    torch.testing.assert_close(item_scores(served, items), trained)
+    torch.testing.assert_close(table.score_items(served, items), trained)
     p = table.user_code(items[hist], mask, ids=hist)
     torch.testing.assert_close(
         TAU * (p @ codes[:, :8].T + codes[:, 8]), trained, rtol=1e-4, atol=1e-4
@@ -385,12 +393,14 @@ def test_history_tables_average_the_rows_of_the_window_and_of_its_last_items() -
             [-1, -1, 0, 3],  # padding: mean(1, 4) + mean(10, 40)
             [1, 7, 2, 9],  # items 7 and 9 came later and have no row: mean(2, 3) + 30
             [-1, -1, -1, -1],  # no history: 0
+            [2, 2, 0, 2],  # repeats count each time: mean(3, 3, 1, 3) + mean(30, 10, 30)
         ]
     )
 
     got = model.table_code(ids)
 
-    assert got.squeeze(-1).tolist() == [2.5 + 30.0, 2.5 + 25.0, 2.5 + 30.0, 0.0]
+    want = [2.5 + 30.0, 2.5 + 25.0, 2.5 + 30.0, 0.0, 2.5 + 70.0 / 3]
+    assert got.squeeze(-1).tolist() == pytest.approx(want, rel=1e-6)
 
 
 def test_the_federation_refuses_an_item_table() -> None:

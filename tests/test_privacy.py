@@ -25,6 +25,7 @@ from fedrec.client.training import (
     TrainSpec,
     UserExamples,
     candidate_scores,
+    linearized_loss,
     output_grads,
     train_local,
 )
@@ -133,8 +134,11 @@ def make_private(
     lr: float = 0.1,
     loss: torch.nn.Module | None = None,
 ):  # noqa: ANN202
-    """Opacus on ``model`` with a loader that yields exactly ``batch`` (no Poisson sampling)."""
+    """Opacus on ``model`` with a loader that yields exactly ``batch`` (no Poisson sampling),
+    fedrec's samplers registered as ``DPSession`` registers them."""
     from opacus import PrivacyEngine
+
+    import fedrec.client.samplers  # noqa: F401
 
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(*batch), batch_size=len(batch[0])
@@ -152,17 +156,26 @@ def make_private(
     if mode == "ghost":
         net, opt, criterion, loader = made
     else:
-        (net, opt, loader), criterion = made, PerUserCrossEntropy()
+        (net, opt, loader), criterion = made, loss or PerUserCrossEntropy()
     return net, opt, criterion, next(iter(loader))
 
 
+def live_scores(model: RecModel, items: torch.Tensor) -> torch.Tensor:
+    """The score matrix with the output table's rows inside the graph, so that the loss's
+    own gradient reaches them (training reads it through the table's term instead)."""
+    if model.item_table is None:
+        return items
+    return torch.cat([items, model.item_table.padded(len(items))], dim=1)
+
+
 def per_user_grads(model: RecModel, items: torch.Tensor, batch: tuple[torch.Tensor, ...]):  # noqa: ANN201
-    """Brute force: each user's gradient on its own, (B, P)."""
+    """Brute force: each user's gradient of its own loss, alone, (B, P)."""
     out = []
     for i in range(len(batch[0])):
         model.zero_grad()
         rows = slice(i, i + 1)
-        logits, labels = candidate_scores(call(model, batch, rows), items, batch[-1][rows])
+        scores = live_scores(model, items)
+        logits, labels = candidate_scores(call(model, batch, rows), scores, batch[-1][rows])
         PerUserCrossEntropy()(logits, labels).backward()
         out.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     model.zero_grad()
@@ -220,20 +233,27 @@ def test_per_user_gradients_are_clipped_to_max_grad_norm() -> None:
 )
 def test_dp_gradient_is_the_mean_of_clipped_per_user_gradients(mode: str, table: bool) -> None:
     # Prepare: no noise; C between the smallest and largest per-user norms (with ``table``, a
-    # model with item tables, history embeddings and output rows alike, which start at zero
-    # but whose gradients do not).
+    # model with item tables, history bags and output rows alike, which start at zero but
+    # whose gradients do not, trained as training does, through the linearized loss).
     items, batch = one_batch(ids=table)
     model = RecModel(ModelSpec(item_table=len(items) if table else 0))
     brute = per_user_grads(copy.deepcopy(model), items, batch)
     norms = brute.norm(dim=1)
     c = float(norms.median())
     net, opt, criterion, b = make_private(
-        model, batch, mode=mode, noise_multiplier=0.0, max_grad_norm=c
+        model,
+        batch,
+        mode=mode,
+        noise_multiplier=0.0,
+        max_grad_norm=c,
+        loss=LinearizedLoss() if table else None,
     )
 
     # Execute
-    logits, labels = candidate_scores(call(net, b), items, b[-1])
-    criterion(logits, labels).backward()
+    if table:
+        criterion(*linearized_loss(model, call(net, b), items, b[-1])[1]).backward()
+    else:
+        criterion(*candidate_scores(call(net, b), items, b[-1])).backward()
     opt.pre_step()  # clip, accumulate, add (zero) noise, scale by the expected batch size
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -243,33 +263,126 @@ def test_dp_gradient_is_the_mean_of_clipped_per_user_gradients(mode: str, table:
     torch.testing.assert_close(grad, clip(brute, c).mean(0), rtol=1e-3, atol=1e-6)
 
 
+def test_bag_samplers_give_each_users_own_gradient_of_an_item_table() -> None:
+    # Prepare: 5 users x 3 bags x 6 entries over a 7-row table, with padding (-1), items
+    # past the table (7, 9), repeats inside a bag and across a user's bags, and a user with
+    # no row at all; the gradient with respect to each bag's output is random.
+    from fedrec.client.samplers import bag_grads, bag_norms
+    from fedrec.shared.model import HistoryBag
+
+    g = torch.Generator().manual_seed(0)
+    bag = HistoryBag(7, 4)
+    with torch.no_grad():
+        bag.weight.normal_(generator=g)
+    ids = torch.randint(-1, 10, (5, 3, 6), generator=g)
+    ids[0] = torch.tensor([[2, 2, 2, -1, 3, 2], [2, 5, 5, 5, 9, -1], [-1, -1, -1, -1, -1, 2]])
+    ids[4] = -1
+    backprops = torch.randn(5, 3, 4, generator=g)
+    brute = []  # user u's gradient alone: d <bag(ids_u), backprops_u> / d weight
+    for u in range(5):
+        bag.zero_grad()
+        (bag(ids[u : u + 1]) * backprops[u : u + 1]).sum().backward()
+        brute.append(bag.weight.grad.clone())
+    brute = torch.stack(brute)
+
+    # Execute
+    grads = bag_grads(bag, [ids], backprops)[bag.weight]
+    norms = bag_norms(bag, [ids], backprops)[bag.weight]
+
+    # Assert
+    torch.testing.assert_close(grads, brute)
+    torch.testing.assert_close(norms, brute.flatten(1).norm(dim=1))
+    assert norms[4] == 0.0 and norms[0] > 0.0
+
+
+def test_a_dp_session_clips_item_tables_with_fedrecs_samplers() -> None:
+    # Opacus would otherwise fall back to functorch's per-user gradients (slow, and no ghost
+    # norms)
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    from fedrec.client import samplers
+    from fedrec.shared.model import HistoryBag, OutputTable
+
+    items, batch = one_batch(ids=True, negatives=0)
+    session = DPSession(
+        DPConfig(noise_multiplier=1.0, grad_sample_mode="ghost"),
+        users=100,
+        batch_size=8,
+        planned_steps=1,
+        channel="c",
+    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*batch), batch_size=8)
+    model = RecModel(ModelSpec(item_table=len(items)))
+    net, *_ = session.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, LinearizedLoss()
+    )
+
+    assert isinstance(net, GradSampleModuleFastGradientClipping)
+    assert net.NORM_SAMPLERS[HistoryBag] is samplers.bag_norms
+    assert net.GRAD_SAMPLERS[HistoryBag] is samplers.bag_grads
+    assert net.NORM_SAMPLERS[OutputTable] is samplers.output_norms
+    assert net.GRAD_SAMPLERS[OutputTable] is samplers.output_grads
+
+
+def test_output_table_samplers_give_each_users_own_gradient() -> None:
+    # Prepare: 4 users x 3 predictions, a 5-row table, score gradients over 6 items (the
+    # sixth came after the table and has no row); the loss's gradient with respect to each
+    # user's term is random (Opacus scales it by the batch size under mean reduction).
+    from fedrec.client.samplers import output_grads as table_grads
+    from fedrec.client.samplers import output_norms
+    from fedrec.shared.model import OutputTable
+
+    g = torch.Generator().manual_seed(0)
+    table = OutputTable(5, 4)
+    with torch.no_grad():
+        table.weight.normal_(generator=g)
+    a, scores = torch.randn(4, 3, 4, generator=g), torch.randn(4, 3, 6, generator=g)
+    backprops = torch.randn(4, generator=g)
+    brute = []  # user u's gradient alone: d (backprops_u * term_u) / d weight
+    for u in range(4):
+        table.zero_grad()
+        (backprops[u] * table(a[u : u + 1], scores[u : u + 1])).sum().backward()
+        brute.append(table.weight.grad.clone())
+    brute = torch.stack(brute)
+
+    # Execute
+    grads = table_grads(table, [a, scores], backprops)[table.weight]
+    norms = output_norms(table, [a, scores], backprops)[table.weight]
+
+    # Assert
+    torch.testing.assert_close(grads, brute)
+    torch.testing.assert_close(norms, brute.flatten(1).norm(dim=1))
+
+
 @pytest.mark.parametrize(("low_precision", "table"), [(False, False), (True, False), (False, True)])
 def test_ghost_clipping_through_the_linearized_loss_clips_each_user_exactly(
     low_precision: bool, table: bool
 ) -> None:
     # Prepare: the training path (LinearizedLoss, full-catalogue softmax, optionally bfloat16
     # scores or item tables); C below every per-user norm, so each user's
-    # clipped gradient has norm exactly C.
+    # clipped gradient has norm exactly C. With tables, the reference is each user's
+    # gradient of its own loss, the output rows inside the graph.
     items, batch = one_batch(ids=table, negatives=0)
     model = RecModel(ModelSpec(item_table=len(items) if table else 0))
     brute_model = copy.deepcopy(model)
-    _, grads = output_grads(call(brute_model, batch), items, batch[-1], low_precision)
-    brute = []
-    for i in range(len(batch[0])):  # user i's gradient of <output_i, G_i>: J_i^T G_i
-        brute_model.zero_grad()
-        rows = slice(i, i + 1)
-        LinearizedLoss()(call(brute_model, batch, rows), grads[rows]).backward()
-        brute.append(torch.cat([p.grad.flatten() for p in brute_model.parameters()]))
-    brute = torch.stack(brute)
+    if table:
+        brute = per_user_grads(brute_model, items, batch)
+    else:
+        _, grads, _ = output_grads(call(brute_model, batch), items, batch[-1], low_precision)
+        brute = []
+        for i in range(len(batch[0])):  # user i's gradient of <output_i, G_i>: J_i^T G_i
+            brute_model.zero_grad()
+            rows = slice(i, i + 1)
+            LinearizedLoss()(call(brute_model, batch, rows), grads[rows]).backward()
+            brute.append(torch.cat([p.grad.flatten() for p in brute_model.parameters()]))
+        brute = torch.stack(brute)
     c = 0.5 * float(brute.norm(dim=1).min())
     net, opt, criterion, b = make_private(
         model, batch, mode="ghost", noise_multiplier=0.0, max_grad_norm=c, loss=LinearizedLoss()
     )
 
     # Execute
-    users = call(net, b)
-    _, g = output_grads(users, items, b[-1], low_precision)
-    criterion(users, g).backward()
+    criterion(*linearized_loss(model, call(net, b), items, b[-1], low_precision)[1]).backward()
     opt.pre_step()
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
 

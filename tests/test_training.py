@@ -230,33 +230,41 @@ def test_full_softmax_loss_inputs_are_packed_and_match_the_padded_logits() -> No
         )
 
 
-@pytest.mark.parametrize("negatives", [0, 5])
-def test_linearized_loss_has_the_gradient_of_the_per_user_loss(negatives: int) -> None:
-    # Prepare: two copies of one model, a batch with padding, full softmax or sampled negatives
+@pytest.mark.parametrize(("negatives", "table"), [(0, False), (5, False), (0, True), (5, True)])
+def test_linearized_loss_has_the_gradient_of_the_per_user_loss(negatives: int, table: bool) -> None:
+    # Prepare: two copies of one model (with ``table``, item tables with random rows), a batch
+    # with padding, full softmax or sampled negatives
     items, seqs = topic_world(n_users=16)
     spec = TrainSpec(negatives=negatives, positions=4, max_history=10)
-    inputs, cands = UserExamples(seqs, items, spec).__getitems__(list(range(16)))
-    x = inputs["x"]
-    direct, linear = RecModel(ModelSpec(own_tower=True)), RecModel(ModelSpec(own_tower=True))
-    with torch.no_grad():  # a trained-looking own tower, so every parameter gets a gradient
+    inputs, cands = UserExamples(seqs, items, spec, ids=table).__getitems__(list(range(16)))
+    model_spec = ModelSpec(own_tower=True, item_table=len(items) if table else 0)
+    direct, linear = RecModel(model_spec), RecModel(model_spec)
+    with torch.no_grad():  # trained-looking parameters, so every parameter gets a gradient
         for m in (direct, linear):
+            g = torch.Generator().manual_seed(3)
             m.profile_own.weight.copy_(
                 torch.linspace(-0.01, 0.01, m.profile_own.weight.numel()).view_as(
                     m.profile_own.weight
                 )
             )
+            for layer in (m.item_table, m.history_table, m.recent_table):
+                if layer is not None:
+                    layer.weight.normal_(0.0, 0.01, generator=g)
 
-    # Execute
-    logits, labels = training.candidate_scores(direct(x), items, cands)
+    # Execute: the loss itself, the output rows inside the graph; and the linearized loss
+    scores = items
+    if table:
+        scores = torch.cat([items, direct.item_table.padded(len(items))], dim=1)
+    logits, labels = training.candidate_scores(direct(**inputs), scores, cands)
     loss = training.PerUserCrossEntropy("none")(logits, labels)
     loss.mean().backward()
-    users = linear(x)
-    per_user, grads = training.output_grads(users, items, cands)
-    training.LinearizedLoss()(users, grads).backward()
+    per_user, args = training.linearized_loss(linear, linear(**inputs), items, cands)
+    training.LinearizedLoss()(*args).backward()
 
     # Assert: same per-user losses, same gradient for every parameter
     torch.testing.assert_close(per_user, loss.detach())
     for (name, a), b in zip(direct.named_parameters(), linear.parameters(), strict=True):
+        assert a.grad is not None and a.grad.abs().sum() > 0, name
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
