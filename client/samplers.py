@@ -14,9 +14,9 @@ W G and its squared norm is the sum of (W^T W) * (G G^T), two (M x M) matrices: 
 (rows x D) gradient is built. W is dense over the items the user read, found by one sort of
 each user's indices.
 
-An output table's per-user term is s_b * sum_{p,i} G[b,p,i] <A[b,p], R_i> (s_b: the loss's
-gradient with respect to the term), so user b's gradient is s_b G_b^T A_b (rows x D) and its
-squared norm s_b^2 times the sum of (G_b G_b^T) * (A_b A_b^T), two (P x P) matrices.
+An output table's term for user u is s_u * sum_{p,i} G[u,p,i] <A[u,p], R_i> (s_u: the loss's
+gradient with respect to the term), so user u's gradient is s_u G_u^T A_u (rows x D) and its
+squared norm s_u^2 times the sum of (G_u G_u^T) * (A_u A_u^T), two (P x P) matrices.
 
 Must not: import ``fedrec.server``.
 """
