@@ -217,8 +217,8 @@ class HistoryBag(nn.Module):
     Indices outside [0, rows) (padding -1, items added after training) read no row; a bag
     with no row reads zeros. One ``embedding_bag`` call, so a step never builds the
     (..., L, D) rows it averages. ``weight`` has ``rows + 1`` rows, the last one for "no
-    item" (never read). Opacus clips it per user through samplers registered beside
-    fedrec's DP lifecycle (``fedrec.client.dp``): its positional input is the indices alone.
+    item" (never read). Opacus clips it per user through fedrec's samplers
+    (``fedrec.client.samplers``): its positional input is the indices alone.
     """
 
     def __init__(self, rows: int, dim: int) -> None:
