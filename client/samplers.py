@@ -30,14 +30,19 @@ from torch import nn
 from fedrec.shared.model import HistoryBag, OutputTable
 
 
-def user_bags(layer: HistoryBag, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each user's distinct items and the weights its bags read them with.
+def user_bags(
+    layer: HistoryBag, ids: torch.Tensor, backprops: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each user's distinct items, the weights its bags read them with, and the bags' output
+    gradients.
 
     Args:
         ids: (B, ..., L) the bags' item indices, as the layer was called (M bags per user).
+        backprops: (B, ..., D) the loss's gradient with respect to the bags' outputs.
     Returns:
-        items (B, T): the items each user read, ``rows`` where a slot holds none, and
-        W (B, T, M): W[u, t, b] is the weight of items[u, t] in user u's bag b.
+        items (B, T): the items each user read, ``rows`` where a slot holds none;
+        W (B, T, M): W[u, t, b] is the weight of items[u, t] in user u's bag b;
+        G (B, M, D): the bags' output gradients.
     """
     b, length = ids.shape[0], ids.shape[-1]
     item, weight = layer.entries(ids)
@@ -52,7 +57,8 @@ def user_bags(layer: HistoryBag, ids: torch.Tensor) -> tuple[torch.Tensor, torch
     at = (user * t + slot) * bags + order // length  # (user, slot, bag) of each entry
     mix.view(-1).index_add_(0, at.reshape(-1), weight.reshape(b, -1).gather(1, order).reshape(-1))
     items = torch.full((b, t), layer.rows, dtype=item.dtype, device=ids.device)
-    return items.scatter_(1, slot, item), mix
+    g = backprops.reshape(b, bags, -1).to(mix.dtype)
+    return items.scatter_(1, slot, item), mix, g
 
 
 @register_norm_sampler(HistoryBag)
@@ -60,8 +66,7 @@ def bag_norms(
     layer: HistoryBag, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Each user's gradient norm of the table (B,), without the per-user gradients."""
-    _, mix = user_bags(layer, activations[0])
-    g = backprops.reshape(mix.shape[0], mix.shape[2], -1).to(mix.dtype)  # (B, M, D)
+    _, mix, g = user_bags(layer, activations[0], backprops)
     squares = (mix.transpose(1, 2) @ mix * (g @ g.transpose(1, 2))).sum((1, 2))
     return {layer.weight: squares.clamp(min=0).sqrt()}
 
@@ -71,8 +76,7 @@ def bag_grads(
     layer: HistoryBag, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Each user's gradient of the table (B, rows + 1, D)."""
-    items, mix = user_bags(layer, activations[0])
-    g = backprops.reshape(mix.shape[0], mix.shape[2], -1).to(mix.dtype)  # (B, M, D)
+    items, mix, g = user_bags(layer, activations[0], backprops)
     rows = mix @ g  # (B, T, D): the gradient of each distinct item's row
     out = rows.new_zeros(len(rows), layer.rows + 1, rows.shape[2])
     return {layer.weight: out.scatter_add_(1, items.unsqueeze(-1).expand_as(rows), rows)}

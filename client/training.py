@@ -366,9 +366,10 @@ def output_grads(
     with torch.enable_grad():
         logits, labels = candidate_scores(u, items, cands, low_precision)
         per_user = PerUserCrossEntropy("none")(logits, labels)
+        if not score_grads:
+            (grad,) = torch.autograd.grad(per_user.sum(), u)
+            return per_user.detach(), grad, None
         grad, by_score = torch.autograd.grad(per_user.sum(), (u, logits))
-    if not score_grads:
-        return per_user.detach(), grad, None
     dense = by_score.new_zeros(*cands.shape[:-1], len(items))
     if cands.shape[-1] == 1:  # packed rows of the used predictions
         dense[cands[..., 0] >= 0] = by_score
@@ -424,6 +425,7 @@ def linearized_loss(
 
 def train_step(
     net: nn.Module,
+    model: RecModel,
     optimizer: torch.optim.Optimizer,
     criterion: Callable[..., torch.Tensor],
     items: torch.Tensor,
@@ -431,12 +433,10 @@ def train_step(
     low_precision: bool = False,
 ) -> torch.Tensor:
     """One optimiser step on ``batch`` through :class:`LinearizedLoss` (``criterion``, as
-    Opacus wraps it under ghost clipping); returns each user's loss."""
+    Opacus wraps it under ghost clipping); returns each user's loss. ``net`` is ``model``, or
+    Opacus's wrapper around it."""
     optimizer.zero_grad(set_to_none=True)
     inputs, cands = batch  # the model's keyword inputs, the candidates
-    model = getattr(net, "_module", net)  # the RecModel inside Opacus's wrapper
-    if not isinstance(model, RecModel):
-        raise TypeError(f"train_step trains a RecModel, not a {type(model).__name__}")
     per_user, args = linearized_loss(model, net(**inputs), items, cands, low_precision)
     criterion(*args).backward()
     optimizer.step()
@@ -550,7 +550,7 @@ def train_local(
     low_precision = resolve_scores_dtype(spec.scores_dtype) == "bfloat16"
     losses: list[float] = []
     for batch in _cycle(loader, spec.steps):
-        per_user = train_step(net, optimizer, criterion, items, batch, low_precision)
+        per_user = train_step(net, model, optimizer, criterion, items, batch, low_precision)
         with torch.no_grad():
             for p, target, step in anchors:
                 p.sub_(step * (p - target))

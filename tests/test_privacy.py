@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 import tomllib
 import warnings
 from pathlib import Path
@@ -296,32 +298,32 @@ def test_bag_samplers_give_each_users_own_gradient_of_an_item_table() -> None:
 
 
 def test_a_dp_session_clips_item_tables_with_fedrecs_samplers() -> None:
-    # Opacus would otherwise fall back to functorch's per-user gradients (slow, and no ghost
-    # norms)
-    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    # In a fresh interpreter, so that nothing but the session can have registered the
+    # samplers: without them Opacus would fall back to functorch's per-user gradients (slow,
+    # and no ghost norms).
+    script = """
+import torch
+from opacus.grad_sample import GradSampleModuleFastGradientClipping as Ghost
+from fedrec.client.dp import DPSession
+from fedrec.client.training import LinearizedLoss
+from fedrec.shared.config import DPConfig
+from fedrec.shared.model import HistoryBag, ModelSpec, OutputTable, RecModel
 
-    from fedrec.client import samplers
-    from fedrec.shared.model import HistoryBag, OutputTable
-
-    items, batch = one_batch(ids=True, negatives=0)
-    session = DPSession(
-        DPConfig(noise_multiplier=1.0, grad_sample_mode="ghost"),
-        users=100,
-        batch_size=8,
-        planned_steps=1,
-        channel="c",
-    )
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*batch), batch_size=8)
-    model = RecModel(ModelSpec(item_table=len(items)))
-    net, *_ = session.make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, LinearizedLoss()
-    )
-
-    assert isinstance(net, GradSampleModuleFastGradientClipping)
-    assert net.NORM_SAMPLERS[HistoryBag] is samplers.bag_norms
-    assert net.GRAD_SAMPLERS[HistoryBag] is samplers.bag_grads
-    assert net.NORM_SAMPLERS[OutputTable] is samplers.output_norms
-    assert net.GRAD_SAMPLERS[OutputTable] is samplers.output_grads
+assert HistoryBag not in Ghost.NORM_SAMPLERS, "registered before the session ran"
+session = DPSession(DPConfig(noise_multiplier=1.0, grad_sample_mode="ghost"), users=100,
+                    batch_size=8, planned_steps=1, channel="c")
+data = torch.utils.data.TensorDataset(torch.zeros(8, 770), torch.zeros(8, 3, dtype=torch.long))
+model = RecModel(ModelSpec(item_table=5))
+net, *_ = session.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                               torch.utils.data.DataLoader(data, batch_size=8), LinearizedLoss())
+assert isinstance(net, Ghost)
+found = [f"{table[layer].__module__}.{table[layer].__name__}"
+         for table in (net.NORM_SAMPLERS, net.GRAD_SAMPLERS) for layer in (HistoryBag, OutputTable)]
+assert found == ["fedrec.client.samplers." + name for name in
+                 ("bag_norms", "output_norms", "bag_grads", "output_grads")], found
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_output_table_samplers_give_each_users_own_gradient() -> None:

@@ -86,7 +86,7 @@ class Variant:
         )
         self.optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         self.criterion: Callable[..., torch.Tensor] = LinearizedLoss()
-        self.net: torch.nn.Module = model
+        self.net: torch.nn.Module = model  # Opacus's wrapper under DP
         self.model = model
         if mode is not None:
             from fedrec.client.dp import DPSession
@@ -114,8 +114,8 @@ class Variant:
         from fedrec.client.training import train_step
 
         batch = next(self.batches)
-        args = (self.net, self.optimizer, self.criterion, self.items, batch, self.low_precision)
-        train_step(*args)
+        args = (self.net, self.model, self.optimizer, self.criterion, self.items, batch)
+        train_step(*args, self.low_precision)
         return len(batch[1])  # the users drawn (cands: one row per user)
 
     def window(self, steps: int) -> float:
